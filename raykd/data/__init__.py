@@ -1,0 +1,1 @@
+"""Data layer: one sharded-Parquet format for every source (see :mod:`raykd.data.schema`)."""

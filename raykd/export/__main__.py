@@ -1,0 +1,53 @@
+"""``python -m raykd.export --checkpoint RUN_DIR [--fp16] [--int8] [--data DIR]``.
+
+Exports the run's best model to ONNX next to it, checks ONNX Runtime against torch on real
+validation images (fails above ``--tolerance``), and with ``--fp16`` / ``--int8`` writes and
+measures the smaller variants. Prints a table and writes ``export_report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from raykd.export.onnx import ExportError
+from raykd.export.run import DEFAULT_TOLERANCE, ParityError, run_export
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raykd.export", description=__doc__.split("\n\n")[1])
+    p.add_argument("--checkpoint", required=True, help="run folder (with best/) or artifact folder")
+    p.add_argument("--data", default=None, help="dataset folder (default: the dataset the model was trained on)")
+    p.add_argument("--out", default=None, help="output folder (default: the artifact folder)")
+    p.add_argument("--split", default="val", help="split for the parity check and BMA (default: val)")
+    p.add_argument("--fp16", action="store_true", help="also write and measure a float16 model")
+    p.add_argument("--int8", action="store_true", help="also write and measure an int8 dynamically quantised model")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"max |p_onnx - p_torch| allowed (default {DEFAULT_TOLERANCE})")
+    p.add_argument("--max-images", type=int, default=None, help="use only the first N images of the split")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--opset", type=int, default=17)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        report = run_export(
+            args.checkpoint, data=args.data, out=args.out, split=args.split, fp16=args.fp16,
+            int8=args.int8, tolerance=args.tolerance, max_images=args.max_images,
+            batch_size=args.batch_size, opset=args.opset,
+        )
+    except (ParityError, ExportError, FileNotFoundError, ValueError) as exc:
+        logging.getLogger("raykd.export").error("%s", exc)
+        return 1
+    print(report.table())
+    for v in report.variants:
+        print(f"{v.name}: {v.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

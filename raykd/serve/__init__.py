@@ -1,0 +1,9 @@
+"""Serving: Ray-free predictors (torch, ONNX Runtime), the model family file, and the Ray Serve app.
+
+``python -m raykd.serve --registry FILE`` or ``--model PATH ...``. Importing this package does not
+import Ray; the Serve app lives in :mod:`raykd.serve.app`.
+"""
+
+from raykd.serve.family import Family, FamilyEntry, family_from_paths, load_family, write_family
+
+__all__ = ["Family", "FamilyEntry", "family_from_paths", "load_family", "write_family"]

@@ -1,0 +1,86 @@
+"""``python -m raykd.serve [--registry FILE | --model PATH ...]``: start the Serve application.
+
+Connects to ``--address`` / ``$RAY_ADDRESS`` or starts a local Ray cluster, binds the HTTP proxy to
+``--host:--port`` and blocks until interrupted. The same application starts with
+``serve run raykd.serve.app:build_app registry=FILE`` or ``serve deploy deploy/serve_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from raykd.serve.intake import Limits
+
+APP_NAME = "raykd"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raykd.serve", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--registry", help="family JSON written by the tune job")
+    src.add_argument("--model", action="append", dest="models", metavar="[NAME=]PATH",
+                     help="artifact/run folder or .onnx file; repeatable")
+    p.add_argument("--winner", help="default model (default: the family's winner / first --model)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto: torch on GPU when present, else ONNX Runtime on CPU")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-batch-size", type=int, default=8, help="1 turns batching off")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
+    p.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
+    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to expose)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    return p.parse_args(argv)
+
+
+def args_to_serve_args(ns: argparse.Namespace):
+    from raykd.serve.app import ServeArgs
+
+    return ServeArgs(
+        registry=ns.registry, models=ns.models or [], winner=ns.winner, backend=ns.backend,
+        device=ns.device, max_batch_size=ns.max_batch_size, batch_wait_timeout_s=ns.batch_wait_timeout_s,
+        max_body_bytes=ns.max_body_bytes, max_image_pixels=ns.max_image_pixels,
+        num_replicas=ns.num_replicas, num_cpus=ns.num_cpus, num_gpus=ns.num_gpus,
+    )
+
+
+def run_serve(args, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+              name: str = APP_NAME, blocking: bool = True):
+    """Start Serve on ``host:port`` and run the app built from ``args`` (a ``ServeArgs``).
+
+    Returns the app's deployment handle when ``blocking`` is False (tests, benchmarks).
+    """
+    from ray import serve
+
+    from raykd.cluster import init_local_ray
+    from raykd.serve.app import build_app
+
+    app = build_app(args)  # validates the family before touching the cluster
+    init_local_ray(address)
+    serve.start(http_options={"host": host, "port": port})
+    logging.getLogger(__name__).info("raykd serving on http://%s:%d (POST /predict, GET /models)", host, port)
+    return serve.run(app, name=name, route_prefix="/", blocking=blocking)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ns = parse_args(argv)
+    try:
+        serve_args = args_to_serve_args(ns)
+        run_serve(serve_args, host=ns.host, port=ns.port, address=ns.address)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        logging.getLogger("raykd.serve").error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""``python -m raykd.train --config FILE [--set key=value ...] [--resume]``: one training run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from raykd.config import ConfigError, RunConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raykd.train", description=__doc__)
+    p.add_argument("--config", default=None, help="YAML run config (default: the built-in tiny CPU run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(RunConfig, args.config, args.overrides + ([f"address={args.address}"] if args.address else []))
+        from raykd.train.driver import run_train
+
+        result = run_train(cfg, resume=args.resume)
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"run_dir": str(result.run_dir), "best": result.best, "best_epoch": result.best_epoch,
+                      "epochs": result.epochs, "test_bma": result.test.get("bma")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
