@@ -54,9 +54,9 @@ def make_model(key: str, workdir: Path) -> Path:
     from raykd.export.onnx import export_onnx
 
     name, kwargs, size = MODELS[key]
-    meta = ArtifactMeta(model_name=name, num_classes=8, model_kwargs=kwargs, label_names=list(ISIC2019_CLASSES),
-                        malignant=list(ISIC2019_MALIGNANT), preprocess={"image_size": size or 224},
-                        version="bench-random-weights")
+    meta = ArtifactMeta(model_name=name, num_classes=8, model_kwargs=kwargs,
+                        label_names=list(ISIC2019_CLASSES), malignant=list(ISIC2019_MALIGNANT),
+                        preprocess={"image_size": size or 224}, version="bench-random-weights")
     torch.manual_seed(0)
     model = build_model(meta).eval()
     meta.preprocess["image_size"] = size or model.pretrained_cfg["input_size"][-1]
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     m = stats["models"][0]
     print(f"# Serve bench: {MODELS[args.model][0]} {MODELS[args.model][1] or ''} via {m['backend']}, "
-          f"{m['params'] / 1e6:.2f} M params, single-image latency at the replica {m['measured_latency_ms']:.1f} ms; "
+          f"{m['params'] / 1e6:.2f} M params, single-image latency at the replica "
+          f"{m['measured_latency_ms']:.1f} ms; "
           f"1 replica x {args.num_cpus} CPU; client on the same {os.cpu_count()}-core machine; "
           f"load average {load0[0]:.1f} -> {load1[0]:.1f}")
     b = stats["batching"]
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in apps:
             lat, wall = results[(name, c)]
             arr = np.array(lat) * 1e3
-            print(fmt.format("on" if name == "batched" else "off", c, len(lat), f"{np.percentile(arr, 50):.1f}",
-                             f"{np.percentile(arr, 99):.1f}", f"{len(lat) / wall:.1f}"))
+            p50, p99 = np.percentile(arr, 50), np.percentile(arr, 99)
+            print(fmt.format("on" if name == "batched" else "off", c, len(lat), f"{p50:.1f}", f"{p99:.1f}",
+                             f"{len(lat) / wall:.1f}"))
     return 0
 
 

@@ -82,7 +82,8 @@ def _check_ray_cluster_spec(spec: dict) -> None:
     gpu_groups = [g for g in spec["workerGroupSpecs"]
                   if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
     assert gpu_groups and all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] for g in gpu_groups)
-    for container in [head_container] + [g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]:
+    workers = [g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]
+    for container in [head_container, *workers]:
         assert container["image"].startswith("ghcr.io/raykd/raykd:")
 
 
@@ -138,7 +139,8 @@ def test_rayservice_serves_the_same_application_as_the_serve_config():
     _check_serve_config(serve_cfg)
     assert serve_cfg == load("deploy/serve_config.yaml")
     cluster = doc["spec"]["rayClusterConfig"]
-    head_ports = {p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_ports = {p["containerPort"] for p in head["ports"]}
     assert 8000 in head_ports
     gpu = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"

@@ -18,11 +18,13 @@ from raykd.export.run import DEFAULT_TOLERANCE, ParityError, run_export
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m raykd.export", description=__doc__.split("\n\n")[1])
     p.add_argument("--checkpoint", required=True, help="run folder (with best/) or artifact folder")
-    p.add_argument("--data", default=None, help="dataset folder (default: the dataset the model was trained on)")
+    p.add_argument("--data", default=None,
+                   help="dataset folder (default: the dataset the model was trained on)")
     p.add_argument("--out", default=None, help="output folder (default: the artifact folder)")
     p.add_argument("--split", default="val", help="split for the parity check and BMA (default: val)")
     p.add_argument("--fp16", action="store_true", help="also write and measure a float16 model")
-    p.add_argument("--int8", action="store_true", help="also write and measure an int8 dynamically quantised model")
+    p.add_argument("--int8", action="store_true",
+                   help="also write and measure an int8 dynamically quantised model")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"max |p_onnx - p_torch| allowed (default {DEFAULT_TOLERANCE})")
     p.add_argument("--max-images", type=int, default=None, help="use only the first N images of the split")

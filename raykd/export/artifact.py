@@ -7,7 +7,7 @@ best model at ``RUN_DIR/best/``; :func:`find_artifact` accepts either the run fo
 artifact folder.
 
 Keeping the preprocessing contract (image size, mean/std, black-border crop, label names and the
-benign/malignant map of SkinDistilViT's cancer-vs-benign view, seed 000 section 5) *with* the
+benign/malignant map of SkinDistilViT's cancer-vs-benign view, seed 000 section 5.4) *with* the
 weights is what lets export and serving reproduce evaluation exactly.
 
 Example:

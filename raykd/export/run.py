@@ -52,6 +52,8 @@ class VariantReport:
 
 @dataclass
 class ExportReport:
+    """What ``run_export`` measured: the torch reference and every exported variant."""
+
     artifact: str
     model_name: str
     dataset: str

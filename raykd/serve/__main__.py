@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from raykd.serve.intake import Limits
@@ -68,9 +69,16 @@ def run_serve(args, *, host: str = "127.0.0.1", port: int = 8000, address: str |
     return serve.run(app, name=name, route_prefix="/", blocking=blocking)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     ns = parse_args(argv)
+    # Ctrl-C stops serving even when a shell started us in the background with SIGINT ignored
+    # (SIGTERM is handled by Ray itself: it drains the node and stops its processes).
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         serve_args = args_to_serve_args(ns)
         run_serve(serve_args, host=ns.host, port=ns.port, address=ns.address)
@@ -78,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("raykd.serve").error("%s", exc)
         return 1
     except KeyboardInterrupt:
-        pass
+        from ray import serve
+
+        logging.getLogger("raykd.serve").info("shutting down the Serve application")
+        serve.shutdown()
     return 0
 
 

@@ -4,7 +4,7 @@ Routes:
     ``POST /predict[?model=NAME]`` - body: a JPEG/PNG image as raw bytes or a multipart upload.
         Answers ``{"model", "version", "backend", "probabilities": {label: p}, "top_class",
         "top_probability", "malignant_probability"}``; the malignant probability is the sum over
-        the artifact's malignant labels (SkinDistilViT's cancer-vs-benign view, seed 000 sec. 5).
+        the artifact's malignant labels (SkinDistilViT's cancer-vs-benign view, seed 000 section 5.4).
     ``GET /models`` - the family: name, version, parameters, size, validation BMA, latency.
     ``GET /healthz`` - liveness.
 
@@ -58,7 +58,8 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     registry: str | None = Field(None, description="family JSON written by the tune job")
-    models: list[str] = Field(default_factory=list, description="artifact/run folders or .onnx files (NAME=PATH)")
+    models: list[str] = Field(default_factory=list,
+                              description="artifact/run folders or .onnx files ([NAME=]PATH)")
     winner: str | None = Field(None, description="default model (default: the family's winner)")
     backend: Literal["auto", "torch", "onnx"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -154,7 +155,8 @@ class ModelServer:
                 continue
             fallbacks = getattr(predictor, "fallbacks", 0)
             probs = predictor.predict([images[i] for i in idx])
-            backend = "onnx (fallback)" if getattr(predictor, "fallbacks", 0) > fallbacks else predictor.backend
+            fell_back = getattr(predictor, "fallbacks", 0) > fallbacks
+            backend = "onnx (fallback)" if fell_back else predictor.backend
             for row, i in enumerate(idx):
                 out[i] = (probs[row], backend)
         return out

@@ -136,7 +136,8 @@ def write_family(path: str | os.PathLike, entries: Iterable[FamilyEntry | dict],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = path.parent.resolve()
-    models = [e if isinstance(e, FamilyEntry) else FamilyEntry.from_dict(e, source=str(path)) for e in entries]
+    models = [e if isinstance(e, FamilyEntry) else FamilyEntry.from_dict(e, source=str(path))
+              for e in entries]
     stored = [
         dataclasses.replace(m, artifact=_relative_to(m.artifact, folder), onnx=_relative_to(m.onnx, folder))
         for m in models
@@ -166,7 +167,8 @@ def load_family(path: str | os.PathLike) -> Family:
                 continue
             resolved = (folder / value).resolve()
             if not resolved.exists():
-                raise FileNotFoundError(f"{path}: model {m.name!r} names {key} {value!r}, which does not exist")
+                raise FileNotFoundError(
+                    f"{path}: model {m.name!r} names {key} {value!r}, which does not exist")
             setattr(m, key, str(resolved))
     return family
 
@@ -176,7 +178,7 @@ def _entry_from_path(spec: str) -> FamilyEntry:
     from raykd.export.onnx import ONNX_NAME, meta_from_props, read_onnx_props
 
     name, sep, raw = spec.partition("=")
-    if not sep:
+    if not sep or not name or "/" in name:  # a plain path (which may itself contain "=")
         name, raw = "", spec
     p = Path(raw).expanduser().resolve()
     if p.is_file() and p.suffix == ".onnx":

@@ -105,8 +105,9 @@ async def extract_image_bytes(content_type: str, body: bytes, limits: Limits) ->
         yield body
 
     try:
-        form = await MultiPartParser(Headers({"content-type": content_type}), once(), max_files=1, max_fields=16,
-                                     max_part_size=limits.max_body_bytes).parse()
+        parser = MultiPartParser(Headers({"content-type": content_type}), once(), max_files=1,
+                                 max_fields=16, max_part_size=limits.max_body_bytes)
+        form = await parser.parse()
     except MultiPartException as exc:
         raise RequestError(400, f"malformed multipart body: {exc.message}") from None
     try:

@@ -17,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    p.add_argument("--list-methods", action="store_true", help="print every distillation method and its parameters")
     args = p.parse_args(argv)
+    if args.list_methods:
+        print(list_methods())
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(RunConfig, args.config, args.overrides + ([f"address={args.address}"] if args.address else []))
@@ -30,6 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"run_dir": str(result.run_dir), "best": result.best, "best_epoch": result.best_epoch,
                       "epochs": result.epochs, "test_bma": result.test.get("bma")}, indent=2))
     return 0
+
+
+def list_methods() -> str:
+    """Every registered method with its tunable parameters, defaults and ranges or choices."""
+    from raykd.distill import METHODS
+    from raykd.distill.base import param_table
+
+    lines = []
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        lines.append(f"{name}{'' if cls.needs_teacher else '  (no teacher)'}")
+        for row in param_table(name):
+            valid = f"range {list(row['range'])}" if row["range"] is not None else f"choices {row['choices']}"
+            lines.append(f"    {row['name']:<22} default {row['default']!r:<8} {valid}  {row['help']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

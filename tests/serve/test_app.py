@@ -37,13 +37,16 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
-    vit = make_artifact(root / "vit_run" / "best", "test_vit", {"img_size": 64}, image_size=64, version="vit-1")
+    vit = make_artifact(root / "vit_run" / "best", "test_vit", {"img_size": 64}, image_size=64,
+                        version="vit-1")
     model, meta = load_artifact(vit)
     onnx = export_onnx(model, meta, vit / "model.onnx")
-    cnn = make_artifact(root / "cnn_run" / "best", "raykd_test_tiny_cnn", {}, image_size=32, version="cnn-1", seed=1)
+    cnn = make_artifact(root / "cnn_run" / "best", "raykd_test_tiny_cnn", {}, image_size=32,
+                        version="cnn-1", seed=1)
     entries = [FamilyEntry("vit", "vit-1", str(vit), str(onnx), val_bma=0.7, latency_ms=2.0),
                FamilyEntry("cnn", "cnn-1", str(cnn), None, val_bma=0.6, latency_ms=0.5)]
-    return {"file": write_family(root / "family.json", entries, winner="vit"), "vit": vit, "onnx": onnx, "cnn": cnn}
+    path = write_family(root / "family.json", entries, winner="vit")
+    return {"file": path, "vit": vit, "onnx": onnx, "cnn": cnn}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,8 @@ def url(ray_cluster, family, tmp_path_factory):
 
 def post(url: str, data: bytes, ctype: str = "image/jpeg", model: str | None = None) -> requests.Response:
     params = {"model": model} if model else None
-    return requests.post(f"{url}/predict", data=data, headers={"Content-Type": ctype}, params=params, timeout=60)
+    return requests.post(f"{url}/predict", data=data, headers={"Content-Type": ctype}, params=params,
+                         timeout=60)
 
 
 def test_health_and_model_listing(url, family):
@@ -169,7 +173,8 @@ def test_build_app_takes_typed_args_as_serve_run_passes_them(family):
         build_app, {"registry": str(family["file"]), "max_batch_size": "4"})
     assert isinstance(app, Application)
     with pytest.raises(ValidationError, match="max_batchsize"):
-        call_user_app_builder_with_args_if_necessary(build_app, {"registry": str(family["file"]), "max_batchsize": 4})
+        call_user_app_builder_with_args_if_necessary(
+            build_app, {"registry": str(family["file"]), "max_batchsize": 4})
     with pytest.raises(ValidationError, match="exactly one"):
         ServeArgs(registry=str(family["file"]), models=[str(family["cnn"])])
 

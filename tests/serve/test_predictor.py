@@ -111,7 +111,8 @@ def test_cpu_replica_without_onnx_file_exports_one_and_serves_it(tmp_path, image
     assert isinstance(predictor, OnnxPredictor) and predictor.params == 1308
     model, meta = load_artifact(path)
     torch.manual_seed(0)
-    np.testing.assert_allclose(predictor.predict(images), TorchPredictor(model, meta).predict(images), atol=1e-5)
+    expected = TorchPredictor(model, meta).predict(images)
+    np.testing.assert_allclose(predictor.predict(images), expected, atol=1e-5)
 
 
 def test_predict_refuses_an_empty_batch(vit):

@@ -85,24 +85,25 @@ def test_validation_metrics_equal_sklearn_on_the_same_predictions(teacher, synth
 def test_student_distils_from_the_teacher_with_kd(teacher, synth):
     result = run_train(run_cfg(
         synth, "student-kd", "student.name=raykd_test_tiny_cnn", f"teacher.checkpoint={teacher.run_dir}",
-        "distill.method=kd", "distill.params.temperature=4.0", "distill.params.alpha=0.5", "train.epochs=2",
+        "distill.method=kd", "distill.params.temperature=4.0", "distill.params.alpha=0.5", "train.epochs=1",
     ))
-    assert result.epochs == 2 and np.isfinite(result.best)
+    assert result.epochs == 1 and np.isfinite(result.best)
     rows = json.loads((result.run_dir / "metrics.json").read_text())
     assert {"train/kd", "train/ce"} <= set(rows[0]) or any(k.startswith("train/") and "kd" in k for k in rows[0])
 
 
 def test_worker_death_mid_epoch_is_retried_from_the_last_checkpoint(ray_cluster, synth):
-    # rank 0 exits hard in epoch 2; FailureConfig(max_failures=1) restarts the group from epoch 1's checkpoint
-    result = run_train(run_cfg(synth, "crash-retry", "train.crash_in_epoch=2", "train.max_failures=1"))
+    # the worker exits hard in epoch 2; FailureConfig(max_failures=1) restarts it from epoch 1's checkpoint
+    result = run_train(run_cfg(synth, "crash-retry", "train.crash_in_epoch=2", "train.max_failures=1",
+                               "train.epochs=2", "scaling.num_workers=1"))
     history = json.loads((result.run_dir / "metrics.json").read_text())
-    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert [r["epoch"] for r in history] == [1, 2]
     assert (result.run_dir / ".crash_injected").exists()
 
 
 def test_killed_run_resumes_and_finishes_with_the_same_epochs(ray_cluster, synth):
-    cfg = run_cfg(synth, "killed", "train.crash_in_epoch=2", "train.max_failures=0")
-    with pytest.raises(Exception):
+    cfg = run_cfg(synth, "killed", "train.crash_in_epoch=2", "train.max_failures=0", "train.epochs=2")
+    with pytest.raises(Exception, match="(?i)fail|died|exit"):
         run_train(cfg)
     history = json.loads((synth / "runs" / "killed" / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [1]
@@ -110,7 +111,7 @@ def test_killed_run_resumes_and_finishes_with_the_same_epochs(ray_cluster, synth
         run_train(cfg)
     result = run_train(cfg, resume=True)
     history = json.loads((result.run_dir / "metrics.json").read_text())
-    assert [r["epoch"] for r in history] == [1, 2, 3] and result.epochs == EPOCHS
+    assert [r["epoch"] for r in history] == [1, 2] and result.epochs == 2
 
 
 def test_bad_configs_fail_before_any_worker_starts(synth):

@@ -1,0 +1,115 @@
+"""Training throughput: the Ray Train worker next to a bare torch loop, and a KD epoch next to a
+baseline epoch, measured side by side in one run.
+
+Both sides train the same model on the same synthetic shards with one torch thread, through the
+same epoch function (``raykd.train.loop.train_epoch``) and the same decode + augment function; the
+bare loop decodes in-process, the Ray worker gets its batches from Ray Data. Images/s is taken
+over the epochs after the first (warm-up) one.
+
+    python bench/train.py [--images 800] [--size 64] [--model raykd_tiny_cnn] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+
+
+def bare_loop(data: Path, model_name: str, size: int, epochs: int, batch: int) -> float:
+    """Images/s of train_epoch over in-process decoded batches (epochs after the first)."""
+    import torch
+
+    from raykd.config import OptimConfig
+    from raykd.data.dataset import PipelineSpec, decode_and_transform
+    from raykd.data.manifest import Manifest
+    from raykd.data.transforms import PreprocessSpec
+    from raykd.distill import build_method
+    from raykd.models import create_model
+    from raykd.train.loop import train_epoch
+    from raykd.train.optim import Schedule, build_optimizer
+
+    torch.set_num_threads(1)
+    manifest = Manifest.load(data)
+    spec = PipelineSpec(preprocess=PreprocessSpec(image_size=size), train=True, recipe="light")
+    table = pads.dataset(manifest.shard_paths(data), format="parquet").to_table(
+        columns=["image_id", "image", "label"], filter=pads.field("split") == "train")
+    cols = {c: np.asarray(table.column(c).to_pylist(), dtype=object) for c in ("image_id", "image", "label")}
+
+    def batches():
+        order = np.random.permutation(len(cols["label"]))
+        for i in range(0, len(order) - batch + 1, batch):  # drop_last, as the Ray worker does
+            idx = order[i : i + batch]
+            out = decode_and_transform({k: v[idx] for k, v in cols.items()}, spec)
+            yield {"image": torch.from_numpy(out["image"]), "label": torch.from_numpy(out["label"])}
+
+    student = create_model(model_name, num_classes=manifest.num_classes)
+    method = build_method("baseline", student, None, num_classes=manifest.num_classes, input_size=(3, size, size))
+    cfg = OptimConfig(lr=1e-3, schedule="constant")
+    opt = build_optimizer(method.trainable_parameters(), cfg)
+    sched = Schedule(opt, cfg, epochs=epochs, steps_per_epoch=1)
+    rates = []
+    for e in range(epochs):
+        stats = train_epoch(method, batches(), opt, sched, epoch=e, method_name="baseline", device=torch.device("cpu"))
+        rates.append(stats["train/images_per_s"])
+    return float(np.mean(rates[1:]))
+
+
+def ray_run(root: Path, name: str, model: str, size: int, epochs: int, batch: int, *extra: str) -> float:
+    from raykd.config import RunConfig, load_config
+    from raykd.train.driver import run_train
+
+    cfg = load_config(RunConfig, None, [
+        f"name={name}", f"output_dir={root / 'runs'}", f"data.path={root / 'data'}", f"student.name={model}",
+        f"student.image_size={size}", f"train.epochs={epochs}", f"train.batch_size={batch}",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=1", "optim.schedule=constant", *extra,
+    ])
+    result = run_train(cfg)
+    history = json.loads((result.run_dir / "metrics.json").read_text())
+    return float(np.mean([r["train/images_per_s"] for r in history[1:]]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=800)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--model", default="raykd_tiny_cnn")
+    p.add_argument("--teacher", default="test_resnet")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    args = p.parse_args()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+    import ray
+
+    from raykd.cluster import init_local_ray
+    from raykd.data.synth import make_synthetic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_synthetic(root / "data", num_images=args.images, image_size=args.size)
+        t0 = time.perf_counter()
+        bare = bare_loop(root / "data", args.model, args.size, args.epochs, args.batch)
+        init_local_ray(num_cpus=os.cpu_count() or 2)
+        worker = ray_run(root, "baseline", args.model, args.size, args.epochs, args.batch)
+        kd = ray_run(root, "kd", args.model, args.size, args.epochs, args.batch, f"teacher.name={args.teacher}",
+                     "distill.method=kd")
+        ray.shutdown()
+    print(f"{args.model} at {args.size}px, batch {args.batch}, {args.epochs} epochs (first one not counted), "
+          f"1 torch thread, {time.perf_counter() - t0:.0f} s in all")
+    print("| loop | images/s | ratio |")
+    print("|---|---|---|")
+    print(f"| bare torch loop (decode in-process) | {bare:.1f} | 1.00 |")
+    print(f"| Ray Train worker, baseline (Ray Data input) | {worker:.1f} | {worker / bare:.2f} |")
+    print(f"| Ray Train worker, kd from {args.teacher} | {kd:.1f} | {kd / bare:.2f} |")
+    print(f"KD epoch time / baseline epoch time: {worker / kd:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
