@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--recipe", default="skindistilvit")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-mb", type=float, default=1.0, help="shard size: several shards let Ray Data read in parallel")
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
@@ -63,7 +64,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench"
-        make_synthetic(path, num_images=args.images, image_size=args.size, fractions={"train": 1.0, "val": 0.0, "test": 0.0})
+        make_synthetic(path, num_images=args.images, image_size=args.size, shard_mb=args.shard_mb,
+                       fractions={"train": 1.0, "val": 0.0, "test": 0.0})
         spec = PipelineSpec(preprocess=PreprocessSpec(image_size=args.size), train=True, recipe=args.recipe)
         init_local_ray(num_cpus=args.cpus)
         ray_data(path, spec, args.batch_size)  # warm-up: worker processes and imports

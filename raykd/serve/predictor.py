@@ -213,16 +213,21 @@ class FallbackPredictor:
 
 
 def _onnx_for(entry: FamilyEntry, cache_dir: str | os.PathLike | None) -> OnnxPredictor:
-    """The entry's ONNX predictor, exporting its artifact into ``cache_dir`` when it has no file."""
+    """The entry's ONNX predictor, exporting its artifact when it has no ONNX file.
+
+    The export goes to ``cache_dir`` when given (kept), else to a temporary folder removed right
+    after ONNX Runtime has read the file (a session keeps the whole model in memory).
+    """
     if entry.onnx:
         return OnnxPredictor(entry.onnx)
     from raykd.export.onnx import export_onnx
 
     model, meta = load_artifact(entry.artifact)
-    folder = Path(cache_dir or tempfile.mkdtemp(prefix="raykd-onnx-"))
-    path = export_onnx(model, meta, folder / f"{entry.name}.onnx")
-    log.info("model %s had no ONNX file; exported %s for the CPU path", entry.name, path)
-    return OnnxPredictor(path)
+    with tempfile.TemporaryDirectory(prefix="raykd-onnx-") as tmp:
+        path = export_onnx(model, meta, Path(cache_dir or tmp) / f"{entry.name}.onnx")
+        log.info("model %s had no ONNX file; exported it for the CPU path%s", entry.name,
+                 f" to {path}" if cache_dir else "")
+        return OnnxPredictor(path)
 
 
 def plan_backend(entry: FamilyEntry, backend: str = "auto", device: str = "auto") -> tuple[str, str]:

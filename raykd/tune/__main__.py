@@ -1,0 +1,84 @@
+"""``python -m raykd.tune [--space FILE] [--config FILE] [--set key=value ...] [--resume]``.
+
+The main job: train the teacher(s) of the space, search methods and hyperparameters with Ray Tune
++ Optuna + ASHA, then print the leaderboard and where the exported winner is. Runs on a local Ray
+cluster, or unchanged on a running one (``$RAY_ADDRESS``, ``--address``, or ``ray job submit --
+python -m raykd.tune``). Without arguments it runs ``search_spaces/default.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from raykd.config import ConfigError
+
+DEFAULT_SPACE = "search_spaces/default.yaml"
+
+
+def default_space() -> Path:
+    """``search_spaces/default.yaml`` of the working directory, else of this checkout."""
+    here = Path(DEFAULT_SPACE)
+    if here.is_file():
+        return here
+    return Path(__file__).resolve().parents[2] / DEFAULT_SPACE
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raykd.tune", description=__doc__.split("\n\n")[1])
+    p.add_argument("--space", default=None, help=f"search-space YAML (default: {DEFAULT_SPACE})")
+    p.add_argument("--config", default=None, help="run-config YAML under the space's base: (optional)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the space, e.g. --set budget.num_samples=4 "
+                        "--set base.train.epochs=2 --set output_dir=/mnt/runs (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted experiment of the same name")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from raykd.tune.space import load_space
+
+    overrides = list(args.overrides) + ([f"address={args.address}"] if args.address else [])
+    try:
+        space = load_space(args.space or default_space(), overrides, base_config=args.config)
+        from raykd.tune.search import prepare_search, run_tune
+
+        space = prepare_search(space)  # the dataset, every method/student pair: before Ray starts
+        outcome = run_tune(space, resume=args.resume, prepared=True)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(outcome.leaderboard.markdown())
+    print()
+    print(f"experiment: {outcome.experiment_dir}")
+    print(f"leaderboard: {outcome.experiment_dir / 'leaderboard.md'} (.csv, .json)")
+    pub = outcome.published
+    if pub is None:
+        print("no trial finished: nothing exported")
+        return 1
+    m = outcome.leaderboard.metric
+    w = pub.winner
+    print(f"winner: {w.run} ({w.method}, {w.student}): val {m} {w.val.get(m, float('nan')):.4f}, "
+          f"test {m} {w.test.get(m, float('nan')):.4f}, {w.latency_ms or float('nan'):.2f} ms/image on CPU")
+    print(f"winner model: {Path(w.run_dir) / 'best'}")
+    onnx = pub.onnx.get(w.run) or "not exported: " + pub.export_errors.get(w.run, "export is off")
+    print(f"winner ONNX: {onnx}")
+    if len(pub.family) > 1:
+        print("Pareto family: " + ", ".join(f"{r.run} ({m} {r.val.get(m, float('nan')):.4f}, "
+                                            f"{r.latency_ms or float('nan'):.2f} ms)" for r in pub.family))
+    print(f"family file (serve with python -m raykd.serve --registry ...): {pub.family_files[-1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

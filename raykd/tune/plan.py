@@ -1,0 +1,304 @@
+"""From a validated space to runs: which (method, student) pairs fit, the teachers of stage 1, and
+the typed :class:`~raykd.config.RunConfig` of every trial.
+
+Everything here runs on the driver before the Tuner starts (the compatibility check builds each
+pair once on the CPU with :func:`raykd.train.loop.build_run`, which refuses a misfit with a
+``ValueError``), except :meth:`TrialPlan.run_config`, which every trial calls to rebuild its typed
+config from the few values Optuna drew.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, _set_dotted, from_dict, validate
+from raykd.tune.spec import MethodSpec, SearchSpace
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ResolvedTrial", "TrialPlan", "absolute_paths", "check_combinations", "train_teachers",
+           "teacher_run_config"]
+
+TEACHERS_DIR = "teachers"
+RUNS_DIR = "runs"
+
+
+@dataclass(frozen=True)
+class ResolvedTrial:
+    """What a trial's sampled config means: label, method, student, teacher and its values."""
+
+    label: str
+    method: str
+    student: str  # student id ("<teacher model>-cut" for cascade)
+    teacher: str | None
+    params: dict  # distill.params (fixed + sampled)
+    settings: dict  # dotted RunConfig key -> value (shared + per-method, fixed + sampled)
+
+
+def absolute_paths(space: SearchSpace, cwd: Path | None = None) -> SearchSpace:
+    """Resolve every path of the space against ``cwd``: Tune runs trials in their own folders."""
+    cwd = Path(cwd or Path.cwd())
+
+    def fix(p: str | None) -> str | None:
+        return None if p is None else str((cwd / Path(p).expanduser()).resolve())
+
+    base = copy.deepcopy(space.base)
+    data = base.setdefault("data", {})
+    data["path"] = fix(data.get("path", DataConfig().path))
+    students = {k: replace(s, model={**s.model, "pretrained_file": fix(s.model.get("pretrained_file"))})
+                for k, s in space.students.items()}
+    teachers = {}
+    for k, t in space.teachers.items():
+        model = t.model and {**t.model, "pretrained_file": fix(t.model.get("pretrained_file"))}
+        teachers[k] = replace(t, model=model, checkpoint=fix(t.checkpoint))
+    return replace(space, base=base, output_dir=fix(space.output_dir), students=students, teachers=teachers)
+
+
+def _needed_teachers(space: SearchSpace) -> list[str]:
+    return [name for name in space.teachers if any(m.teacher == name for m in space.methods.values())]
+
+
+def teacher_run_config(space: SearchSpace, name: str, experiment_dir: Path) -> RunConfig:
+    """The training run of teacher ``name`` (stage 1): its model trained with a teacher-free method."""
+    t = space.teachers[name]
+    raw = copy.deepcopy(space.base)
+    for key, value in t.overrides.items():
+        _set_dotted(raw, key, value)
+    raw.update(name=name, output_dir=str(experiment_dir / TEACHERS_DIR), address=space.address,
+               student=dict(t.model or {}), teacher=None)
+    raw.setdefault("distill", {}).update(method=t.method, params=dict(t.params))
+    raw.setdefault("train", {})["select_metric"] = space.search.metric
+    cfg = from_dict(RunConfig, raw, where=f"{space.source} (teachers.{name})")
+    validate(cfg, where=f"{space.source} (teachers.{name})")
+    return cfg
+
+
+def train_teachers(space: SearchSpace, experiment_dir: Path) -> dict[str, str]:
+    """Stage 1: train every teacher a method uses (or reuse a finished run); returns name -> folder."""
+    from raykd.train.driver import run_train
+
+    out: dict[str, str] = {}
+    for name in _needed_teachers(space):
+        t = space.teachers[name]
+        if t.checkpoint:
+            log.info("stage 1: teacher %r reuses %s", name, t.checkpoint)
+            out[name] = t.checkpoint
+            continue
+        cfg = teacher_run_config(space, name, experiment_dir)
+        run_dir = Path(cfg.output_dir) / cfg.name
+        if (run_dir / "summary.json").is_file():
+            log.info("stage 1: teacher %r already trained in %s", name, run_dir)
+        else:
+            log.info("stage 1: training teacher %r (%s, %d epochs)", name, cfg.student.name, cfg.train.epochs)
+            result = run_train(cfg, resume=True)
+            log.info("stage 1: teacher %r done: val %s %.4f at epoch %s (%s)", name, space.search.metric,
+                     result.best if result.best is not None else float("nan"), result.best_epoch, run_dir)
+        out[name] = str(run_dir)
+    return out
+
+
+class TrialPlan:
+    """Turns a trial's sampled values into its typed run config (picklable; sent to every trial).
+
+    Args:
+        space: the validated space with absolute paths.
+        experiment_dir: the experiment folder (absolute).
+        teachers: teacher name -> trained run or artifact folder.
+    """
+
+    def __init__(self, space: SearchSpace, experiment_dir: Path, teachers: dict[str, str]) -> None:
+        self.space = space
+        self.experiment_dir = Path(experiment_dir)
+        self.teachers = dict(teachers)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.experiment_dir / RUNS_DIR
+
+    def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
+        label = config["method"]
+        spec: MethodSpec = self.space.methods[label]
+
+        def value(name: str, dist) -> Any:
+            return dist.args[0] if dist.fixed else config[name]
+
+        if spec.method == "cascade":
+            teacher = self.space.teachers[spec.teacher]
+            student = f"{(teacher.model or {}).get('name', teacher.name)}-cut"
+        elif len(spec.students) == 1:
+            student = spec.students[0]
+        else:
+            student = config[f"{label}.student"]
+        params = {k: value(f"{label}.{k}", d) for k, d in spec.params.items()}
+        settings = {k: value(k, d) for k, d in self.space.shared.items()}
+        settings.update(spec.overrides)
+        settings.update({k: value(f"{label}.{k}", d) for k, d in spec.search.items()})
+        return ResolvedTrial(label=label, method=spec.method, student=student, teacher=spec.teacher,
+                             params=params, settings=settings)
+
+    def run_config(self, config: dict[str, Any], name: str, *, output_dir: Path | None = None) -> RunConfig:
+        """The typed RunConfig of the trial run ``name`` (for cascade: its first step's template)."""
+        r = self.resolve(config)
+        return build_run_config(self.space, r, name=name, output_dir=output_dir or self.runs_dir,
+                                teacher_path=self.teachers.get(r.teacher) if r.teacher else None)
+
+
+def build_run_config(space: SearchSpace, r: ResolvedTrial, *, name: str, output_dir: Path,
+                     teacher_path: str | None, teacher_model: dict | None = None,
+                     student_model: dict | None = None) -> RunConfig:
+    """Base config + student + teacher + method + settings, validated.
+
+    A cascade trial's student is cut from its teacher; its template here carries the teacher's
+    image size and the pipeline sets ``cut_blocks`` per depth.
+    """
+    raw = copy.deepcopy(space.base)
+    for key, value in r.settings.items():
+        _set_dotted(raw, key, value)
+    if space.budget.epochs is not None:
+        raw.setdefault("train", {})["epochs"] = space.budget.epochs
+    raw.setdefault("train", {})["select_metric"] = space.search.metric
+    if student_model is not None:
+        student = student_model
+    elif r.student in space.students:
+        student = space.students[r.student].model
+    else:  # cascade: the student is cut from the teacher, at the teacher's image size
+        size = (space.teachers[r.teacher].model or {}).get("image_size") if r.teacher else None
+        student = {"image_size": size} if size else {}
+    if r.teacher is None:
+        teacher = None
+    elif teacher_path is not None:
+        teacher = {"checkpoint": teacher_path}
+    else:
+        teacher = dict(teacher_model or space.teachers[r.teacher].model or {})
+    raw.update(name=name, output_dir=str(output_dir), address=space.address, student=dict(student),
+               teacher=teacher)
+    raw.setdefault("distill", {}).update(method=r.method, params=dict(r.params))
+    where = f"{space.source} (trial {name}: {r.label})"
+    cfg = from_dict(RunConfig, raw, where=where)
+    validate(cfg, where=where)
+    return cfg
+
+
+def _probe_trial(spec: MethodSpec, student: str) -> ResolvedTrial:
+    """A trial of ``spec`` with every searched value at its lower probe (fixed values as given)."""
+    params = {k: d.probes()[0] for k, d in spec.params.items()}
+    return ResolvedTrial(label=spec.label, method=spec.method, student=student, teacher=spec.teacher,
+                         params=params, settings=dict(spec.overrides))
+
+
+def check_combinations(space: SearchSpace) -> SearchSpace:
+    """Build every (method, student) pair once on the CPU and drop those the method refuses.
+
+    Generates the synthetic dataset first when the base config names a missing one (its class count
+    sizes the heads). A method left without any student is an error naming every reason.
+
+    Returns:
+        The space with each method's students narrowed to the pairs that fit.
+    """
+    import torch
+
+    from raykd.train.driver import ensure_dataset
+
+    base_cfg = from_dict(RunConfig, dict(space.base), where=space.source)
+    manifest = ensure_dataset(base_cfg.data)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one probe batch per model: more threads only contend (10x slower here)
+    try:
+        return _check_all(space, manifest)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_all(space: SearchSpace, manifest) -> SearchSpace:
+    import tempfile
+
+    import torch
+
+    from raykd.train.loop import build_run
+
+    methods = {}
+    torch.manual_seed(0)
+    for name in _needed_teachers(space):
+        if space.teachers[name].model is not None:
+            try:
+                build_run(teacher_run_config(space, name, Path(space.output_dir)), manifest)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{space.source}: teachers.{name}: {e}") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, spec in space.methods.items():
+            if spec.method == "cascade":
+                _check_cascade(space, spec, manifest)
+                methods[label] = spec
+                continue
+            ok, reasons = [], []
+            for sid in spec.students:
+                t = space.teachers.get(spec.teacher) if spec.teacher else None
+                cfg = build_run_config(space, _probe_trial(spec, sid), name="compat-check",
+                                       output_dir=Path(space.output_dir),
+                                       teacher_path=t.checkpoint if t else None,
+                                       teacher_model=t.model if t else None)
+                try:
+                    stage_dir = _stage_stub(cfg, manifest, Path(tmp) / f"{label}-{sid}")
+                    build_run(cfg, manifest, stage_dir=stage_dir)
+                except (ValueError, TypeError, FileNotFoundError) as e:
+                    reasons.append(f"{sid}: {e}")
+                    log.warning("methods.%s: skipping student %s: %s", label, sid, e)
+                    continue
+                ok.append(sid)
+            if not ok:
+                raise ConfigError(f"{space.source}: methods.{label} ({spec.method}) fits none of its "
+                                  "students:\n  " + "\n  ".join(reasons))
+            methods[label] = replace(spec, students=tuple(ok))
+    return replace(space, methods=methods)
+
+
+def _stage_stub(cfg: RunConfig, manifest, stage_dir: Path) -> Path | None:
+    """For the fit check of ``sskd``/``ssdkd``: an untrained teacher head of the right width in
+    ``stage_dir``, so that the check does not pre-train one (each trial does, in its own folder)."""
+    from raykd.distill import METHODS
+
+    if METHODS.get(cfg.distill.method).teacher_stage != "sskd_teacher_head" or cfg.teacher is None:
+        return None
+    from safetensors.torch import save_file
+
+    from raykd.distill.base import probe_shapes
+    from raykd.distill.methods._shared import ProjectionHead
+    from raykd.train.loop import build_model
+    from raykd.train.stages import SSKD_HEAD
+
+    teacher = build_model(cfg.teacher, manifest.num_classes)
+    size = cfg.student.image_size or (teacher.pretrained_cfg or {}).get("input_size", (3, 224, 224))[-1]
+    dim = probe_shapes(teacher, (3, size, size)).embedding_dim
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    head = {k: v.contiguous() for k, v in ProjectionHead(dim).state_dict().items()}
+    save_file(head, str(stage_dir / SSKD_HEAD))
+    return stage_dir
+
+
+def _check_cascade(space: SearchSpace, spec: MethodSpec, manifest) -> None:
+    """The cascade's parent must be a ViT with more than ``min_blocks`` blocks; its first step must build."""
+    from raykd.distill.methods.cascade import _num_blocks
+    from raykd.train.loop import build_model, build_run
+
+    t = space.teachers[spec.teacher]
+    where = f"{space.source}: methods.{spec.label}"
+    model_cfg = ModelConfig(checkpoint=t.checkpoint) if t.checkpoint else from_dict(ModelConfig, t.model)
+    try:
+        depth = _num_blocks(build_model(model_cfg, manifest.num_classes))
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{where}: cascade needs a ViT parent; teacher {t.name!r}: {e}") from None
+    if not 1 <= spec.min_blocks < depth:
+        raise ConfigError(f"{where}.min_blocks={spec.min_blocks} must be in [1, {depth - 1}] for the "
+                          f"{depth}-block teacher {t.name!r}")
+    r = _probe_trial(spec, "")
+    cfg = build_run_config(space, r, name="compat-check", output_dir=Path(space.output_dir),
+                           teacher_path=t.checkpoint, teacher_model=t.model)
+    cfg = replace(cfg, student=replace(cfg.student, cut_blocks=list(range(depth - 1))))
+    try:
+        build_run(cfg, manifest)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None

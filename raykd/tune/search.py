@@ -1,0 +1,287 @@
+"""The search job: stage 1 (teachers), stage 2 (Ray Tune + Optuna + ASHA), stage 3 (leaderboard,
+winner export, family file).
+
+Stage 2 is a ``ray.tune.Tuner`` over :func:`raykd.tune.trial.trial_main`, one Ray Train run per
+trial named after the trial id. ``OptunaSearch`` samples the define-by-run space of
+:class:`raykd.tune.space.SpaceSampler` with a seeded TPE (multivariate and grouped, which is how
+TPE handles parameters that exist only in some trials) and keeps the study in SQLite
+(``<experiment>/optuna.db``) or the database URL of ``search.storage``. ASHA stops weak trials
+early. With ``search.objectives`` the study is multi-objective (validation metric against latency
+or size) and the result is a Pareto family rather than one winner.
+
+Trial drivers hold one unit of the zero-CPU custom resource ``trial_slot`` rather than CPUs (a
+CPU-holding driver starves Ray Data on small machines), and the number of trials at once follows
+the cluster's CPUs and GPUs. ``--resume`` restores the Tune experiment from its folder: finished
+trials are kept, unfinished ones continue from their last Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raykd.config import ConfigError, RunConfig, from_dict
+from raykd.tune.plan import TrialPlan, absolute_paths, check_combinations, train_teachers
+from raykd.tune.spec import SearchSpace
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SearchOutcome", "TrialRecord", "prepare_search", "run_tune", "trial_concurrency"]
+
+STUDY_FILE = "optuna.db"
+#: CPUs a trial's Ray Data tasks need next to its Train workers (reads and decodes at 0.25 CPU).
+DATA_CPUS = 0.5
+
+
+@dataclass
+class TrialRecord:
+    """What Tune knows about one trial after the search."""
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str  # TERMINATED, ERROR, ...
+    error: str | None
+    last_result: dict[str, Any]
+
+
+@dataclass
+class SearchOutcome:
+    experiment_dir: Path
+    records: list[TrialRecord]
+    leaderboard: Any  # raykd.tune.leaderboard.Leaderboard
+    published: Any  # raykd.tune.publish.Published | None
+
+
+def prepare_search(space: SearchSpace) -> SearchSpace:
+    """Everything that can fail before Ray starts: absolute paths, the dataset, method/student fit."""
+    space = absolute_paths(space)
+    return check_combinations(space)
+
+
+def trial_concurrency(space: SearchSpace, resources: dict[str, float]) -> int:
+    """Trials that fit the cluster at once: CPUs (and GPUs) per trial, capped by its trial slots."""
+    if space.budget.max_concurrent is not None:
+        return space.budget.max_concurrent
+    sc = from_dict(RunConfig, space.base).scaling
+    workers = max(sc.num_workers, 0)
+    cpu_per_trial = (workers * sc.cpus_per_worker if workers else 1.0) + DATA_CPUS
+    n = max(1, math.floor(resources.get("CPU", 1.0) / cpu_per_trial + 1e-9))
+    if sc.use_gpu and workers:
+        n = min(n, max(1, math.floor(resources.get("GPU", 0.0) / (workers * sc.gpus_per_worker) + 1e-9)))
+    from raykd.cluster import TRIAL_SLOT
+
+    if TRIAL_SLOT in resources:
+        n = min(n, int(resources[TRIAL_SLOT]))
+    return max(1, n)
+
+
+def _trial_resources(resources: dict[str, float]):
+    from ray.tune import PlacementGroupFactory
+
+    from raykd.cluster import TRIAL_SLOT
+
+    if TRIAL_SLOT in resources:
+        return PlacementGroupFactory([{TRIAL_SLOT: 1}])
+    log.warning("the cluster has no %r resource: trial drivers take 0.01 CPU each; start Ray with "
+                "--resources='{\"%s\": 8}' to keep every CPU for training", TRIAL_SLOT, TRIAL_SLOT)
+    return PlacementGroupFactory([{"CPU": 0.01}])
+
+
+def _searcher(space: SearchSpace, experiment_dir: Path):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raykd.metrics import metric_mode
+    from raykd.tune.space import SpaceSampler
+    from raykd.tune.trial import objective_key
+
+    s = space.search
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if s.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    elif s.sampler == "nsga2":
+        population = max(4, min(50, space.budget.num_samples // 2))
+        sampler = optuna.samplers.NSGAIISampler(seed=s.seed, population_size=population)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials,
+                                             multivariate=True, group=True, constant_liar=True)
+    url = s.storage or f"sqlite:///{experiment_dir / STUDY_FILE}"
+    storage = optuna.storages.RDBStorage(url)
+    metric, mode = objective_key(s.metric), metric_mode(s.metric)
+    if space.multi_objective:
+        metric, mode = [metric, *s.objectives], [mode] + ["min"] * len(s.objectives)
+    # Round-robin over the methods first, so a small budget still tries every one of them.
+    labels = list(space.methods)
+    first = [{"method": labels[i % len(labels)]}
+             for i in range(min(space.budget.num_samples, len(labels) * space.budget.min_trials_per_method))]
+    return OptunaSearch(space=SpaceSampler(space), metric=metric, mode=mode, sampler=sampler,
+                        study_name=space.name, storage=storage, points_to_evaluate=first or None)
+
+
+def _progress_callback(space: SearchSpace):
+    from ray.tune import Callback
+
+    from raykd.tune.trial import objective_key
+
+    key = objective_key(space.search.metric)
+    total = space.budget.num_samples
+
+    class TrialProgress(Callback):
+        """One log line per finished or failed trial, on top of Tune's status table."""
+
+        def __init__(self) -> None:
+            self.done = 0
+
+        def _line(self, trial, what: str) -> None:
+            self.done += 1
+            r = trial.last_result or {}
+            cfg = trial.config or {}
+            value = r.get(key)
+            shown = f"{key} {value:.4f}" if isinstance(value, (int, float)) else "no result"
+            log.info("trial %s %s (%s, epoch %s): %s  [%d/%d]", trial.trial_id, what, cfg.get("method"),
+                     r.get("epoch", "-"), shown, self.done, total)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "FAILED")
+
+    return TrialProgress()
+
+
+def _experiment_exists(experiment_dir: Path) -> bool:
+    return experiment_dir.is_dir() and (any(experiment_dir.glob("experiment_state-*.json"))
+                                        or (experiment_dir / STUDY_FILE).exists())
+
+
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit|Warning)\w*)(?:\([\w.]+\))?: (.*)$")
+
+
+def summarize_error(error: BaseException | str) -> str:
+    """The innermost ``SomeError: message`` line of a (Ray-wrapped) traceback, and when the message
+    ends with a colon the lines that complete it: the cause a leaderboard reader needs, not the stack."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    found = None
+    for i, line in enumerate(lines):
+        m = _ERROR_LINE.match(line)
+        if m and "ray::" not in m.group(2):
+            found = i
+    if found is None:
+        last = lines[-1] if lines else ""
+        return (f"{type(error).__name__}: {last}" if isinstance(error, BaseException) else last)[:300]
+    m = _ERROR_LINE.match(lines[found])
+    text = f"{m.group(1)}: {m.group(2)}"
+    for line in lines[found + 1:found + 4]:
+        if not text.endswith(":") or line.endswith("("):
+            break
+        text += " " + line
+    return text[:300]
+
+
+def _records(grid) -> list[TrialRecord]:
+    out = []
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        config = metrics.get("config") or {}
+        error = None
+        if result.error is not None:
+            error = summarize_error(result.error)
+        out.append(TrialRecord(trial_id=str(metrics.get("trial_id") or Path(result.path).name),
+                               config=dict(config), status="ERROR" if error else "TERMINATED",
+                               error=error, last_result=metrics))
+    return out
+
+
+def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False) -> SearchOutcome:
+    """Run the whole search job (see the module docstring) and return its records and leaderboard.
+
+    Args:
+        space: a space from :func:`raykd.tune.space.load_space`.
+        resume: continue the experiment of the same name: finished trials are kept, unfinished ones
+            continue (a new experiment starts when there is nothing to restore).
+        prepared: ``space`` already went through :func:`prepare_search`.
+    """
+    import ray
+    from ray import tune
+
+    from raykd.cluster import init_local_ray
+    from raykd.tune.leaderboard import build_leaderboard
+    from raykd.tune.publish import publish
+    from raykd.tune.trial import trial_main
+
+    if not prepared:
+        space = prepare_search(space)
+    experiment_dir = Path(space.output_dir) / space.name
+    if _experiment_exists(experiment_dir) and not resume:
+        raise ConfigError(f"experiment folder {experiment_dir} exists: pass --resume to continue it, "
+                          "or --set name=<new name> to start another")
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    # Snapshot the experiment state every 2 s rather than Tune's adaptive >= 10 s: a killed driver
+    # then loses at most one snapshot of trial statuses (the state of a small search is a few kB).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
+    init_local_ray(space.address)
+    resources = ray.cluster_resources()
+    log.info("Ray cluster resources: %s", {k: v for k, v in resources.items() if not k.startswith("node")})
+
+    teachers = train_teachers(space, experiment_dir)  # stage 1
+    plan = TrialPlan(space, experiment_dir, teachers)
+    trainable = tune.with_resources(tune.with_parameters(trial_main, plan=plan), _trial_resources(resources))
+    if resume and tune.Tuner.can_restore(str(experiment_dir)):
+        log.info("stage 2: resuming the search in %s", experiment_dir)
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        if resume:
+            log.info("stage 2: nothing to resume in %s; starting the search", experiment_dir)
+        tuner = _new_tuner(space, trainable, trial_concurrency(space, resources), experiment_dir)
+    records = _records(tuner.fit())
+    log.info("stage 2 done: %d trials, %d failed", len(records), sum(r.status == "ERROR" for r in records))
+
+    board = build_leaderboard(plan, records)  # stage 3
+    board.write(experiment_dir)
+    published = publish(plan, board)
+    return SearchOutcome(experiment_dir=experiment_dir, records=records, leaderboard=board,
+                         published=published)
+
+
+def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: Path):
+    from ray import tune
+
+    from raykd.metrics import metric_mode
+    from raykd.tune.trial import objective_key
+
+    b = space.budget
+    scheduler = None
+    epochs = b.epochs or from_dict(RunConfig, space.base).train.epochs
+    if b.asha and not space.multi_objective and epochs > b.grace_period:
+        # Rungs end one epoch before the last: a trial that reached its last epoch finishes (and
+        # scores its test split) rather than being stopped with nothing left to save.
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration", metric=objective_key(space.search.metric),
+            mode=metric_mode(space.search.metric), max_t=epochs - 1, grace_period=b.grace_period,
+            reduction_factor=b.reduction_factor, stop_last_trials=False)
+    log.info("stage 2: %d trials over %d methods (%s), %d at once, sampler %s (seed %d), ASHA %s, study %s",
+             b.num_samples, len(space.methods), ", ".join(space.methods), concurrency, space.search.sampler,
+             space.search.seed, "on" if scheduler else "off",
+             space.search.storage or experiment_dir / STUDY_FILE)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(space, experiment_dir), scheduler=scheduler, num_samples=b.num_samples,
+            max_concurrent_trials=concurrency, time_budget_s=b.time_budget_s,
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=space.name, storage_path=str(space.output_dir),
+            failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded, not retried
+            callbacks=[_progress_callback(space)], verbose=1,
+        ),
+    )

@@ -1,0 +1,265 @@
+"""The typed parts of a search space: distributions, budget, sampler, export, and the parsed
+teacher / student / method entries. :mod:`raykd.tune.space` builds them from YAML and validates them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from raykd.config import ConfigError
+
+__all__ = [
+    "DIST_KINDS",
+    "OBJECTIVES",
+    "BudgetConfig",
+    "Dist",
+    "ExportConfig",
+    "MethodSpec",
+    "SearchConfig",
+    "SearchSpace",
+    "StudentSpec",
+    "TeacherSpec",
+    "parse_dist",
+]
+
+DIST_KINDS = ("uniform", "loguniform", "int", "choice")
+#: Objectives a multi-objective search may minimise next to the selection metric.
+OBJECTIVES = ("latency_ms", "params", "size_mb")
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributions
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One leaf of a space: a distribution, or a fixed value (``kind == "fixed"``)."""
+
+    kind: str
+    args: tuple
+
+    @property
+    def fixed(self) -> bool:
+        return self.kind == "fixed"
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        """Draw a value with an Optuna trial (``fixed`` values are not suggested: None)."""
+        if self.kind == "uniform":
+            return trial.suggest_float(name, float(self.args[0]), float(self.args[1]))
+        if self.kind == "loguniform":
+            return trial.suggest_float(name, float(self.args[0]), float(self.args[1]), log=True)
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.args[0]), int(self.args[1]))
+        if self.kind == "choice":
+            return trial.suggest_categorical(name, list(self.args))
+        return None
+
+    def probes(self) -> list[Any]:
+        """Values that stand for the whole distribution when checking it against a field."""
+        if self.kind == "fixed":
+            return [self.args[0]]
+        if self.kind == "choice":
+            return list(self.args)
+        return [self.args[0], self.args[1]]
+
+    def describe(self) -> str:
+        if self.kind == "fixed":
+            return repr(self.args[0])
+        return f"{self.kind}{list(self.args)}"
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def parse_dist(value: Any, *, where: str, key: str) -> Dist:
+    """``{uniform: [lo, hi]}`` / ``{loguniform: ...}`` / ``{int: ...}`` / ``{choice: [...]}`` or a value."""
+    if not isinstance(value, dict):
+        if isinstance(value, list):
+            raise ConfigError(f"{where}: {key}={value!r}: a list is not a distribution; "
+                              f"write {{choice: {value!r}}}")
+        return Dist("fixed", (_coerce_scalar(value),))
+    if len(value) != 1:
+        raise ConfigError(
+            f"{where}: {key} must be one distribution like {{uniform: [lo, hi]}}, got {value!r}; "
+            f"valid distributions: {', '.join(DIST_KINDS)}"
+        )
+    (kind, args), = value.items()
+    if kind not in DIST_KINDS:
+        close = difflib.get_close_matches(str(kind), DIST_KINDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"{where}: {key}: unknown distribution {kind!r}.{hint} "
+            f"Valid distributions: {', '.join(DIST_KINDS)}"
+        )
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}: {key}: choice needs a non-empty list, got {args!r}")
+        for a in args:
+            if a is not None and not isinstance(a, (bool, int, float, str)):
+                raise ConfigError(f"{where}: {key}: choice values must be numbers, strings or booleans, "
+                                  f"got {a!r}")
+        return Dist("choice", tuple(_coerce_scalar(a) for a in args))
+    if not isinstance(args, list) or len(args) != 2:
+        raise ConfigError(f"{where}: {key}: {kind} needs [lo, hi], got {args!r}")
+    lo, hi = (_number(a) for a in args)
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ConfigError(f"{where}: {key}: {kind} bounds must be finite numbers, got {args!r}")
+    if not lo < hi:
+        raise ConfigError(f"{where}: {key}: {kind} needs lo < hi, got [{lo:g}, {hi:g}]")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{where}: {key}: loguniform needs lo > 0, got {lo:g}")
+    if kind == "int":
+        if not (lo.is_integer() and hi.is_integer()):
+            raise ConfigError(f"{where}: {key}: int bounds must be integers, got {args!r}")
+        return Dist("int", (int(lo), int(hi)))
+    return Dist(kind, (lo, hi))
+
+
+def _coerce_scalar(v: Any) -> Any:
+    if isinstance(v, str):
+        n = _number(v)
+        if n is not None and any(c in v for c in "eE.") and v.strip() not in ("", "."):
+            return n
+    return v
+
+
+# --------------------------------------------------------------------------------------------------
+# Typed parts of the space (validated with raykd.config.from_dict)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BudgetConfig:
+    """How much searching: trials, epochs per trial, concurrency and ASHA."""
+
+    num_samples: int = field(default=8, metadata={"range": (1, 100_000)})
+    #: Epochs of every trial run (None: the base config's train.epochs).
+    epochs: int | None = field(default=None, metadata={"range": (1, 100_000)})
+    #: Trials at once (None: as many as the cluster's CPUs/GPUs fit, capped by its trial slots).
+    max_concurrent: int | None = field(default=None, metadata={"range": (1, 10_000)})
+    #: The first ``len(methods) * min_trials_per_method`` trials go round-robin over the methods,
+    #: so every method is tried even on a small budget (the rest is up to the sampler).
+    min_trials_per_method: int = field(default=1, metadata={"range": (0, 1000)})
+    #: Early stopping of weak trials (ASHA); off in multi-objective mode, where a small model with a
+    #: lower BMA may still be Pareto-optimal.
+    asha: bool = True
+    grace_period: int = field(default=1, metadata={"range": (1, 100_000)})
+    reduction_factor: int = field(default=2, metadata={"range": (2, 100)})
+    #: Stop starting trials after this many seconds (None: no limit).
+    time_budget_s: float | None = field(default=None, metadata={"range": (1.0, None)})
+
+
+@dataclass
+class SearchConfig:
+    """The sampler and the objective(s)."""
+
+    seed: int = 0
+    #: tpe (default; multivariate, grouped for conditional spaces), random, or nsga2 (multi-objective).
+    sampler: Literal["tpe", "random", "nsga2"] = "tpe"
+    #: Validation metric that ranks trials (maximised except ``loss``); also the run's select_metric.
+    metric: str = "bma"
+    #: Extra objectives minimised together with ``metric`` (multi-objective mode, a Pareto family):
+    #: any of latency_ms, params, size_mb.
+    objectives: list[str] = field(default_factory=list)
+    #: Optuna storage: None = a SQLite file in the experiment folder; or a database URL
+    #: (``postgresql://...``) shared by a cluster.
+    storage: str | None = None
+    #: Random trials before TPE models the space.
+    startup_trials: int = field(default=10, metadata={"range": (1, 10_000)})
+
+
+@dataclass
+class ExportConfig:
+    """What stage 3 does with the winner (and the Pareto family)."""
+
+    onnx: bool = True
+    #: Largest |p_onnx - p_torch| allowed by the parity check.
+    tolerance: float = field(default=1e-4, metadata={"range": (0.0, 1.0)})
+    #: Validation images for the parity check (None: all).
+    max_images: int | None = field(default=64, metadata={"range": (1, None)})
+    #: Batch-1 forward passes timed per model for the leaderboard's CPU latency.
+    latency_reps: int = field(default=20, metadata={"range": (1, 100_000)})
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A teacher trained in stage 1 (``model``) or reused (``checkpoint``)."""
+
+    name: str
+    model: dict | None = None
+    checkpoint: str | None = None
+    #: Dotted RunConfig overrides of the teacher's training run (``train.epochs: 5``).
+    overrides: dict = field(default_factory=dict)
+    #: A teacher-free method to train it with (``baseline``; ``fcvit_probs`` for SkinDistilViT's
+    #: cascade teacher) and its fixed parameters.
+    method: str = "baseline"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    id: str
+    model: dict
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of ``methods:`` (a label, usually the registered method's name)."""
+
+    label: str
+    method: str
+    students: tuple[str, ...]
+    teacher: str | None
+    params: dict  # field -> Dist
+    search: dict  # dotted RunConfig key -> Dist
+    overrides: dict  # dotted RunConfig key -> value
+    min_blocks: int = 1
+
+    def param_names(self, shared: dict) -> set[str]:
+        """The Optuna parameter names a trial of this method may carry."""
+        names = {"method"} | {k for k, d in shared.items() if not d.fixed}
+        if len(self.students) > 1:
+            names.add(f"{self.label}.student")
+        names |= {f"{self.label}.{k}" for k, d in {**self.params, **self.search}.items() if not d.fixed}
+        return names
+
+
+@dataclass
+class SearchSpace:
+    """A validated search space (see the module docstring for the YAML format)."""
+
+    source: str
+    name: str
+    output_dir: str
+    address: str | None
+    base: dict
+    teachers: dict[str, TeacherSpec]
+    students: dict[str, StudentSpec]
+    shared: dict[str, Dist]
+    methods: dict[str, MethodSpec]
+    budget: BudgetConfig
+    search: SearchConfig
+    export: ExportConfig
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def multi_objective(self) -> bool:
+        return bool(self.search.objectives)

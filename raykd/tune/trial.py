@@ -1,0 +1,168 @@
+"""One Tune trial: a Ray Train run (or, for ``cascade``, a pipeline of runs) named after the trial id.
+
+Ray 2.60 composes Tune and Train V2 through a *function* per trial that builds a ``TorchTrainer``
+and fits it; the per-epoch metrics reach Tune through a ``TuneReportCallback`` on the trainer.
+Each report carries, next to the run's metrics, the trial's cost (``params``, ``size_mb``,
+``latency_ms``) and ``best_<metric>``, the best validation value so far, which is what ASHA and
+Optuna compare (the last epoch is not always the best one).
+
+A rerun of a trial (``--resume`` after the driver was killed) finds its run folder: a finished run
+is reported again from its files and never retrained; an unfinished one continues from its last
+Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from raykd.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TRIAL_FILE", "CASCADE_FILE", "TrialReporter", "trial_main", "objective_key"]
+
+TRIAL_FILE = "trial.json"
+CASCADE_FILE = "cascade.json"
+
+
+def objective_key(metric: str) -> str:
+    """The reported key Tune optimises: the best validation ``metric`` of the run so far."""
+    return f"best_{metric}"
+
+
+def _augment(row: dict[str, Any], extra: dict[str, Any], metric: str) -> dict[str, Any]:
+    # The objective, the metric, the epoch and the cost first: Tune's status table shows the first few.
+    head = {objective_key(metric): row.get("best"), f"val/{metric}": row.get(f"val/{metric}"),
+            "epoch": row.get("epoch")}
+    head.update({k: extra[k] for k in ("latency_ms", "params", "depth") if k in extra})
+    return {**head, **row, **extra}
+
+
+class TrialReporter(TuneReportCallback):
+    """``TuneReportCallback`` that adds the trial's cost and its objective to every report."""
+
+    def __init__(self, extra: dict[str, Any], metric: str) -> None:
+        super().__init__()
+        self.extra = dict(extra)
+        self.metric = metric
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        metrics = [_augment(metrics[0], self.extra, self.metric), *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
+
+
+def _history(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _replay(run_dir: Path, extra: dict[str, Any], metric: str) -> None:
+    """Report a finished run's last epoch (with its best value so far) to Tune from its files."""
+    from ray import tune
+
+    from raykd.metrics import is_better
+
+    best = None
+    rows = []
+    for row in _history(run_dir):
+        value = row.get(f"val/{metric}")
+        if value is not None and is_better(metric, value, best):
+            best = value
+        rows.append({**row, "best": best})
+    for row in rows[-1:]:
+        tune.report(_augment(row, extra, metric))
+
+
+def _cost(cfg, num_classes: int, reps: int) -> dict[str, float]:
+    from raykd.data.transforms import spec_from_model
+    from raykd.models import cut_vit
+    from raykd.train.loop import build_model
+    from raykd.tune.measure import measure_latency, model_cost
+
+    if cfg.student.cut_blocks:
+        model = cut_vit(build_model(cfg.teacher, num_classes), keep_blocks=cfg.student.cut_blocks)
+    else:
+        model = build_model(cfg.student, num_classes)
+    size = cfg.student.image_size or spec_from_model(model).image_size
+    return {**model_cost(model), "latency_ms": measure_latency(model, size, reps=reps)}
+
+
+def _train(cfg, extra: dict[str, Any], metric: str) -> None:
+    """One Ray Train run reporting every epoch to Tune; a run that already finished is only reported."""
+    from raykd.train.driver import run_train
+
+    run_dir = Path(cfg.output_dir) / cfg.name
+    if (run_dir / "summary.json").is_file():
+        log.info("run %s finished before the interruption: reporting it, not retraining", cfg.name)
+        _replay(run_dir, extra, metric)
+        return
+    run_train(cfg, resume=True, callbacks=[TrialReporter(extra, metric)])
+
+
+def trial_main(config: dict[str, Any], plan) -> None:
+    """The Tune trainable: rebuild the typed run config from ``config`` and train it."""
+    from ray import tune
+
+    from raykd.data.manifest import Manifest
+
+    trial_id = tune.get_context().get_trial_id()
+    resolved = plan.resolve(config)
+    cfg = plan.run_config(config, trial_id)
+    trial_dir = plan.runs_dir / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / TRIAL_FILE).write_text(json.dumps({
+        "trial_id": trial_id, "label": resolved.label, "method": resolved.method, "student": resolved.student,
+        "teacher": resolved.teacher, "config": config, "params": resolved.params,
+        "settings": resolved.settings,
+    }, indent=2, default=str))
+    manifest = Manifest.load(cfg.data.path)
+    metric = plan.space.search.metric
+    if resolved.method == "cascade":
+        _cascade(plan, cfg, resolved, manifest, trial_dir)
+        return
+    extra = _cost(cfg, manifest.num_classes, plan.space.export.latency_reps)
+    _train(cfg, extra, metric)
+
+
+def _cascade(plan, template, resolved, manifest, trial_dir: Path) -> None:
+    """Cascading distillation (SkinDistilViT section 3.2) as a pipeline of runs, one per depth.
+
+    Starting from the trained ViT teacher (depth L), run ``<trial>-d<k>`` for k = L-1 down to
+    ``min_blocks`` trains the first k blocks of the previous run's best model (``cut_blocks``,
+    weights copied) against that model as its frozen teacher (method ``cascade``). ``cascade.json``
+    in the trial folder records the validation and test BMA, size and latency per depth.
+    """
+    from raykd.export.artifact import load_artifact
+    from raykd.tune.measure import model_cost
+
+    metric = plan.space.search.metric
+    spec = plan.space.methods[resolved.label]
+    parent_dir = plan.teachers[resolved.teacher]
+    parent, meta = load_artifact(parent_dir)
+    depth = len(parent.blocks)
+    size = template.student.image_size or meta.preprocess.get("image_size")
+    parent_summary = Path(parent_dir) / "summary.json"  # a teacher trained by raykd has one
+    test = json.loads(parent_summary.read_text()).get("test", {}) if parent_summary.is_file() else {}
+    steps: list[dict[str, Any]] = [{"depth": depth, "run": None, "run_dir": str(parent_dir), "parent": True,
+                                    "val": meta.metrics, "test": test, **model_cost(parent)}]
+    for k in range(depth - 1, spec.min_blocks - 1, -1):
+        name = f"{template.name}-d{k}"
+        cfg = replace(template, name=name, student=ModelConfig(cut_blocks=list(range(k)), image_size=size),
+                      teacher=ModelConfig(checkpoint=parent_dir))
+        extra = {**_cost(cfg, manifest.num_classes, plan.space.export.latency_reps), "depth": k}
+        _train(cfg, extra, metric)
+        run_dir = Path(cfg.output_dir) / name
+        summary = json.loads((run_dir / "summary.json").read_text())
+        steps.append({"depth": k, "run": name, "run_dir": str(run_dir), "val": summary["val"],
+                      "test": summary["test"], **extra})
+        (trial_dir / CASCADE_FILE).write_text(json.dumps({"trial_id": template.name, "steps": steps},
+                                                         indent=2, default=float))
+        log.info("cascade %s: %d blocks, val %s %.4f", template.name, k, metric,
+                 summary["val"].get(metric, float("nan")))
+        parent_dir = str(run_dir)
