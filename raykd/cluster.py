@@ -33,7 +33,9 @@ def init_local_ray(
         log.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
         return
-    kwargs: dict = {"resources": {TRIAL_SLOT: trial_slots}, "include_dashboard": True}
+    # address="local": start a fresh cluster even when a `ray start` cluster runs on this machine
+    # (plain ray.init() would join it and then refuse num_cpus/resources).
+    kwargs: dict = {"address": "local", "resources": {TRIAL_SLOT: trial_slots}, "include_dashboard": True}
     if num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
     if num_gpus is not None:

@@ -231,3 +231,19 @@ def test_the_sampler_resolves_a_trial_into_a_typed_run_config(tmp_path):
         if label == "baseline":
             assert cfg.teacher is None and cfg.distill.params == {}
             assert cfg.student.name == trial.params["baseline.student"]
+
+
+def test_multi_objective_mode_studies_bma_against_latency(tmp_path):
+    import optuna
+
+    from raykd.tune.search import _searcher
+
+    space = load_space(ROOT / "search_spaces" / "pareto.yaml", ["search.startup_trials=2"])
+    searcher = _searcher(space, tmp_path)
+    assert searcher.metric == ["best_bma", "latency_ms"] and searcher.mode == ["max", "min"]
+    # (bma, ms): (0.5, 1) and (0.8, 4) trade off; (0.4, 3) is worse than (0.5, 1) on both
+    for i, (bma, ms) in enumerate([(0.5, 1.0), (0.8, 4.0), (0.4, 3.0)]):
+        searcher.suggest(f"t{i}")
+        searcher.on_trial_complete(f"t{i}", {"best_bma": bma, "latency_ms": ms, "training_iteration": 2})
+    study = optuna.load_study(study_name=space.name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert sorted(t.values for t in study.best_trials) == [[0.5, 1.0], [0.8, 4.0]]
