@@ -35,7 +35,7 @@ class _TraceTrap(nn.Module):
 
 
 @register_model
-def raykd_test_export_trace_trap(pretrained: bool = False, **kwargs) -> nn.Module:
+def onnx_trace_trap_for_tests(pretrained: bool = False, **kwargs) -> nn.Module:
     return _TraceTrap(**kwargs)
 
 
@@ -96,7 +96,7 @@ def test_parity_is_checked_through_the_serving_predictors(vit_run, dataset):
 
 def test_an_export_that_disagrees_with_torch_fails(tmp_path, dataset):
     run = tmp_path / "trap"
-    make_artifact(run / "best", "raykd_test_export_trace_trap", {}, image_size=32, dataset=dataset)
+    make_artifact(run / "best", "onnx_trace_trap_for_tests", {}, image_size=32, dataset=dataset)
     with pytest.raises(ParityError, match="disagrees with torch"):
         run_export(run, batch_size=8)
     assert json.loads((run / "best" / "export_report.json").read_text())["variants"][0]["max_abs_diff"] > 1e-2
