@@ -19,7 +19,7 @@ from raykd.data.manifest import Manifest
 from raykd.data.synth import make_synthetic
 from raykd.train.driver import prepare, run_train
 
-EPOCHS = 3
+EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def teacher(ray_cluster, synth):
 
 
 def test_teacher_learns_clearly_above_chance(teacher):
-    # 8 classes: chance BMA is 0.125. Measured here: 0.30-0.40 after 3 epochs on 336 train images.
+    # 8 classes: chance BMA is 0.125. Measured: 0.22-0.30 best-epoch val BMA after 3 epochs on 336
+    # train images, and once only 0.15 (a 3-epoch run on a loaded machine), hence 6 epochs here.
     assert teacher.epochs == EPOCHS
     assert teacher.best > 0.2, teacher.best
     files = {p.name for p in teacher.run_dir.iterdir()}
