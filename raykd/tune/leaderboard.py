@@ -225,7 +225,7 @@ def _count(n: Any) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(int(n))
 
 
-def _short(text: str | None, n: int = 80) -> str:
+def _short(text: str | None, n: int = 140) -> str:
     line = (text or "").strip().splitlines()
     line = line[-1] if line else ""
     line = line.replace("|", "/")
