@@ -1,6 +1,6 @@
 """The one on-disk format every source is ingested into.
 
-A dataset folder holds ``shards/part-XXXXX.parquet`` files with :data:`SCHEMA` and a
+A dataset folder holds ``shards/part-00000.parquet``, ... files with :data:`SCHEMA` and a
 ``manifest.json`` (see :class:`raykd.data.manifest.Manifest`). Images stay encoded (JPEG/PNG bytes
 as the source gave them) and are decoded in the Ray Data workers.
 """
