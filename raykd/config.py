@@ -230,7 +230,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: list[st
         raw = loaded
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     cfg = from_dict(cls, raw, where=where)
     validate(cfg, where=where)
     return cfg
@@ -251,7 +251,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``key = "a.b.c"``, creating (or replacing non-dict) levels."""
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, _set_dotted, from_dict, validate
-from raykd.tune.spec import MethodSpec, SearchSpace
+from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict, validate
+from raykd.tune.spec import MethodSpec, SearchSpace, set_dotted
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def teacher_run_config(space: SearchSpace, name: str, experiment_dir: Path) -> R
     t = space.teachers[name]
     raw = copy.deepcopy(space.base)
     for key, value in t.overrides.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     raw.update(name=name, output_dir=str(experiment_dir / TEACHERS_DIR), address=space.address,
                student=dict(t.model or {}), teacher=None)
     raw.setdefault("distill", {}).update(method=t.method, params=dict(t.params))
@@ -157,7 +157,7 @@ def build_run_config(space: SearchSpace, r: ResolvedTrial, *, name: str, output_
     """
     raw = copy.deepcopy(space.base)
     for key, value in r.settings.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     if space.budget.epochs is not None:
         raw.setdefault("train", {})["epochs"] = space.budget.epochs
     raw.setdefault("train", {})["select_metric"] = space.search.metric

@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from raykd.config import ConfigError, ModelConfig, RunConfig, _set_dotted, from_dict, parse_override, validate
+from raykd.config import ConfigError, ModelConfig, RunConfig, from_dict, parse_override, validate
 from raykd.tune.spec import (
     OBJECTIVES,
     BudgetConfig,
@@ -57,6 +57,7 @@ from raykd.tune.spec import (
     StudentSpec,
     TeacherSpec,
     parse_dist,
+    set_dotted,
 )
 
 __all__ = ["SpaceSampler", "load_space"]
@@ -132,7 +133,7 @@ def _check_run_values(base: dict, key: str, dist: Dist, where: str, what: str) -
         raise ConfigError(f"{where}: {what} {key} is an integer; use {{int: [lo, hi]}} or {{choice: [...]}}")
     for value in dist.probes():
         raw = copy.deepcopy(base)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
         try:
             validate(from_dict(RunConfig, raw, where=where), where=where)
         except ConfigError as e:
@@ -213,7 +214,7 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         raise ConfigError(f"{p}: the top level must be a mapping, got {type(doc).__name__}")
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(doc, key, value)
+        set_dotted(doc, key, value)
     for k in doc:
         if k not in _TOP_KEYS:
             raise _unknown(where, "", k, _TOP_KEYS)

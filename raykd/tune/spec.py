@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from raykd.config import set_dotted  # noqa: F401  (re-exported for plan/space)
 from raykd.config import ConfigError
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "StudentSpec",
     "TeacherSpec",
     "parse_dist",
+    "set_dotted",
 ]
 
 DIST_KINDS = ("uniform", "loguniform", "int", "choice")
@@ -71,6 +73,8 @@ class Dist:
         if self.kind == "fixed":
             return repr(self.args[0])
         return f"{self.kind}{list(self.args)}"
+
+
 
 
 def _number(v: Any) -> float | None:
