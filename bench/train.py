@@ -32,7 +32,7 @@ def bare_loop(data: Path, model_name: str, size: int, epochs: int, batch: int) -
     from raykd.data.transforms import PreprocessSpec
     from raykd.distill import build_method
     from raykd.models import create_model
-    from raykd.train.loop import train_epoch
+    from raykd.train.loop import device_batches, train_epoch
     from raykd.train.optim import Schedule, build_optimizer
 
     torch.set_num_threads(1)
@@ -56,7 +56,9 @@ def bare_loop(data: Path, model_name: str, size: int, epochs: int, batch: int) -
     sched = Schedule(opt, cfg, epochs=epochs, steps_per_epoch=1)
     rates = []
     for e in range(epochs):
-        stats = train_epoch(method, batches(), opt, sched, epoch=e, method_name="baseline", device=torch.device("cpu"))
+        cpu = torch.device("cpu")  # normalised as in the Ray worker
+        stats = train_epoch(method, device_batches(batches(), spec.preprocess, cpu), opt, sched, epoch=e,
+                            method_name="baseline", device=cpu)
         rates.append(stats["train/images_per_s"])
     return float(np.mean(rates[1:]))
 

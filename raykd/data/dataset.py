@@ -2,7 +2,9 @@
 
 The Parquet rows carry encoded bytes; decoding and augmentation run in ``map_batches`` tasks, so
 they scale with the cluster and never write decoded images anywhere. Each output row is
-``{"image": float32 (3, H, W), "label": int64}``, ready for ``iter_torch_batches``.
+``{"image": uint8 (3, H, W), "label": int64}``, ready for ``iter_torch_batches``; the consumer
+normalises on its device with :func:`raykd.data.transforms.normalize_chw`. Shipping uint8 instead
+of normalised float32 moves a quarter of the bytes through the object store (see ``bench/data.py``).
 
 Resource note (measured on 2-core machines, see the shared Ray notes): read and map tasks ask for
 a quarter CPU by default, so that Train workers holding the CPUs never starve the data pipeline.
@@ -28,6 +30,7 @@ from raykd.data.transforms import (
 )
 
 DATA_TASK_CPUS = 0.25
+ROWS_PER_TASK_BATCHES = 4  # a decode task gets about this many batches of rows
 
 
 @dataclass(frozen=True)
@@ -45,12 +48,13 @@ def _transform(spec: PipelineSpec):
 
     cv2.setNumThreads(1)  # Ray already runs one task per (fraction of a) core; nested threads thrash
     if spec.train:
-        return build_train_transform(spec.preprocess, spec.recipe)
-    return build_eval_transform(spec.preprocess)
+        return build_train_transform(spec.preprocess, spec.recipe, normalize=False)
+    return build_eval_transform(spec.preprocess, normalize=False)
 
 
 def decode_and_transform(batch: dict[str, np.ndarray], spec: PipelineSpec) -> dict[str, np.ndarray]:
-    """Decode encoded images and apply the train or eval pipeline (a Ray Data batch function).
+    """Decode encoded images and apply the train or eval pipeline up to (not including) the
+    normalisation: uint8 NCHW out (a Ray Data batch function).
 
     Ingest has already checked that every stored image decodes, so an error here is a real fault
     and is raised with the image id rather than skipped.
@@ -116,6 +120,10 @@ def build_dataset(
     ds = read_split(path, split, num_cpus=num_cpus)
     if keep_ids is not None:
         ds = ds.filter(expr=col("image_id").is_in(list(keep_ids)), num_cpus=num_cpus)
+    # Ray's Parquet reader bin-packs small shards into blocks of up to 128 MB: a 30 MB split became
+    # one block, hence one decode task on one core (237 img/s on 2 cores against 290 for a plain
+    # loop on one). Cutting the rows into small blocks lets every core decode (bench/data.py).
+    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_TASK_BATCHES * batch_size)
     if rates is not None:
         ds = ds.map_batches(resample, fn_kwargs={"rates": list(rates)}, batch_format="numpy", num_cpus=num_cpus)
     spec = PipelineSpec(preprocess=preprocess, train=train, recipe=recipe)

@@ -23,7 +23,9 @@ Training recipes (:data:`RECIPES`) reproduce the seed papers' augmentations with
 * ``light`` - raykd's default: flips, a small affine and mild colour jitter.
 
 Every pipeline takes RGB uint8 HWC and returns float32 HWC normalised with the spec's mean/std;
-:func:`to_chw_batch` makes the NCHW batch a model consumes.
+:func:`to_chw_batch` makes the NCHW batch a model consumes. With ``normalize=False`` a pipeline
+stops before normalising and returns uint8 HWC: the Ray Data path ships those (a quarter of the
+bytes) and :func:`normalize_chw` finishes the job on the training device.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ import albumentations as A  # raykd/__init__ turned off its PyPI version check
 import cv2
 import numpy as np
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+import torch
 from torch import nn
 
 from raykd.data.preprocess import CropBlackBorder, Preprocess004
 
 __all__ = [
     "RECIPES", "PreprocessSpec", "build_eval_transform", "build_train_transform", "decode_image",
-    "spec_from_model", "to_chw_batch",
+    "normalize_chw", "spec_from_model", "to_chw_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,12 +229,14 @@ def _normalize(spec: PreprocessSpec) -> A.Normalize:
     return A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0)
 
 
-def build_eval_transform(spec: PreprocessSpec) -> A.Compose:
+def build_eval_transform(spec: PreprocessSpec, *, normalize: bool = True) -> A.Compose:
     """Deterministic pipeline: [crop] [paper-004] -> resize to ``image_size``^2 -> normalise.
 
-    Input RGB uint8 HWC of any size; output float32 HWC ``(image_size, image_size, 3)``.
+    Input RGB uint8 HWC of any size; output float32 HWC ``(image_size, image_size, 3)``, or the
+    uint8 image before normalisation with ``normalize=False``.
     """
-    return A.Compose([*_head(spec), _resize(spec.image_size), _normalize(spec)])
+    tail = [_normalize(spec)] if normalize else []
+    return A.Compose([*_head(spec), _resize(spec.image_size), *tail])
 
 
 def _recipe(name: str, size: int) -> list[A.BasicTransform]:
@@ -280,13 +285,16 @@ def _recipe(name: str, size: int) -> list[A.BasicTransform]:
     raise ValueError(f"unknown augmentation recipe {name!r}; valid recipes are {list(RECIPES)}")
 
 
-def build_train_transform(spec: PreprocessSpec, recipe: str = "light", seed: int | None = None) -> A.Compose:
+def build_train_transform(spec: PreprocessSpec, recipe: str = "light", seed: int | None = None, *,
+                          normalize: bool = True) -> A.Compose:
     """Random training pipeline: [crop] [paper-004] -> the recipe's augmentations -> normalise.
 
     Args:
         spec: the model's preprocessing contract.
         recipe: one of :data:`RECIPES` (see the module docstring for sources and values).
         seed: seed of the pipeline's random generators (``None``: fresh entropy).
+        normalize: end with the spec's normalisation (``False``: return uint8, see
+            :func:`normalize_chw`).
 
     Returns:
         A pipeline from RGB uint8 HWC to float32 HWC ``(image_size, image_size, 3)``.
@@ -295,11 +303,13 @@ def build_train_transform(spec: PreprocessSpec, recipe: str = "light", seed: int
         ValueError: on an unknown recipe, naming the valid ones.
     """
     body = _recipe(recipe, spec.image_size)
-    return A.Compose([*_head(spec), *body, _normalize(spec)], seed=seed)
+    tail = [_normalize(spec)] if normalize else []
+    return A.Compose([*_head(spec), *body, *tail], seed=seed)
 
 
 def to_chw_batch(images: list[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Stack HWC float32 images (a list or an NHWC array) into a contiguous NCHW float32 batch."""
+    """Stack HWC images (a list or an NHWC array) into a contiguous NCHW batch: uint8 stays uint8,
+    anything else becomes float32."""
     if isinstance(images, np.ndarray):
         batch = images
     else:
@@ -312,4 +322,15 @@ def to_chw_batch(images: list[np.ndarray] | np.ndarray) -> np.ndarray:
         batch = np.stack(images)
     if batch.ndim != 4:
         raise ValueError(f"to_chw_batch expects NHWC images, got shape {batch.shape}")
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+    dtype = np.uint8 if batch.dtype == np.uint8 else np.float32
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=dtype)
+
+
+def normalize_chw(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """uint8 NCHW (what the Ray Data pipelines yield) -> float32 NCHW normalised with the spec's
+    mean and std, on the tensor's own device: the same values as the pipelines' own normalisation."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_chw expects uint8 images, got {images.dtype}")
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(spec.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0)
+    return (images.float() - mean) * inv_std

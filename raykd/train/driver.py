@@ -44,34 +44,47 @@ def ensure_dataset(data: DataConfig) -> Manifest:
                           fractions=fr, split_seed=data.splits.seed, shard_mb=data.shard_mb)
 
 
+#: Evaluation splits are decoded once and kept in the object store when their uint8 images take at
+#: most this share of it; larger ones are decoded again on every pass.
+EVAL_CACHE_SHARE = 0.25
+
+
 def eval_datasets(path: str, split: str, preprocess, num_workers: int, batch_size: int) -> dict[str, Any]:
     """One disjoint slice of ``split`` per rank (``split_0`` ...), so that every row is scored once.
 
     Ray Train's own split (``streaming_split(equal=True)``) may drop rows to even out shards, which
-    would leave a part of the validation split unscored.
+    would leave a part of the validation split unscored. The eval pipeline is deterministic, so a
+    split that fits (:data:`EVAL_CACHE_SHARE`) is decoded once here and every epoch reads the
+    cached images: on 2 cores a 74-image validation pass took ~6 s through a fresh streaming
+    execution per epoch, against well under a second from the cache.
     """
     import pyarrow.dataset as pads
+    import ray
     from ray.data.expressions import col
 
-    from raykd.data.dataset import DATA_TASK_CPUS, PipelineSpec, decode_and_transform, read_split
+    from raykd.data.dataset import build_dataset, read_split
 
     n = max(1, num_workers)
+    manifest = Manifest.load(path)
+    rows = sum(manifest.counts(split))
+    image_bytes = rows * 3 * preprocess.image_size**2
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if image_bytes <= EVAL_CACHE_SHARE * store:
+        ds = build_dataset(path, split, preprocess, train=False, batch_size=batch_size).materialize()
+        log.info("%s: %d images decoded once and cached (%.1f MB)", split, rows, image_bytes / 1e6)
+        count = ds.count()
+        parts = ds.split_at_indices([count * r // n for r in range(1, n)]) if n > 1 else [ds]  # no row dropped
+        return {f"{split}_{r}": part for r, part in enumerate(parts)}
     ids: list[str] = []
     if n > 1:  # the ids alone are cheap to read on the driver; deal them out round-robin
-        manifest = Manifest.load(path)
         table = pads.dataset(manifest.shard_paths(path), format="parquet").to_table(
             columns=["image_id"], filter=pads.field("split") == split)
         ids = sorted(table.column("image_id").to_pylist())
-    out = {}
-    for r in range(n):
-        ds = read_split(path, split)
-        if n > 1:
-            ds = ds.filter(expr=col("image_id").is_in(ids[r::n]), num_cpus=DATA_TASK_CPUS)
-        out[f"{split}_{r}"] = ds.map_batches(
-            decode_and_transform, fn_kwargs={"spec": PipelineSpec(preprocess=preprocess, train=False)},
-            batch_size=batch_size, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-        )
-    return out
+    return {
+        f"{split}_{r}": build_dataset(path, split, preprocess, train=False, batch_size=batch_size,
+                                      keep_ids=ids[r::n] if n > 1 else None)
+        for r in range(n)
+    }
 
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:

@@ -21,7 +21,7 @@ from torch import nn
 from raykd.config import ModelConfig, RunConfig
 from raykd.data.manifest import Manifest
 from raykd.data.sampling import class_weights
-from raykd.data.transforms import PreprocessSpec, spec_from_model
+from raykd.data.transforms import PreprocessSpec, normalize_chw, spec_from_model
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,17 @@ def train_epoch(
     elapsed = time.perf_counter() - t0
     stats = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
     stats.update({"train/images": float(seen), "train/steps": float(steps),
-                  "train/images_per_s": seen / elapsed if elapsed > 0 else math.nan,
+                  "train/images_per_s": seen / elapsed if elapsed > 0 else math.nan, "train/seconds": elapsed,
                   "lr": optimizer.param_groups[0]["lr"]})
     return stats
+
+
+def device_batches(batches: Iterable[dict[str, torch.Tensor]], spec: PreprocessSpec,
+                   device: torch.device) -> Iterable[dict[str, torch.Tensor]]:
+    """Ray Data's uint8 batches moved to ``device`` and normalised there (see raykd.data.dataset)."""
+    for batch in batches:
+        images = batch["image"].to(device, non_blocking=True)
+        yield {"image": normalize_chw(images, spec), "label": batch["label"].to(device, non_blocking=True)}
 
 
 @torch.no_grad()

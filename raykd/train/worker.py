@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from raykd.config import RunConfig, from_dict
 from raykd.data.manifest import Manifest
 from raykd.metrics import ClassificationMetrics, is_better, metric_mode, write_report
 from raykd.train.checkpoint import load_state, rng_state, save_state, set_rng_state
-from raykd.train.loop import build_run, evaluate, set_seed, student_identity, train_epoch
+from raykd.train.loop import build_run, device_batches, evaluate, set_seed, student_identity, train_epoch
 from raykd.train.optim import Schedule, build_optimizer, head_parameter_names
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                    drop_last=True)
     eval_batches = dict(batch_size=cfg.train.eval_batch_size)
 
+    def stream(shard, **kwargs):  # uint8 batches from Ray Data, normalised on the device
+        return device_batches(shard.iter_torch_batches(**kwargs), parts.preprocess, device)
+
     def maybe_crash(step: int) -> None:  # fault injection for tests: a hard worker death
         marker = run_dir / CRASH_MARKER
         if rank == 0 and step == 1 and cfg.train.crash_in_epoch == epoch + 1 and not marker.exists():
@@ -128,13 +132,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.train.epochs):
         method.set_epoch(epoch)
         stats = train_epoch(
-            model, train_it.iter_torch_batches(**batches), optimizer, schedule, epoch=epoch,
+            model, stream(train_it, **batches), optimizer, schedule, epoch=epoch,
             method_name=cfg.distill.method, device=device, amp=amp,
             frozen=frozen_ids if epoch < cfg.optim.freeze_epochs else None,
             grad_clip=cfg.optim.grad_clip, on_step=maybe_crash,
         )
         method.eval()
-        val, cm = _score(method, val_it.iter_torch_batches(**eval_batches), manifest, device, amp)
+        t_val = time.perf_counter()
+        val, cm = _score(method, stream(val_it, **eval_batches), manifest, device, amp)
+        val["seconds"] = time.perf_counter() - t_val
         row = {"epoch": epoch + 1, **stats, **{f"val/{k}": v for k, v in val.items()}}
         value = row.get(f"val/{select}", row.get(select))
         if value is None:
@@ -153,9 +159,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 _save_best(run_dir, parts, manifest, cfg, val)
                 write_report(run_dir, cm, manifest.label_names, val, prefix="val",
                              title=f"{cfg.name} val, epoch {epoch + 1}")
-            log.info("epoch %d/%d  loss %.4f  val %s %.4f  (best %.4f @ %d)  %.0f img/s", epoch + 1,
-                     cfg.train.epochs, stats.get("train/loss", math.nan), select, value, best, best_epoch,
-                     stats["train/images_per_s"])
+            log.info("epoch %d/%d  loss %.4f  val %s %.4f  (best %.4f @ %d)  train %.0f img/s, %.1f s  val %.1f s",
+                     epoch + 1, cfg.train.epochs, stats.get("train/loss", math.nan), select, value, best,
+                     best_epoch, stats["train/images_per_s"], stats["train/seconds"], val["seconds"])
         state = {
             "model": method.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
             "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "history": history, "stale": stale,
@@ -176,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     best_state = _load_best_weights(run_dir, parts.student, device, world)
     method.eval()
     test_it = ray.train.get_dataset_shard(f"test_{rank}")
-    test, cm = _score(method, test_it.iter_torch_batches(**eval_batches), manifest, device, amp)
+    test, cm = _score(method, stream(test_it, **eval_batches), manifest, device, amp)
     if rank == 0:
         write_report(run_dir, cm, manifest.label_names, test, prefix="test", title=f"{cfg.name} test (best epoch)")
     return {"best": best, "best_epoch": best_epoch, "epochs": len(history), "test": test,

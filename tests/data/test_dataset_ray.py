@@ -5,12 +5,13 @@ from collections import Counter
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+import torch
 
 from raykd.data import ingest as ingest_mod
 from raykd.data.dataset import build_dataset, read_split
 from raykd.data.hardness import sampling_plan
 from raykd.data.manifest import Manifest
-from raykd.data.transforms import PreprocessSpec
+from raykd.data.transforms import PreprocessSpec, normalize_chw
 from tests.data import fixtures
 
 SPEC = PreprocessSpec(image_size=32)
@@ -36,15 +37,17 @@ def test_every_split_reads_back_with_its_labels(ray_cluster, isic):
     assert seen == expected
 
 
-def test_eval_pipeline_yields_normalised_chw_tensors(ray_cluster, isic):
+def test_eval_pipeline_yields_uint8_chw_tensors_that_normalise_on_the_device(ray_cluster, isic):
     manifest = Manifest.load(isic)
     ds = build_dataset(isic, "val", SPEC, train=False, batch_size=4)
     batches = list(ds.iter_torch_batches(batch_size=8))
     images = np.concatenate([b["image"].numpy() for b in batches])
     labels = np.concatenate([b["label"].numpy() for b in batches])
-    assert images.shape == (sum(manifest.counts("val")), 3, 32, 32) and images.dtype == np.float32
+    assert images.shape == (sum(manifest.counts("val")), 3, 32, 32) and images.dtype == np.uint8
     assert Counter(labels.tolist()) == Counter({i: n for i, n in enumerate(manifest.counts("val")) if n})
-    assert -3.0 < images.mean() < 3.0 and images.std() > 0.1  # normalised, not raw 0..255
+    normalised = normalize_chw(torch.from_numpy(images), SPEC).numpy()
+    assert normalised.dtype == np.float32 and -3.0 < normalised.mean() < 3.0 and normalised.std() > 0.1
+
 
 
 def test_train_pipeline_oversamples_per_pass(ray_cluster, isic):

@@ -17,7 +17,7 @@ from raykd.data.preprocess import CropBlackBorder, Preprocess004
 from raykd.data.synthetic import render_image
 from raykd.data.transforms import (
     RECIPES, PreprocessSpec, build_eval_transform, build_train_transform, decode_image,
-    spec_from_model, to_chw_batch,
+    normalize_chw, spec_from_model, to_chw_batch,
 )
 
 SMALL = PreprocessSpec(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -137,6 +137,23 @@ def test_eval_normalises_with_the_spec_mean_and_std():
     # 51 / 255 = 0.2; (0.2 - 0.5) / 0.25 = -1.2
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out, -1.2, atol=1e-5)
+
+
+def test_uint8_pipelines_normalised_on_the_device_equal_the_normalising_pipelines():
+    """Ray Data ships uint8 (normalize=False) and normalize_chw finishes on the device; serving
+    runs the albumentations pipeline that ends in Normalize. Both must feed the model the same."""
+    img = _image(50, 70)
+    raw = build_eval_transform(SMALL, normalize=False)(image=img)["image"]
+    assert raw.dtype == np.uint8 and raw.shape == (32, 32, 3)
+    batch = to_chw_batch([raw, raw])
+    assert batch.dtype == np.uint8 and batch.shape == (2, 3, 32, 32)
+    ours = normalize_chw(torch.from_numpy(batch), SMALL).numpy()
+    ref = to_chw_batch([build_eval_transform(SMALL)(image=img)["image"]] * 2)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    aug = build_train_transform(SMALL, "ssdkd", seed=5, normalize=False)(image=img)["image"]
+    assert aug.dtype == np.uint8
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_chw(torch.from_numpy(ref), SMALL)
 
 
 def test_eval_is_deterministic_and_resizes_any_shape():

@@ -19,13 +19,13 @@ from raykd.data.manifest import Manifest
 from raykd.data.synth import make_synthetic
 from raykd.train.driver import prepare, run_train
 
-EPOCHS = 6
+EPOCHS = 4
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    make_synthetic(root / "data", num_images=480, image_size=32, seed=0)
+    make_synthetic(root / "data", num_images=960, image_size=32, seed=0)
     return root
 
 
@@ -45,8 +45,9 @@ def teacher(ray_cluster, synth):
 
 
 def test_teacher_learns_clearly_above_chance(teacher):
-    # 8 classes: chance BMA is 0.125. Measured: 0.22-0.30 best-epoch val BMA after 3 epochs on 336
-    # train images, and once only 0.15 (a 3-epoch run on a loaded machine), hence 6 epochs here.
+    # 8 classes: chance BMA is 0.125. Data, not epochs, is what this tiny net lacks: on 480 images
+    # (336 train) the best of 6 epochs ranged 0.15-0.38 over seeds; on 960 images the best of 4
+    # epochs (effective batch 32, in one process) was 0.33-0.47 over three seeds.
     assert teacher.epochs == EPOCHS
     assert teacher.best > 0.2, teacher.best
     files = {p.name for p in teacher.run_dir.iterdir()}
