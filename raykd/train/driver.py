@@ -45,8 +45,15 @@ def ensure_dataset(data: DataConfig) -> Manifest:
 
 
 #: Evaluation splits are decoded once and kept in the object store when their uint8 images take at
-#: most this share of it; larger ones are decoded again on every pass.
-EVAL_CACHE_SHARE = 0.25
+#: most this share of it; larger ones are decoded again on every pass. The same share decides
+#: whether the training split's encoded rows are read once and kept (build_dataset's cache_encoded).
+CACHE_SHARE = 0.25
+
+
+def _object_store_bytes() -> float:
+    import ray
+
+    return ray.cluster_resources().get("object_store_memory", 0)
 
 
 def eval_datasets(path: str, split: str, preprocess, num_workers: int, batch_size: int) -> dict[str, Any]:
@@ -54,22 +61,19 @@ def eval_datasets(path: str, split: str, preprocess, num_workers: int, batch_siz
 
     Ray Train's own split (``streaming_split(equal=True)``) may drop rows to even out shards, which
     would leave a part of the validation split unscored. The eval pipeline is deterministic, so a
-    split that fits (:data:`EVAL_CACHE_SHARE`) is decoded once here and every epoch reads the
+    split that fits (:data:`CACHE_SHARE`) is decoded once here and every epoch reads the
     cached images: on 2 cores a 74-image validation pass took ~6 s through a fresh streaming
     execution per epoch, against well under a second from the cache.
     """
     import pyarrow.dataset as pads
-    import ray
-    from ray.data.expressions import col
 
-    from raykd.data.dataset import build_dataset, read_split
+    from raykd.data.dataset import build_dataset
 
     n = max(1, num_workers)
     manifest = Manifest.load(path)
     rows = sum(manifest.counts(split))
     image_bytes = rows * 3 * preprocess.image_size**2
-    store = ray.cluster_resources().get("object_store_memory", 0)
-    if image_bytes <= EVAL_CACHE_SHARE * store:
+    if image_bytes <= CACHE_SHARE * _object_store_bytes():
         ds = build_dataset(path, split, preprocess, train=False, batch_size=batch_size).materialize()
         log.info("%s: %d images decoded once and cached (%.1f MB)", split, rows, image_bytes / 1e6)
         count = ds.count()
@@ -125,9 +129,14 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
     init_local_ray(cfg.address)
     sampling = cfg.data.sampling
     keep_ids, rates = sampling_plan(cfg.data.path, sampling.strategy, target=sampling.target_count, seed=sampling.seed)
+    encoded = sum(Path(p).stat().st_size for p in manifest.shard_paths(cfg.data.path))  # all splits: an upper bound
+    cache = encoded <= CACHE_SHARE * _object_store_bytes()
+    log.info("train: %s (shards %.1f MB)", "encoded rows read once and cached" if cache else "streamed from Parquet",
+             encoded / 1e6)
     datasets = {
         "train": build_dataset(cfg.data.path, "train", preprocess, train=True, recipe=cfg.train.recipe,
-                               keep_ids=keep_ids, rates=rates, batch_size=cfg.train.batch_size)
+                               keep_ids=keep_ids, rates=rates, batch_size=cfg.train.batch_size,
+                               cache_encoded=cache)
     }
     workers = cfg.scaling.num_workers
     datasets.update(eval_datasets(cfg.data.path, "val", preprocess, workers, cfg.train.eval_batch_size))
