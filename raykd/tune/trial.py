@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,42 @@ def _train(cfg, extra: dict[str, Any], metric: str) -> None:
     run_train(cfg, resume=True, callbacks=[TrialReporter(extra, metric)])
 
 
+def _wait_for_reports_to_reach_tune(timeout_s: float = 60.0) -> None:
+    """Return only once Tune's trial actor has taken every epoch report off its queues.
+
+    Works around a race in Ray 2.60's Train V2 + Tune composition (seen as a trial that stays
+    RUNNING forever, its actor's main thread blocked in ``Queue.put``): ``TuneReportCallback``
+    hands reports to the trial actor through an inter-actor queue, and the actor's main thread
+    moves each one into a one-slot result queue. When the trial function returns, Tune's function
+    wrapper puts a final marker into that same queue from the trial thread; if the last epoch's
+    report is still in flight, the main thread then blocks putting it into the full queue, and it
+    is the only reader of that queue. Waiting here until both queues are empty closes the window.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    if session is None:
+        return
+    inter_actor = getattr(session, "_inter_actor_queue", None)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (inter_actor is None or inter_actor.empty()) and session.result_queue.empty():
+            time.sleep(0.5)  # the main thread may hold an item between the two queues
+            if (inter_actor is None or inter_actor.empty()) and session.result_queue.empty():
+                return
+        time.sleep(0.1)
+    log.warning("reports of trial %s still queued after %.0f s", session.trial_id, timeout_s)
+
+
 def trial_main(config: dict[str, Any], plan) -> None:
     """The Tune trainable: rebuild the typed run config from ``config`` and train it."""
+    try:
+        _trial_main(config, plan)
+    finally:
+        _wait_for_reports_to_reach_tune()
+
+
+def _trial_main(config: dict[str, Any], plan) -> None:
     from ray import tune
 
     from raykd.data.manifest import Manifest
