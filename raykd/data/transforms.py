@@ -46,7 +46,7 @@ from raykd.data.preprocess import CropBlackBorder, Preprocess004
 
 __all__ = [
     "RECIPES", "PreprocessSpec", "build_eval_transform", "build_train_transform", "decode_image",
-    "normalize_chw", "spec_from_model", "to_chw_batch",
+    "normalize_chw", "normalizer", "spec_from_model", "to_chw_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -326,11 +326,21 @@ def to_chw_batch(images: list[np.ndarray] | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=dtype)
 
 
+def normalizer(spec: PreprocessSpec, device: torch.device | str = "cpu"):
+    """A function uint8 NCHW -> float32 NCHW normalised with the spec's mean and std, its constants
+    built once on ``device`` (for a loop over batches): the values the pipelines' own Normalize gives."""
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255.0)
+
+    def normalize(images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"normalize_chw expects uint8 images, got {images.dtype}")
+        return (images.float() - mean) * inv_std
+
+    return normalize
+
+
 def normalize_chw(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 NCHW (what the Ray Data pipelines yield) -> float32 NCHW normalised with the spec's
     mean and std, on the tensor's own device: the same values as the pipelines' own normalisation."""
-    if images.dtype != torch.uint8:
-        raise TypeError(f"normalize_chw expects uint8 images, got {images.dtype}")
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(spec.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * 255.0)
-    return (images.float() - mean) * inv_std
+    return normalizer(spec, images.device)(images)

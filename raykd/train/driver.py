@@ -56,7 +56,8 @@ def _object_store_bytes() -> float:
     return ray.cluster_resources().get("object_store_memory", 0)
 
 
-def eval_datasets(path: str, split: str, preprocess, num_workers: int, batch_size: int) -> dict[str, Any]:
+def eval_datasets(path: str, manifest: Manifest, split: str, preprocess, num_workers: int,
+                  batch_size: int) -> dict[str, Any]:
     """One disjoint slice of ``split`` per rank (``split_0`` ...), so that every row is scored once.
 
     Ray Train's own split (``streaming_split(equal=True)``) may drop rows to even out shards, which
@@ -70,7 +71,6 @@ def eval_datasets(path: str, split: str, preprocess, num_workers: int, batch_siz
     from raykd.data.dataset import build_dataset
 
     n = max(1, num_workers)
-    manifest = Manifest.load(path)
     rows = sum(manifest.counts(split))
     image_bytes = rows * 3 * preprocess.image_size**2
     if image_bytes <= CACHE_SHARE * _object_store_bytes():
@@ -139,8 +139,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
                                cache_encoded=cache)
     }
     workers = cfg.scaling.num_workers
-    datasets.update(eval_datasets(cfg.data.path, "val", preprocess, workers, cfg.train.eval_batch_size))
-    datasets.update(eval_datasets(cfg.data.path, "test", preprocess, workers, cfg.train.eval_batch_size))
+    datasets.update(eval_datasets(cfg.data.path, manifest, "val", preprocess, workers, cfg.train.eval_batch_size))
+    datasets.update(eval_datasets(cfg.data.path, manifest, "test", preprocess, workers, cfg.train.eval_batch_size))
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:

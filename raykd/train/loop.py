@@ -21,7 +21,7 @@ from torch import nn
 from raykd.config import ModelConfig, RunConfig
 from raykd.data.manifest import Manifest
 from raykd.data.sampling import class_weights
-from raykd.data.transforms import PreprocessSpec, normalize_chw, spec_from_model
+from raykd.data.transforms import PreprocessSpec, normalizer, spec_from_model
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,10 @@ def train_epoch(
 def device_batches(batches: Iterable[dict[str, torch.Tensor]], spec: PreprocessSpec,
                    device: torch.device) -> Iterable[dict[str, torch.Tensor]]:
     """Ray Data's uint8 batches moved to ``device`` and normalised there (see raykd.data.dataset)."""
+    normalize = normalizer(spec, device)
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
-        yield {"image": normalize_chw(images, spec), "label": batch["label"].to(device, non_blocking=True)}
+        yield {"image": normalize(images), "label": batch["label"].to(device, non_blocking=True)}
 
 
 @torch.no_grad()

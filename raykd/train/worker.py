@@ -140,8 +140,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         method.eval()
         t_val = time.perf_counter()
         val, cm = _score(method, stream(val_it, **eval_batches), manifest, device, amp)
-        val["seconds"] = time.perf_counter() - t_val
-        row = {"epoch": epoch + 1, **stats, **{f"val/{k}": v for k, v in val.items()}}
+        val_seconds = time.perf_counter() - t_val
+        row = {"epoch": epoch + 1, **stats, **{f"val/{k}": v for k, v in val.items()}, "val/seconds": val_seconds}
         value = row.get(f"val/{select}", row.get(select))
         if value is None:
             raise KeyError(f"train.select_metric {select!r} is not a metric; choose one of {sorted(val)}")
@@ -161,7 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                              title=f"{cfg.name} val, epoch {epoch + 1}")
             log.info("epoch %d/%d  loss %.4f  val %s %.4f  (best %.4f @ %d)  train %.0f img/s, %.1f s  val %.1f s",
                      epoch + 1, cfg.train.epochs, stats.get("train/loss", math.nan), select, value, best,
-                     best_epoch, stats["train/images_per_s"], stats["train/seconds"], val["seconds"])
+                     best_epoch, stats["train/images_per_s"], stats["train/seconds"], val_seconds)
         state = {
             "model": method.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
             "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "history": history, "stale": stale,
