@@ -61,6 +61,9 @@ class SynthConfig:
     num_images: int = field(default=2000, metadata=_range(8, 10_000_000))
     image_size: int = field(default=128, metadata=_range(16, 1024))
     seed: int = 0
+    #: Probability that each cue group of a lesion (shape, colour, texture) is borrowed from a
+    #: look-alike class: the difficulty of the set (raykd.data.synthetic).
+    atypical: float = field(default=0.22, metadata=_range(0.0, 1.0))
 
 
 @dataclass
@@ -109,6 +112,10 @@ class ModelConfig:
     name: str = "raykd_test_tiny_cnn"
     #: Extra ``timm.create_model`` keyword arguments (e.g. ``{depth: 6}``, ``{drop_path_rate: 0.1}``).
     kwargs: dict = field(default_factory=dict)
+    #: Start from the model's published (ImageNet) weights, as the papers do: ``pretrained_file``
+    #: when given, else timm's hub. For ``raykd_fused_teacher`` it means its three backbones (a file
+    #: per backbone: ``kwargs.backbone_files.{cnn_a,cnn_b,vit}``). Checked before Ray starts.
+    pretrained: bool = False
     #: Local weights (safetensors or a torch state dict) to start from; a mismatched head is skipped.
     pretrained_file: str | None = None
     #: A trained raykd model (artifact folder or run folder with ``best/``); for teachers.
@@ -164,6 +171,10 @@ class ScalingConfig:
     cpus_per_worker: float = field(default=0.5, metadata=_range(0.0, 512))
     use_gpu: bool = False
     gpus_per_worker: float = field(default=1.0, metadata=_range(0.0, 16))
+    #: Where the run trains: ``trainer`` (a Ray Train TorchTrainer: DDP workers, Ray Data shards),
+    #: ``local`` (one process, the dataset held in memory: no worker group or pipeline to start) or
+    #: ``auto`` (local for a single-worker run on a small dataset, see raykd.train.driver).
+    executor: Literal["auto", "trainer", "local"] = "auto"
 
 
 @dataclass

@@ -16,13 +16,15 @@ def make_synthetic(
     num_images: int = 2000,
     image_size: int = 128,
     seed: int = 0,
+    atypical: float | None = None,
     fractions: dict[str, float] | None = None,
     split_seed: int = 42,
     shard_mb: float = 64.0,
     overwrite: bool = False,
 ) -> Manifest:
     """Generate ``num_images`` images and write them like ``ingest`` does."""
-    items = synth_items(num_images, image_size=image_size, seed=seed)
+    kw = {} if atypical is None else {"atypical": atypical}
+    items = synth_items(num_images, image_size=image_size, seed=seed, **kw)
     return write_dataset(
         items,
         out,
@@ -32,6 +34,6 @@ def make_synthetic(
         fractions=fractions or {"train": 0.7, "val": 0.15, "test": 0.15},
         split_seed=split_seed,
         shard_mb=shard_mb,
-        source_dir=f"synthetic(seed={seed}, size={image_size})",
+        source_dir=f"synthetic(seed={seed}, size={image_size}" + ("" if atypical is None else f", atypical={atypical}") + ")",
         overwrite=overwrite,
     )

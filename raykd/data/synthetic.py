@@ -168,11 +168,11 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.clip(cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC), 0, 1)
 
 
-def _atypical(look: _Look, label: str, rng: np.random.Generator) -> _Look:
-    """Replace each cue group with a look-alike class's, independently with :data:`_ATYPICAL_P`."""
+def _atypical(look: _Look, label: str, rng: np.random.Generator, p: float = _ATYPICAL_P) -> _Look:
+    """Replace each cue group with a look-alike class's, independently with probability ``p``."""
     for group in (_SHAPE, _COLOUR, _TEXTURE):
         donor = _CONFUSERS[label][int(rng.integers(len(_CONFUSERS[label])))]
-        if rng.random() < _ATYPICAL_P:
+        if rng.random() < p:
             look = replace(look, **{f: getattr(_LOOKS[donor], f) for f in group})
     return look
 
@@ -329,12 +329,14 @@ def _lighting(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_image(label_name: str, image_size: int = 128, *, seed: int = 0, lesion: int = 0,
-                 view: int = 0, patient: int = 0) -> np.ndarray:
+                 view: int = 0, patient: int = 0, atypical: float = _ATYPICAL_P) -> np.ndarray:
     """Render one view of one synthetic lesion as an RGB uint8 HWC array.
 
     The lesion's look depends on ``(seed, lesion)`` only, the skin tone on ``(seed, patient)``,
     and the view (rotation, zoom, crop, lighting, hair, vignette, focus, noise) on
-    ``(seed, lesion, view)``: the same arguments always give the same pixels.
+    ``(seed, lesion, view)``: the same arguments always give the same pixels. ``atypical`` is the
+    probability that each cue group (shape, colour, texture) comes from a look-alike class: the
+    difficulty of the set (0: every lesion typical of its class).
 
     Raises:
         ValueError: on an unknown ``label_name``, ``image_size < 16`` or negative indices.
@@ -348,7 +350,7 @@ def render_image(label_name: str, image_size: int = 128, *, seed: int = 0, lesio
         raise ValueError(f"seed, lesion, view and patient must be >= 0, got {(seed, lesion, view, patient)}")
     size = int(image_size)
     lesion_rng = np.random.default_rng([seed, 1, lesion])
-    layer = _lesion_layer(_atypical(_LOOKS[label_name], label_name, lesion_rng), lesion_rng, size)
+    layer = _lesion_layer(_atypical(_LOOKS[label_name], label_name, lesion_rng, atypical), lesion_rng, size)
     skin = _skin_tone(np.random.default_rng([seed, 2, patient]))
     rng = np.random.default_rng([seed, 3, lesion, view])
     # view: rotation, zoom and off-centre crop of the same lesion
@@ -367,9 +369,11 @@ def render_image(label_name: str, image_size: int = 128, *, seed: int = 0, lesio
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _load_jpeg(label_name: str, image_size: int, seed: int, lesion: int, view: int, patient: int) -> bytes:
+def _load_jpeg(label_name: str, image_size: int, seed: int, lesion: int, view: int, patient: int,
+               atypical: float = _ATYPICAL_P) -> bytes:
     """``Item.load`` of a synthetic image: render, then JPEG-encode (module level so it pickles)."""
-    rgb = render_image(label_name, image_size, seed=seed, lesion=lesion, view=view, patient=patient)
+    rgb = render_image(label_name, image_size, seed=seed, lesion=lesion, view=view, patient=patient,
+                       atypical=atypical)
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     assert ok, "cv2.imencode failed on a uint8 RGB image"
@@ -380,7 +384,7 @@ def _age(look: _Look, rng: np.random.Generator) -> float:
     return float(np.clip(round(rng.normal(*look.age) / 5) * 5, 5, 85))
 
 
-def synth_items(num_images: int, image_size: int = 128, seed: int = 0) -> list[Item]:
+def synth_items(num_images: int, image_size: int = 128, seed: int = 0, atypical: float = _ATYPICAL_P) -> list[Item]:
     """Describe a synthetic ISIC-2019-like dataset of ``num_images`` JPEG images.
 
     Class counts follow :func:`class_counts`. Each class's images are grouped into lesions of 1-5
@@ -393,6 +397,7 @@ def synth_items(num_images: int, image_size: int = 128, seed: int = 0) -> list[I
         num_images: number of images (>= 1).
         image_size: side of the square images in pixels (>= 16).
         seed: non-negative seed; the same seed gives the same items and byte-identical images.
+        atypical: probability that a cue group of a lesion comes from a look-alike class (difficulty).
 
     Returns:
         Items ordered by ``image_id`` (``SYN_0000000``...), ``origin="synthetic"``.
@@ -405,6 +410,8 @@ def synth_items(num_images: int, image_size: int = 128, seed: int = 0) -> list[I
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0.0 <= atypical <= 1.0:
+        raise ValueError(f"atypical must be a probability in [0, 1], got {atypical}")
     rng = np.random.default_rng([seed, 0])
     lesions: list[tuple[str, int]] = []  # (class, number of views)
     for label in ISIC2019_CLASSES:
@@ -437,7 +444,8 @@ def synth_items(num_images: int, image_size: int = 128, seed: int = 0) -> list[I
         label, lesion, view, patient, age, sex, site = images[idx]
         items.append(Item(
             image_id=f"SYN_{number:07d}", label_name=label,
-            load=functools.partial(_load_jpeg, label, int(image_size), int(seed), lesion, view, patient),
+            load=functools.partial(_load_jpeg, label, int(image_size), int(seed), lesion, view, patient,
+                                   float(atypical)),
             lesion_id=f"L_{lesion:07d}", patient_id=f"P_{patient:07d}", age=age, sex=sex, site=site,
             origin=f"synthetic seed={seed} lesion={lesion} view={view}",
         ))

@@ -45,7 +45,7 @@ from torch import nn
 from raykd.data.preprocess import CropBlackBorder, Preprocess004
 
 __all__ = [
-    "RECIPES", "PreprocessSpec", "build_eval_transform", "build_train_transform", "decode_image",
+    "RECIPES", "InputBridge", "PreprocessSpec", "build_eval_transform", "build_train_transform", "decode_image",
     "normalize_chw", "normalizer", "spec_from_model", "to_chw_batch",
 ]
 
@@ -344,3 +344,41 @@ def normalize_chw(images: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     """uint8 NCHW (what the Ray Data pipelines yield) -> float32 NCHW normalised with the spec's
     mean and std, on the tensor's own device: the same values as the pipelines' own normalisation."""
     return normalizer(spec, images.device)(images)
+
+
+class InputBridge(nn.Module):
+    """Re-express a batch prepared for one model's contract in another model's contract, on the device.
+
+    Distillation feeds one augmented view to two models with different contracts (ResNet50 with
+    ImageNet mean/std behind a [0, 1] HierAttn; a 0.5/0.5 ViT behind a tiny CNN). The loop
+    normalises the batch for the student; the teacher gets it back in its own terms: the
+    student's normalisation undone, resized to the teacher's side (bilinear with antialiasing, as
+    the eval pipeline's ``cv2.INTER_AREA`` downscale) and normalised with the teacher's mean and std.
+    Its constants are non-persistent buffers, so it follows ``.to(device)`` and adds nothing to a
+    checkpoint.
+    """
+
+    def __init__(self, src: PreprocessSpec, dst: PreprocessSpec) -> None:
+        super().__init__()
+        self.size = dst.image_size
+        s_mean, s_std = torch.tensor(src.mean), torch.tensor(src.std)
+        d_mean, d_std = torch.tensor(dst.mean), torch.tensor(dst.std)
+        # x01 = x * s_std + s_mean; y = (x01 - d_mean) / d_std, folded into one scale and shift
+        self.register_buffer("scale", (s_std / d_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((s_mean - d_mean) / d_std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("src_std", s_std.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("src_mean", s_mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("dst_std", d_std.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("dst_mean", d_mean.view(1, -1, 1, 1), persistent=False)
+
+    @staticmethod
+    def needed(src: PreprocessSpec, dst: PreprocessSpec) -> bool:
+        return (src.image_size, tuple(src.mean), tuple(src.std)) != (dst.image_size, tuple(dst.mean), tuple(dst.std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.size and x.shape[-2] == self.size:
+            return x * self.scale + self.shift
+        x01 = x * self.src_std + self.src_mean  # resize in pixel units, where the contract is defined
+        x01 = torch.nn.functional.interpolate(x01, size=(self.size, self.size), mode="bilinear",
+                                              align_corners=False, antialias=True)
+        return (x01 - self.dst_mean) / self.dst_std

@@ -252,6 +252,9 @@ class Method(nn.Module, abc.ABC):
         class_weights: optional ``(num_classes,)`` weights for the weighted CE.
         input_size: ``(C, H, W)`` or ``H`` of the images the method will see (used for the probe
             pass); defaults to the student's ``pretrained_cfg["input_size"]``.
+        teacher_input: a module that turns the student's input batch into the teacher's (its own
+            size, mean and std: :class:`raykd.data.transforms.InputBridge`); ``None`` when both
+            models share one contract. Every teacher forward pass goes through it.
     """
 
     Params: ClassVar[type[MethodParams]] = MethodParams
@@ -277,6 +280,7 @@ class Method(nn.Module, abc.ABC):
         num_classes: int,
         class_weights: Tensor | None = None,
         input_size: int | tuple[int, ...] | None = None,
+        teacher_input: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.params = make_params(self.Params, params, self.name)
@@ -316,6 +320,8 @@ class Method(nn.Module, abc.ABC):
             if {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}:
                 self.refuse("student and teacher share parameters; pass a deep copy as the student")
             self.freeze("teacher", teacher)
+            if teacher_input is not None:
+                self.freeze("teacher_input", teacher_input)
             self.teacher_shapes = self._probe(teacher, "teacher")
         elif teacher is not None:
             logger.info("method %r does not use a teacher; ignoring %s", self.name, self._teacher_name)
@@ -348,13 +354,18 @@ class Method(nn.Module, abc.ABC):
             m._apply(fn, recurse)
         return self
 
+    def teacher_inputs(self, images: Tensor) -> Tensor:
+        """The student's batch in the teacher's own preprocessing contract (see ``teacher_input``)."""
+        bridge = self._frozen.get("teacher_input")
+        return images if bridge is None else bridge(images)
+
     def teacher_logits(self, images: Tensor) -> Tensor:
         with torch.no_grad():
-            return self._eval(self.teacher)(images)
+            return self._eval(self.teacher)(self.teacher_inputs(images))
 
     def teacher_features(self, images: Tensor) -> Features:
         with torch.no_grad():
-            return features(self._eval(self.teacher), images)
+            return features(self._eval(self.teacher), self.teacher_inputs(images))
 
     @staticmethod
     def _eval(module: nn.Module) -> nn.Module:
@@ -402,8 +413,12 @@ class Method(nn.Module, abc.ABC):
         )
 
     def _probe(self, model: nn.Module, role: str) -> FeatureShapes:
+        size = self.input_size
+        bridge = self._frozen.get("teacher_input") if role == "teacher" else None
+        if bridge is not None:
+            size = (size[0], bridge.size, bridge.size)
         try:
-            shapes = probe_shapes(model, self.input_size)
+            shapes = probe_shapes(model, size)
         except Exception as e:  # noqa: BLE001 - re-raised with the context a user needs
             raise ValueError(
                 f"method {self.name!r}: the {role} {model_name(model)} failed on a probe batch of "

@@ -29,7 +29,8 @@ Conventions (all checked against sklearn in ``tests/metrics``):
   (AP) for an absent class, torchmetrics returns 0 (AUROC) or NaN (AP). NaN when no class qualifies
   (a batch holding one class only).
 * ``specificity_macro``: TN / (TN + FP) per class, averaged over classes with at least one negative.
-* ``mcc``: multi-class Matthews correlation (Gorodkin's R_K), 0.0 when undefined, as sklearn.
+* ``mcc``: multi-class Matthews correlation (Gorodkin's R_K) from the confusion matrix, 0.0 when
+  undefined, as sklearn's ``matthews_corrcoef`` for any number of classes (two included).
 * Binary cancer-vs-benign view (only when ``malignant`` names classes, e.g. MEL, BCC, SCC as in
   SkinDistilViT): a sample is *predicted* malignant when its argmax class is malignant, so the
   binary view scores the very predictions the multi-class metrics score; the malignant
@@ -120,6 +121,28 @@ def _masked_mean(values: Tensor, mask: Tensor) -> float:
     return float(values[mask].mean()) if bool(mask.any()) else math.nan
 
 
+def _matthews_corrcoef(preds: Tensor, t: Tensor, num_classes: int) -> float:
+    """Multi-class MCC (Gorodkin's R_K) from the confusion matrix, as ``sklearn.metrics.matthews_corrcoef``.
+
+    Written out rather than taken from ``torchmetrics``: for two classes torchmetrics switches to
+    its own 2x2 formula, which returns a non-zero value where the MCC is undefined (targets
+    ``[0, 0, 1]`` predicted all 0 gave 0.408, a one-class split scored perfectly gave 1.0; sklearn
+    gives 0.0 for both). The general formula cov(y, y_hat) / sqrt(cov(y, y) * cov(y_hat, y_hat))
+    reduces to the binary MCC when ``C == 2``, and the covariances are computed in float64 so large
+    splits do not overflow. An undefined MCC (a zero denominator: every target or every prediction
+    in one class) is 0.0, sklearn's convention.
+    """
+    cm = torch.bincount(t * num_classes + preds, minlength=num_classes * num_classes)
+    cm = cm.reshape(num_classes, num_classes).to(torch.float64)  # rows true, columns predicted
+    t_sum, p_sum = cm.sum(dim=1), cm.sum(dim=0)
+    n, correct = cm.sum(), cm.trace()
+    cov_ytyp = correct * n - t_sum @ p_sum
+    cov_ypyp = n * n - p_sum @ p_sum
+    cov_ytyt = n * n - t_sum @ t_sum
+    denominator = cov_ytyt * cov_ypyp
+    return float(cov_ytyp / denominator.sqrt()) if float(denominator) > 0 else 0.0
+
+
 def compute_from_arrays(
     probs: np.ndarray | Tensor,
     targets: np.ndarray | Tensor,
@@ -182,15 +205,13 @@ def compute_from_arrays(
             "auroc_macro": _masked_mean(auroc, present & has_negative),
             "map_macro": _masked_mean(ap, present & has_negative),
             "specificity_macro": _masked_mean(specificity, has_negative),
-            "mcc": float(tmf.multiclass_matthews_corrcoef(preds, t, **kw)),
+            "mcc": _matthews_corrcoef(preds, t, num_classes),
             "num_samples": float(n),
         }
         for i, name in enumerate(names):
             out[f"recall/{name}"] = float(recall[i])
         if mal_idx:
             out.update(_binary_view(p, preds, t, mal_idx))
-    if math.isnan(out["mcc"]):  # defensive: sklearn's convention for an undefined MCC is 0.0
-        out["mcc"] = 0.0
     return out
 
 

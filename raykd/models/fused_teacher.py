@@ -33,6 +33,7 @@ Feature access: ``feature_map`` is the SE-recalibrated CNN-stream map ``(B, 3072
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from torch import nn
 from raykd.models.factory import load_weights
 from raykd.models.features import Features
 
-__all__ = ["FusedTeacher", "SqueezeExcite"]
+__all__ = ["FusedTeacher", "SqueezeExcite", "backbone_weights"]
 
 
 class SqueezeExcite(nn.Module):
@@ -232,10 +233,52 @@ default_cfgs = generate_default_cfgs(
 )
 
 
+#: Constructor arguments of each registered variant (keyword arguments override them).
+_VARIANT_ARGS: dict[str, dict[str, Any]] = {
+    "raykd_fused_teacher": {},
+    "raykd_test_fused_teacher": dict(
+        cnn_names=("test_resnet", "test_convnext"),
+        vit_name="test_vit",
+        dense=(16, 8, 8),
+        backbone_kwargs={"vit": {"patch_size": 8}},
+    ),
+}
+
+
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> FusedTeacher:
     # ``pretrained`` means the backbones' ImageNet weights; the fusion head has no published weights.
     kwargs.setdefault("pretrained_backbones", pretrained)
-    return build_model_with_cfg(FusedTeacher, variant, False, **kwargs)
+    return build_model_with_cfg(FusedTeacher, variant, False, **dict(_VARIANT_ARGS[variant], **kwargs))
+
+
+def backbone_weights(name: str, kwargs: Mapping[str, Any],
+                     pretrained: bool) -> dict[str, dict[str, Any]] | None:
+    """Where each backbone of fused-teacher variant ``name`` takes its weights from, without building it.
+
+    Args:
+        name: a timm model name; ``None`` is returned unless it is a fused-teacher variant.
+        kwargs: the ``timm.create_model`` keyword arguments (``cnn_names``, ``backbone_files`` ...).
+        pretrained: ``timm.create_model``'s ``pretrained`` (the backbones' hub weights).
+
+    Returns:
+        ``{"cnn_a" | "cnn_b" | "vit": {"name": timm name, "kwargs": its extra create arguments,
+        "file": local file or None, "hub": whether the hub weights are loaded}}``.
+    """
+    arch = name.split(".", 1)[0]
+    if arch not in _VARIANT_ARGS:
+        return None
+    args = dict(_VARIANT_ARGS[arch], **kwargs)
+    defaults = inspect.signature(FusedTeacher.__init__).parameters
+    cnn = args.get("cnn_names", defaults["cnn_names"].default)
+    vit = args.get("vit_name", defaults["vit_name"].default)
+    files = dict(args.get("backbone_files") or {})
+    bkw = dict(args.get("backbone_kwargs") or {})
+    hub = bool(args.get("pretrained_backbones", pretrained))
+    return {
+        key: {"name": n, "kwargs": dict(bkw.get(key) or {}), "file": files.get(key),
+              "hub": hub and key not in files}
+        for key, n in (("cnn_a", cnn[0]), ("cnn_b", cnn[1]), ("vit", vit))
+    }
 
 
 @register_model
@@ -247,10 +290,4 @@ def raykd_fused_teacher(pretrained: bool = False, **kwargs: Any) -> FusedTeacher
 @register_model
 def raykd_test_fused_teacher(pretrained: bool = False, **kwargs: Any) -> FusedTeacher:
     """Tiny fusion teacher for CI: timm's test_resnet, test_convnext and test_vit at 32 px."""
-    args = dict(
-        cnn_names=("test_resnet", "test_convnext"),
-        vit_name="test_vit",
-        dense=(16, 8, 8),
-        backbone_kwargs={"vit": {"patch_size": 8}},
-    )
-    return _create("raykd_test_fused_teacher", pretrained, **dict(args, **kwargs))
+    return _create("raykd_test_fused_teacher", pretrained, **kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ def ensure_dataset(data: DataConfig) -> Manifest:
     log.info("no dataset at %s: generating %d synthetic %dpx images", path, s.num_images, s.image_size)
     fr = {"train": data.splits.train, "val": data.splits.val, "test": data.splits.test}
     return make_synthetic(path, num_images=s.num_images, image_size=s.image_size, seed=s.seed,
+                          atypical=s.atypical,
                           fractions=fr, split_seed=data.splits.seed, shard_mb=data.shard_mb)
 
 
@@ -91,11 +93,29 @@ def eval_datasets(path: str, manifest: Manifest, split: str, preprocess, num_wor
     }
 
 
+#: A single-worker run trains in one process on data held in memory (raykd.data.memory) when the
+#: dataset's encoded shards take at most this many bytes; larger ones stream through Ray Data.
+LOCAL_MAX_BYTES = 256 * 1024**2
+TIMING_FILE = "timing.json"
+
+
+def uses_local(cfg: RunConfig) -> bool:
+    """Whether ``cfg`` runs in one process (``scaling.executor``; ``auto``: one worker, small data)."""
+    from raykd.data.memory import encoded_bytes
+
+    ex = cfg.scaling.executor
+    if ex == "local" or ex == "trainer":
+        return ex == "local"
+    return cfg.scaling.num_workers <= 1 and encoded_bytes(cfg.data.path) <= LOCAL_MAX_BYTES
+
+
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
     """Resolve paths, make sure the data exists and the method fits (running a teacher-side stage
-    when the method has one); returns the resolved config, manifest, preprocessing spec, run folder."""
+    when the method has one); returns the resolved config, manifest, built run parts, run folder."""
+    from raykd.models.weights import check_run_weights
     from raykd.train.loop import build_run
 
+    check_run_weights(cfg)  # pretrained weights: a readable local file, or the hub reachable
     cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
                   output_dir=str(Path(cfg.output_dir).resolve()))
     for role in ("student", "teacher"):
@@ -105,11 +125,111 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
     manifest = ensure_dataset(cfg.data)
     run_dir = Path(cfg.output_dir) / cfg.name
     parts = build_run(cfg, manifest, stage_dir=run_dir)  # raises ValueError when the method does not fit
-    return cfg, manifest, parts.preprocess, run_dir
+    return cfg, manifest, parts, run_dir
 
 
-def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = None) -> TrainResult:
-    """Train one run on the Ray cluster (local unless ``cfg.address``/``$RAY_ADDRESS`` names one)."""
+def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = None, in_process: bool = False,
+              on_report=None, on_built=None) -> TrainResult:
+    """Train one run on the Ray cluster (local unless ``cfg.address``/``$RAY_ADDRESS`` names one).
+
+    A multi-worker run (or a large dataset) is a Ray Train ``TorchTrainer`` with Ray Data shards;
+    a single-worker run on small data (:func:`uses_local`) trains in one process on data held in
+    memory: in this process with ``in_process`` (a Tune trial, which holds the resources), else in
+    a Ray task with the run's CPUs/GPU, retried from its last checkpoint up to
+    ``train.max_failures`` times. ``on_report`` gets every epoch's metrics (local runs; Train runs
+    take ``callbacks``); ``on_built(parts)`` is called once with the built models.
+
+    The run folder gets ``timing.json``: wall time and the seconds spent in setup, model builds,
+    training steps, evaluation, reporting and checkpoints, and the test split.
+    """
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.output_dir).resolve() / cfg.name
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run folder {run_dir} exists: pass --resume to continue it or pick another name")
+    t0 = time.perf_counter()
+    cfg, manifest, parts, run_dir = prepare(cfg)
+    build_s = time.perf_counter() - t0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    if on_built is not None:
+        on_built(parts)
+    local = uses_local(cfg)
+    if local and in_process:
+        out = _local_fit(cfg, run_dir, manifest, parts, on_report=on_report, timing={"build_s": build_s})
+    elif local:
+        out = _local_task(cfg, run_dir, build_s)
+    else:
+        out = _trainer_fit(cfg, manifest, parts.preprocess, run_dir, callbacks)
+    history = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else []
+    best_row = next((r for r in history if r["epoch"] == out.get("best_epoch")), {})
+    summary = TrainResult(
+        run_dir=run_dir, best=out.get("best"), best_epoch=out.get("best_epoch"), epochs=len(history),
+        val={k[4:]: v for k, v in best_row.items() if k.startswith("val/")}, test=out.get("test", {}),
+    )
+    (run_dir / "summary.json").write_text(json.dumps({
+        "best": summary.best, "best_epoch": summary.best_epoch, "epochs": summary.epochs,
+        "select_metric": cfg.train.select_metric, "val": summary.val, "test": summary.test,
+    }, indent=2, default=float))
+    timing = {"executor": "local" if local else "trainer", **(out.get("timing") or {})}
+    timing["wall_s"] = time.perf_counter() - t_start
+    steps = sum(timing.get(k, 0.0) for k in ("train_s", "eval_s"))
+    timing["compute_share"] = steps / timing["wall_s"] if timing["wall_s"] > 0 else 0.0
+    (run_dir / TIMING_FILE).write_text(json.dumps(timing, indent=2))
+    return summary
+
+
+def _local_fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, *, on_report=None,
+               timing: dict[str, float]) -> dict[str, Any]:
+    """The run in this process (see :class:`raykd.train.worker.LocalSession`)."""
+    import math
+
+    import torch
+
+    from raykd.train.loop import set_seed
+    from raykd.train.worker import LocalSession, fit
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
+    try:
+        set_seed(cfg.train.seed)
+        t0 = time.perf_counter()
+        session = LocalSession(cfg, run_dir, parts.preprocess, on_report=on_report)
+        timing = {**timing, "data_s": time.perf_counter() - t0}
+        return fit(cfg, run_dir, manifest, parts, session, timing=timing)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """A Ray task body: rebuild the run (models are cheap next to shipping them) and fit it."""
+    from raykd.config import from_dict
+    from raykd.train.loop import build_run
+
+    cfg = from_dict(RunConfig, cfg_dict, where="run config")
+    manifest = Manifest.load(cfg.data.path)
+    t0 = time.perf_counter()
+    parts = build_run(cfg, manifest, stage_dir=run_dir)
+    return _local_fit(cfg, Path(run_dir), manifest, parts, timing={"build_s": time.perf_counter() - t0})
+
+
+def _local_task(cfg: RunConfig, run_dir: Path, build_s: float) -> dict[str, Any]:
+    import ray
+
+    from raykd.cluster import init_local_ray
+
+    init_local_ray(cfg.address)
+    resources: dict[str, Any] = {"num_cpus": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["num_gpus"] = cfg.scaling.gpus_per_worker
+    task = ray.remote(_local_run_task).options(max_retries=max(cfg.train.max_failures, 0), retry_exceptions=False,
+                                               name=f"raykd-run:{cfg.name}", **resources)
+    out = ray.get(task.remote(to_dict(cfg), str(run_dir)))
+    out.setdefault("timing", {})["build_s"] = out["timing"].get("build_s", 0.0) + build_s
+    return out
+
+
+def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, callbacks: list | None) -> dict:
+    """The run as a Ray Train ``TorchTrainer`` (DDP workers, Ray Data shards)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -118,15 +238,9 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
     from raykd.data.hardness import sampling_plan
     from raykd.train.worker import train_loop_per_worker
 
-    run_dir = Path(cfg.output_dir).resolve() / cfg.name
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise FileExistsError(f"run folder {run_dir} exists: pass --resume to continue it or pick another name")
-    cfg, manifest, preprocess, run_dir = prepare(cfg)
     storage = run_dir.parent
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "config.yaml")
-
     init_local_ray(cfg.address)
+    t0 = time.perf_counter()
     sampling = cfg.data.sampling
     keep_ids, rates = sampling_plan(cfg.data.path, sampling.strategy, target=sampling.target_count, seed=sampling.seed)
     encoded = sum(Path(p).stat().st_size for p in manifest.shard_paths(cfg.data.path))  # all splits: an upper bound
@@ -141,6 +255,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
     workers = cfg.scaling.num_workers
     datasets.update(eval_datasets(cfg.data.path, manifest, "val", preprocess, workers, cfg.train.eval_batch_size))
     datasets.update(eval_datasets(cfg.data.path, manifest, "test", preprocess, workers, cfg.train.eval_batch_size))
+    data_s = time.perf_counter() - t0
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
@@ -162,15 +277,6 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
-    out = result.return_value or {}
-    history = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else []
-    best_row = next((r for r in history if r["epoch"] == out.get("best_epoch")), {})
-    summary = TrainResult(
-        run_dir=run_dir, best=out.get("best"), best_epoch=out.get("best_epoch"), epochs=len(history),
-        val={k[4:]: v for k, v in best_row.items() if k.startswith("val/")}, test=out.get("test", {}),
-    )
-    (run_dir / "summary.json").write_text(json.dumps({
-        "best": summary.best, "best_epoch": summary.best_epoch, "epochs": summary.epochs,
-        "select_metric": cfg.train.select_metric, "val": summary.val, "test": summary.test,
-    }, indent=2, default=float))
-    return summary
+    out = dict(result.return_value or {})
+    out.setdefault("timing", {})["data_s"] = data_s
+    return out

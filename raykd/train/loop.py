@@ -11,7 +11,7 @@ import random
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from torch import nn
 from raykd.config import ModelConfig, RunConfig
 from raykd.data.manifest import Manifest
 from raykd.data.sampling import class_weights
-from raykd.data.transforms import PreprocessSpec, normalizer, spec_from_model
+from raykd.data.transforms import InputBridge, PreprocessSpec, normalizer, spec_from_model
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
         return model
     from raykd.models import create_model
 
-    return create_model(cfg.name, num_classes=num_classes, pretrained_file=cfg.pretrained_file, **cfg.kwargs)
+    return create_model(cfg.name, num_classes=num_classes, pretrained_file=cfg.pretrained_file,
+                        pretrained=cfg.pretrained and not cfg.pretrained_file, **cfg.kwargs)
 
 
 def student_identity(cfg: RunConfig) -> tuple[str, dict]:
@@ -66,6 +67,16 @@ def student_identity(cfg: RunConfig) -> tuple[str, dict]:
         meta = read_meta(cfg.student.checkpoint)
         return meta.model_name, dict(meta.model_kwargs)
     return cfg.student.name, dict(cfg.student.kwargs)
+
+
+def model_spec(cfg: ModelConfig, model: nn.Module) -> PreprocessSpec:
+    """The preprocessing contract a model was trained with: the one saved with a raykd artifact,
+    else its timm ``pretrained_cfg`` (with the config's ``image_size`` when set)."""
+    if cfg.checkpoint:
+        from raykd.export.artifact import read_meta
+
+        return PreprocessSpec.from_dict(read_meta(cfg.checkpoint).preprocess)
+    return spec_from_model(model, **({"image_size": cfg.image_size} if cfg.image_size else {}))
 
 
 @dataclass
@@ -99,13 +110,19 @@ def build_run(cfg: RunConfig, manifest: Manifest, *, stage_dir: str | Path | Non
                            pipeline_004=cfg.data.pipeline_004, **overrides)
     weights = torch.as_tensor(class_weights(manifest.counts("train"), cfg.data.sampling.class_weights))
     extra = {}
-    stage = METHODS.get(cfg.distill.method).teacher_stage
-    if stage == "sskd_teacher_head" and teacher is not None and stage_dir is not None:
+    cls = METHODS.get(cfg.distill.method)
+    if teacher is not None and cls.needs_teacher:
+        t_spec = model_spec(cfg.teacher, teacher)
+        if InputBridge.needed(spec, t_spec):
+            extra["teacher_input"] = InputBridge(spec, t_spec)
+    if cls.teacher_stage == "sskd_teacher_head" and teacher is not None and stage_dir is not None:
         from safetensors.torch import load_file
 
         from raykd.train.stages import sskd_teacher_head
 
-        head = sskd_teacher_head(Path(stage_dir), cfg.data.path, teacher, spec, epochs=cfg.distill.stage_epochs)
+        t_spec = replace(model_spec(cfg.teacher, teacher), crop_black_border=spec.crop_black_border,
+                         pipeline_004=spec.pipeline_004)
+        head = sskd_teacher_head(Path(stage_dir), cfg.data.path, teacher, t_spec, epochs=cfg.distill.stage_epochs)
         extra["teacher_head"] = load_file(str(head))
     method = build_method(
         cfg.distill.method, student, teacher, cfg.distill.params, num_classes=n,

@@ -1,4 +1,6 @@
-"""The Ray Train worker function: one DDP rank of a teacher or student run.
+"""The training loop of a run (:func:`fit`) and the two places it runs: one DDP rank of a Ray Train
+worker group (:func:`train_loop_per_worker`, :class:`TrainSession`) or one process holding a small
+dataset in memory (:class:`LocalSession`, chosen by the driver for single-worker runs on small data).
 
 Every rank trains on its shard of the training split, evaluates its own slice of the validation
 split and gathers predictions so that all ranks score the whole split identically; rank 0 writes
@@ -8,6 +10,7 @@ rebuilt into the typed :class:`raykd.config.RunConfig` here.
 
 from __future__ import annotations
 
+import abc
 import csv
 import json
 import logging
@@ -69,41 +72,152 @@ def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
         w.writerows(history)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    import ray.train
-    import ray.train.torch
+class Session(abc.ABC):
+    """Where a run's loop gets its data and sends its epochs: a Ray Train worker group
+    (:class:`TrainSession`) or one process (:class:`LocalSession`). The loop itself
+    (:func:`fit`) is the same for both."""
 
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def prepare(self, method: torch.nn.Module) -> torch.nn.Module:
+        return method.to(self.device)
+
+    @abc.abstractmethod
+    def restore(self) -> dict[str, Any] | None:
+        """The last checkpoint's state, or None for a fresh run."""
+
+    @abc.abstractmethod
+    def report(self, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+        """Checkpoint ``state`` and publish the epoch's ``metrics``."""
+
+    @abc.abstractmethod
+    def batches(self, split: str, *, epoch: int, batch_size: int, train: bool) -> Any:
+        """uint8 ``{"image", "label"}`` batches of ``split`` (this rank's share)."""
+
+
+class TrainSession(Session):
+    """One rank of a Ray Train ``TorchTrainer``: shards from ``get_dataset_shard``, checkpoints
+    through ``ray.train.report``."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.shuffle = cfg.train.shuffle_buffer or None
+
+    def prepare(self, method):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(
+            method, parallel_strategy_kwargs={"find_unused_parameters": method.ddp_find_unused_parameters})
+
+    def restore(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return load_state(d)
+
+    def report(self, metrics, state):
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.rank == 0:
+                save_state(tmp, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
+
+    def batches(self, split, *, epoch, batch_size, train):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(split if train else f"{split}_{self.rank}")
+        if train:  # drop_last: a trailing batch of one breaks BatchNorm; equal shards keep ranks in step
+            return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=self.shuffle,
+                                            drop_last=True)
+        return shard.iter_torch_batches(batch_size=batch_size)
+
+
+class LocalSession(Session):
+    """The whole run in this process on data held in memory (:mod:`raykd.data.memory`): no worker
+    group to start, no pipeline per epoch. Checkpoints go to ``run_dir/checkpoint`` (atomic), and
+    ``on_report`` (a Tune trial's ``tune.report``) gets every epoch's metrics."""
+
+    CHECKPOINT = "checkpoint"
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, preprocess, *, on_report=None) -> None:
+        from raykd.data.hardness import sampling_plan
+        from raykd.data.memory import MemorySplit
+
+        use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.run_dir, self.on_report = Path(run_dir), on_report
+        s = cfg.data.sampling
+        keep_ids, rates = sampling_plan(cfg.data.path, s.strategy, target=s.target_count, seed=s.seed)
+        self.splits = {
+            "train": MemorySplit(cfg.data.path, "train", preprocess, train=True, recipe=cfg.train.recipe,
+                                 keep_ids=keep_ids, rates=rates, seed=cfg.train.seed),
+            "val": MemorySplit(cfg.data.path, "val", preprocess, train=False),
+            "test": MemorySplit(cfg.data.path, "test", preprocess, train=False),
+        }
+
+    def restore(self):
+        path = self.run_dir / self.CHECKPOINT
+        return load_state(path) if (path / "state.pt").is_file() else None
+
+    def report(self, metrics, state):
+        save_state(self.run_dir / self.CHECKPOINT, state)
+        if self.on_report is not None:
+            self.on_report(metrics)
+
+    def batches(self, split, *, epoch, batch_size, train):
+        return self.splits[split].batches(batch_size, epoch=epoch, drop_last=train)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train worker function: rebuild the typed config and run :func:`fit` on this rank."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # it logs every report's full metrics
     cfg: RunConfig = from_dict(RunConfig, config["run"], where="run config")
-    run_dir = Path(config["run_dir"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    amp = cfg.train.amp and device.type == "cuda"
-    set_seed(cfg.train.seed + rank)
+    session = TrainSession(cfg)
+    set_seed(cfg.train.seed + session.rank)
     torch.set_num_threads(max(1, int(os.environ.get("RAYKD_TORCH_THREADS", "1"))))
-
     manifest = Manifest.load(cfg.data.path)
-    parts = build_run(cfg, manifest, stage_dir=run_dir)
+    t0 = time.perf_counter()
+    parts = build_run(cfg, manifest, stage_dir=config["run_dir"])
+    return fit(cfg, Path(config["run_dir"]), manifest, parts, session,
+               timing={"build_s": time.perf_counter() - t0})
+
+
+def fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, session: Session, *,
+        timing: dict[str, float] | None = None) -> dict[str, Any]:
+    """Train ``parts.method`` for ``cfg.train.epochs`` (or until early stopping), keep the best
+    epoch's student in ``run_dir/best``, score the test split once with it.
+
+    Returns rank 0's summary: best value and epoch, epochs run, test metrics and ``timing``, the
+    seconds spent in each phase (training steps, evaluation, reporting and checkpoints, test).
+    """
+    rank, world, device = session.rank, session.world, session.device
+    amp = cfg.train.amp and device.type == "cuda"
     method = parts.method
     head = {f"student.{n}" for n in head_parameter_names(parts.student)}
     frozen_ids = {id(p) for n, p in method.named_parameters() if n not in head}
-    model = ray.train.torch.prepare_model(
-        method, parallel_strategy_kwargs={"find_unused_parameters": method.ddp_find_unused_parameters}
-    )
-
+    model = session.prepare(method)
     train_rows = sum(manifest.counts("train"))
     steps_per_epoch = max(1, math.ceil(train_rows / max(world, 1) / cfg.train.batch_size))
     optimizer = build_optimizer(method.trainable_parameters(), cfg.optim)
     select = cfg.train.select_metric
     schedule = Schedule(optimizer, cfg.optim, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
                         metric_mode=metric_mode(select))
+    timing = {"build_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "report_s": 0.0, "test_s": 0.0, **(timing or {})}
 
     start_epoch, best, best_epoch, history, stale = 0, None, None, [], 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
+    state = session.restore()
+    if state is not None:
         method.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -113,15 +227,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if rank == 0:
             log.info("resuming %s from epoch %d (best %s=%s)", cfg.name, start_epoch, select, best)
 
-    train_it = ray.train.get_dataset_shard("train")
-    val_it = ray.train.get_dataset_shard(f"val_{rank}")
-    # drop_last: a trailing batch of one breaks BatchNorm; shards are equal-sized, so all ranks agree.
-    batches = dict(batch_size=cfg.train.batch_size, local_shuffle_buffer_size=cfg.train.shuffle_buffer or None,
-                   drop_last=True)
-    eval_batches = dict(batch_size=cfg.train.eval_batch_size)
-
-    def stream(shard, **kwargs):  # uint8 batches from Ray Data, normalised on the device
-        return device_batches(shard.iter_torch_batches(**kwargs), parts.preprocess, device)
+    def stream(split: str, epoch: int, train: bool):  # uint8 batches, normalised on the device
+        size = cfg.train.batch_size if train else cfg.train.eval_batch_size
+        return device_batches(session.batches(split, epoch=epoch, batch_size=size, train=train),
+                              parts.preprocess, device)
 
     def maybe_crash(step: int) -> None:  # fault injection for tests: a hard worker death
         marker = run_dir / CRASH_MARKER
@@ -132,15 +241,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.train.epochs):
         method.set_epoch(epoch)
         stats = train_epoch(
-            model, stream(train_it, **batches), optimizer, schedule, epoch=epoch,
+            model, stream("train", epoch, True), optimizer, schedule, epoch=epoch,
             method_name=cfg.distill.method, device=device, amp=amp,
             frozen=frozen_ids if epoch < cfg.optim.freeze_epochs else None,
             grad_clip=cfg.optim.grad_clip, on_step=maybe_crash,
         )
+        timing["train_s"] += stats["train/seconds"]
         method.eval()
         t_val = time.perf_counter()
-        val, cm = _score(method, stream(val_it, **eval_batches), manifest, device, amp)
+        val, cm = _score(method, stream("val", epoch, False), manifest, device, amp)
         val_seconds = time.perf_counter() - t_val
+        timing["eval_s"] += val_seconds
+        t_report = time.perf_counter()
         row = {"epoch": epoch + 1, **stats, **{f"val/{k}": v for k, v in val.items()}, "val/seconds": val_seconds}
         value = row.get(f"val/{select}", row.get(select))
         if value is None:
@@ -167,26 +279,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "history": history, "stale": stale,
             "rng": rng_state(),
         }
-        report = {**row, "best": best, "best_epoch": best_epoch}
-        stop = cfg.optim.early_stop_patience is not None and stale >= cfg.optim.early_stop_patience
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_state(tmp, state)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-        if stop:
+        session.report({**row, "best": best, "best_epoch": best_epoch}, state)
+        timing["report_s"] += time.perf_counter() - t_report
+        if cfg.optim.early_stop_patience is not None and stale >= cfg.optim.early_stop_patience:
             if rank == 0:
                 log.info("early stop: %s has not improved for %d epochs", select, stale)
             break
 
     # The test split, once, with the best model.
+    t_test = time.perf_counter()
     best_state = _load_best_weights(run_dir, parts.student, device, world)
     method.eval()
-    test_it = ray.train.get_dataset_shard(f"test_{rank}")
-    test, cm = _score(method, stream(test_it, **eval_batches), manifest, device, amp)
+    test, cm = _score(method, stream("test", 0, False), manifest, device, amp)
     if rank == 0:
         write_report(run_dir, cm, manifest.label_names, test, prefix="test", title=f"{cfg.name} test (best epoch)")
+    timing["test_s"] = time.perf_counter() - t_test
     return {"best": best, "best_epoch": best_epoch, "epochs": len(history), "test": test,
-            "best_model_loaded": best_state}
+            "best_model_loaded": best_state, "timing": timing}
 
 
 def _save_best(run_dir: Path, parts, manifest: Manifest, cfg: RunConfig, val: dict[str, float]) -> None:

@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print("Pareto family: " + ", ".join(f"{r.run} ({m} {r.val.get(m, float('nan')):.4f}, "
                                             f"{r.latency_ms or float('nan'):.2f} ms)" for r in pub.family))
     print(f"family file (serve with python -m raykd.serve --registry ...): {pub.family_files[-1]}")
+    if outcome.findings is not None:
+        print()
+        print("findings:")
+        for line in outcome.findings.lines():
+            print(f"  {line}")
     return 0
 
 

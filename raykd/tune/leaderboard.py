@@ -46,6 +46,7 @@ class Row:
     depth: int | None = None
     error: str | None = None
     run_dir: str | None = None
+    paper: bool = False  # the method's paper setting (the first trial of each method)
 
     def value(self, metric: str) -> float | None:
         v = self.val.get(metric)
@@ -144,7 +145,8 @@ class Leaderboard:
             vals = [_fmt(r.val.get(c)) for c in cols]
             status = r.status if r.status != "failed" else f"failed: {_short(r.error)}"
             hp = ", ".join(f"{k}={_fmt(v)}" for k, v in r.hparams.items())
-            lines.append("| " + " | ".join([str(rank), r.run, r.method, r.student, *vals, _count(r.params),
+            method = f"{r.method} (paper)" if r.paper else r.method
+            lines.append("| " + " | ".join([str(rank), r.run, method, r.student, *vals, _count(r.params),
                                             _fmt(r.latency_ms, 2), status, hp]) + " |")
         out = "\n".join(lines)
         for trial_id, steps in self.cascades.items():
@@ -308,7 +310,7 @@ def build_leaderboard(plan, records) -> Leaderboard:
             except KeyError:
                 student = "?"
         base = dict(trial_id=rec.trial_id, method=label, student=student or "?", teacher=info.get("teacher"),
-                    hparams=_hparams(rec.config, label))
+                    hparams=_hparams(rec.config, label), paper=bool(info.get("paper")))
         failed = rec.status == "ERROR"
         cascade = _read(trial_dir / CASCADE_FILE)
         if info.get("method") == "cascade" or cascade is not None:
@@ -319,6 +321,8 @@ def build_leaderboard(plan, records) -> Leaderboard:
                 b = dict(base, run=s["run"], student=f"{student}[{s['depth']}]")
                 row = _run_row(b, Path(s["run_dir"]), metric, False, None)
                 row.depth = s["depth"]
+                row.params = int(s["params"]) if isinstance(s.get("params"), (int, float)) else None
+                row.size_mb, row.latency_ms = s.get("size_mb"), s.get("latency_ms")
                 rows.append(row)
             if failed or not done:
                 rows.append(Row(**base, run=rec.trial_id, status="failed" if failed else "stopped",
@@ -329,7 +333,7 @@ def build_leaderboard(plan, records) -> Leaderboard:
         row.params = int(last["params"]) if isinstance(last.get("params"), (int, float)) else None
         row.size_mb, row.latency_ms = last.get("size_mb"), last.get("latency_ms")
         rows.append(row)
-    for row in rows:
-        if row.status != "failed":
+    for row in rows:  # measured in the trial already, unless it was replayed after an interruption
+        if row.status != "failed" and row.latency_ms is None:
             _measure(row, space.export.latency_reps)
     return Leaderboard(rows=rows, metric=metric, objectives=list(space.search.objectives), cascades=cascades)

@@ -20,8 +20,8 @@ from raykd.tune.spec import MethodSpec, SearchSpace, set_dotted
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResolvedTrial", "TrialPlan", "absolute_paths", "check_combinations", "train_teachers",
-           "teacher_run_config"]
+__all__ = ["ResolvedTrial", "TeacherTooWeakError", "TrialPlan", "absolute_paths", "check_combinations",
+           "check_teacher", "train_teachers", "teacher_run_config"]
 
 TEACHERS_DIR = "teachers"
 RUNS_DIR = "runs"
@@ -77,11 +77,47 @@ def teacher_run_config(space: SearchSpace, name: str, experiment_dir: Path) -> R
     return cfg
 
 
+class TeacherTooWeakError(ConfigError):
+    """A stage-1 teacher ended too close to chance to be worth distilling from."""
+
+
+def chance_level(metric: str, num_classes: int) -> float | None:
+    """What guessing scores on ``metric`` (None where raykd does not know it)."""
+    return {"bma": 1.0 / max(num_classes, 1), "auroc_macro": 0.5, "mcc": 0.0}.get(metric)
+
+
+def check_teacher(name: str, summary: dict[str, Any], metric: str, margin: float | None, *, classes: int,
+                  where: str) -> None:
+    """Refuse a teacher whose best validation ``metric`` is within ``margin`` of chance
+    (``classes``: the classes present in the validation split)."""
+    if margin is None:
+        return
+    best = summary.get("best")
+    chance = chance_level(metric, classes)
+    if chance is None or best is None:
+        return
+    if best < chance + margin:
+        raise TeacherTooWeakError(
+            f"stage 1: teacher {name!r} reached val {metric} {best:.4f}, not clearly above chance "
+            f"({chance:.4f} + margin {margin}): distilling from it would search over noise. Give it more "
+            f"epochs or data ({where}: teachers.{name}.set), a checkpoint (teachers.{name}.checkpoint), or "
+            "lower search.teacher_margin")
+
+
 def train_teachers(space: SearchSpace, experiment_dir: Path) -> dict[str, str]:
-    """Stage 1: train every teacher a method uses (or reuse a finished run); returns name -> folder."""
+    """Stage 1: train every teacher a method uses (or reuse a finished run), all at once (each run
+    holds its own CPUs, so teachers train side by side); returns name -> folder.
+
+    Raises:
+        TeacherTooWeakError: a trained teacher is not clearly above chance (``search.teacher_margin``).
+    """
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
     from raykd.train.driver import run_train
 
     out: dict[str, str] = {}
+    todo: dict[str, RunConfig] = {}
     for name in _needed_teachers(space):
         t = space.teachers[name]
         if t.checkpoint:
@@ -90,14 +126,28 @@ def train_teachers(space: SearchSpace, experiment_dir: Path) -> dict[str, str]:
             continue
         cfg = teacher_run_config(space, name, experiment_dir)
         run_dir = Path(cfg.output_dir) / cfg.name
+        out[name] = str(run_dir)
         if (run_dir / "summary.json").is_file():
             log.info("stage 1: teacher %r already trained in %s", name, run_dir)
         else:
-            log.info("stage 1: training teacher %r (%s, %d epochs)", name, cfg.student.name, cfg.train.epochs)
-            result = run_train(cfg, resume=True)
-            log.info("stage 1: teacher %r done: val %s %.4f at epoch %s (%s)", name, space.search.metric,
-                     result.best if result.best is not None else float("nan"), result.best_epoch, run_dir)
-        out[name] = str(run_dir)
+            log.info("stage 1: training teacher %r (%s, up to %d epochs, patience %s)", name, cfg.student.name,
+                     cfg.train.epochs, cfg.optim.early_stop_patience)
+            todo[name] = cfg
+    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
+        futures = {name: pool.submit(run_train, cfg, resume=True) for name, cfg in todo.items()}
+        for name, future in futures.items():
+            result = future.result()
+            log.info("stage 1: teacher %r done: val %s %.4f at epoch %s of %d (%s)", name, space.search.metric,
+                     result.best if result.best is not None else float("nan"), result.best_epoch, result.epochs,
+                     result.run_dir)
+    from raykd.data.manifest import Manifest
+
+    classes = sum(1 for c in Manifest.load(space.base["data"]["path"]).counts("val") if c)
+    for name, folder in out.items():
+        summary_file = Path(folder) / "summary.json"
+        if summary_file.is_file():
+            check_teacher(name, json.loads(summary_file.read_text()), space.search.metric,
+                          space.search.teacher_margin, classes=classes, where=space.source)
     return out
 
 
@@ -201,8 +251,10 @@ def check_combinations(space: SearchSpace) -> SearchSpace:
     """
     import torch
 
+    from raykd.models.weights import check_space_weights
     from raykd.train.driver import ensure_dataset
 
+    check_space_weights(space)  # pretrained weights of every teacher and student: file or hub
     base_cfg = from_dict(RunConfig, dict(space.base), where=space.source)
     manifest = ensure_dataset(base_cfg.data)
     threads = torch.get_num_threads()

@@ -32,7 +32,8 @@ from raykd.tune.spec import SearchSpace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchOutcome", "TrialRecord", "prepare_search", "run_tune", "trial_concurrency"]
+__all__ = ["SearchOutcome", "TrialRecord", "is_paper_setting", "paper_point", "prepare_search", "run_tune",
+           "trial_concurrency"]
 
 STUDY_FILE = "optuna.db"
 #: CPUs a trial's Ray Data tasks need next to its Train workers (reads and decodes at 0.25 CPU).
@@ -56,6 +57,7 @@ class SearchOutcome:
     records: list[TrialRecord]
     leaderboard: Any  # raykd.tune.leaderboard.Leaderboard
     published: Any  # raykd.tune.publish.Published | None
+    findings: Any = None  # raykd.tune.findings.Findings
 
 
 def prepare_search(space: SearchSpace) -> SearchSpace:
@@ -64,13 +66,23 @@ def prepare_search(space: SearchSpace) -> SearchSpace:
     return check_combinations(space)
 
 
+def _local_trials(space: SearchSpace) -> bool:
+    """Whether the trials train in their own process (single worker, small data: see run_train)."""
+    from raykd.train.driver import uses_local
+
+    return uses_local(from_dict(RunConfig, space.base))
+
+
 def trial_concurrency(space: SearchSpace, resources: dict[str, float]) -> int:
     """Trials that fit the cluster at once: CPUs (and GPUs) per trial, capped by its trial slots."""
     if space.budget.max_concurrent is not None:
         return space.budget.max_concurrent
     sc = from_dict(RunConfig, space.base).scaling
     workers = max(sc.num_workers, 0)
-    cpu_per_trial = (workers * sc.cpus_per_worker if workers else 1.0) + DATA_CPUS
+    if _local_trials(space):  # the trial process is the worker; no Ray Data tasks beside it
+        cpu_per_trial = max(sc.cpus_per_worker, 0.01)
+    else:
+        cpu_per_trial = (workers * sc.cpus_per_worker if workers else 1.0) + DATA_CPUS
     n = max(1, math.floor(resources.get("CPU", 1.0) / cpu_per_trial + 1e-9))
     if sc.use_gpu and workers:
         n = min(n, max(1, math.floor(resources.get("GPU", 0.0) / (workers * sc.gpus_per_worker) + 1e-9)))
@@ -81,11 +93,17 @@ def trial_concurrency(space: SearchSpace, resources: dict[str, float]) -> int:
     return max(1, n)
 
 
-def _trial_resources(resources: dict[str, float]):
+def _trial_resources(space: SearchSpace, resources: dict[str, float]):
+    """A trial that trains in its own process holds its run's CPUs (and GPU); one that drives a
+    TorchTrainer holds only a zero-CPU ``trial_slot``, leaving the CPUs to its workers and data."""
     from ray.tune import PlacementGroupFactory
 
     from raykd.cluster import TRIAL_SLOT
 
+    if _local_trials(space):
+        sc = from_dict(RunConfig, space.base).scaling
+        bundle = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+        return PlacementGroupFactory([bundle])
     if TRIAL_SLOT in resources:
         return PlacementGroupFactory([{TRIAL_SLOT: 1}])
     log.warning("the cluster has no %r resource: trial drivers take 0.01 CPU each; start Ray with "
@@ -116,12 +134,36 @@ def _searcher(space: SearchSpace, experiment_dir: Path):
     metric, mode = objective_key(s.metric), metric_mode(s.metric)
     if space.multi_objective:
         metric, mode = [metric, *s.objectives], [mode] + ["min"] * len(s.objectives)
-    # Round-robin over the methods first, so a small budget still tries every one of them.
+    # Round-robin over the methods first, so a small budget still tries every one of them; each
+    # method's first trial runs its paper setting where the space's ranges allow it.
     labels = list(space.methods)
-    first = [{"method": labels[i % len(labels)]}
-             for i in range(min(space.budget.num_samples, len(labels) * space.budget.min_trials_per_method))]
+    n_first = min(space.budget.num_samples, len(labels) * space.budget.min_trials_per_method)
+    first = [{"method": labels[i % len(labels)]} if i >= len(labels) else paper_point(space, labels[i])
+             for i in range(n_first)]
     return OptunaSearch(space=SpaceSampler(space), metric=metric, mode=mode, sampler=sampler,
                         study_name=space.name, storage=storage, points_to_evaluate=first or None)
+
+
+def paper_point(space: SearchSpace, label: str) -> dict[str, Any]:
+    """The Optuna point of method ``label``'s paper setting: every searched knob whose range holds
+    the paper's value is set to it (the others, and the shared keys, are left to the sampler)."""
+    from raykd.distill.paper import paper_params
+
+    spec = space.methods[label]
+    paper = paper_params(spec.method)
+    point: dict[str, Any] = {"method": label}
+    for name, dist in spec.params.items():
+        if not dist.fixed and name in paper and dist.contains(paper[name]):
+            point[f"{label}.{name}"] = paper[name]
+    return point
+
+
+def is_paper_setting(method: str, params: dict[str, Any]) -> bool:
+    """Whether a trial's method parameters are all at the paper's values."""
+    from raykd.distill.paper import paper_params
+
+    paper = paper_params(method)
+    return all(paper.get(k) == v for k, v in params.items())
 
 
 def _progress_callback(space: SearchSpace):
@@ -227,13 +269,23 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
     # then loses at most one snapshot of trial statuses (the state of a small search is a few kB).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
+    import time
+
+    from raykd.tune.findings import collect_findings
+
+    stage_s: dict[str, float] = {}
+    t0 = time.perf_counter()
     init_local_ray(space.address)
     resources = ray.cluster_resources()
     log.info("Ray cluster resources: %s", {k: v for k, v in resources.items() if not k.startswith("node")})
+    stage_s["Ray start"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     teachers = train_teachers(space, experiment_dir)  # stage 1
+    stage_s["stage 1 (teachers)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     plan = TrialPlan(space, experiment_dir, teachers)
-    trainable = tune.with_resources(tune.with_parameters(trial_main, plan=plan), _trial_resources(resources))
+    trainable = tune.with_resources(tune.with_parameters(trial_main, plan=plan), _trial_resources(space, resources))
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         log.info("stage 2: resuming the search in %s", experiment_dir)
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_unfinished=True,
@@ -244,12 +296,17 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
         tuner = _new_tuner(space, trainable, trial_concurrency(space, resources), experiment_dir)
     records = _records(tuner.fit())
     log.info("stage 2 done: %d trials, %d failed", len(records), sum(r.status == "ERROR" for r in records))
+    stage_s["stage 2 (trials)"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     board = build_leaderboard(plan, records)  # stage 3
     board.write(experiment_dir)
     published = publish(plan, board)
+    stage_s["stage 3 (leaderboard, export)"] = time.perf_counter() - t0
+    findings = collect_findings(plan, board, stage_s)
+    findings.write(experiment_dir)
     return SearchOutcome(experiment_dir=experiment_dir, records=records, leaderboard=board,
-                         published=published)
+                         published=published, findings=findings)
 
 
 def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: Path):
@@ -261,12 +318,13 @@ def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: 
     b = space.budget
     scheduler = None
     epochs = b.epochs or from_dict(RunConfig, space.base).train.epochs
-    if b.asha and not space.multi_objective and epochs > b.grace_period:
+    grace = b.grace_period or max(1, epochs // 2)
+    if b.asha and not space.multi_objective and epochs > grace:
         # Rungs end one epoch before the last: a trial that reached its last epoch finishes (and
         # scores its test split) rather than being stopped with nothing left to save.
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="training_iteration", metric=objective_key(space.search.metric),
-            mode=metric_mode(space.search.metric), max_t=epochs - 1, grace_period=b.grace_period,
+            mode=metric_mode(space.search.metric), max_t=epochs - 1, grace_period=grace,
             reduction_factor=b.reduction_factor, stop_last_trials=False)
     log.info("stage 2: %d trials over %d methods (%s), %d at once, sampler %s (seed %d), ASHA %s, study %s",
              b.num_samples, len(space.methods), ", ".join(space.methods), concurrency, space.search.sampler,

@@ -61,6 +61,14 @@ class Dist:
             return trial.suggest_categorical(name, list(self.args))
         return None
 
+    def contains(self, value: Any) -> bool:
+        """Whether the distribution can produce ``value`` (a fixed one: only its own value)."""
+        if self.kind in ("fixed", "choice"):
+            return value in self.args
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        return self.args[0] <= value <= self.args[1] and (self.kind != "int" or float(value).is_integer())
+
     def probes(self) -> list[Any]:
         """Values that stand for the whole distribution when checking it against a field."""
         if self.kind == "fixed":
@@ -162,7 +170,9 @@ class BudgetConfig:
     #: Early stopping of weak trials (ASHA); off in multi-objective mode, where a small model with a
     #: lower BMA may still be Pareto-optimal.
     asha: bool = True
-    grace_period: int = field(default=1, metadata={"range": (1, 100_000)})
+    #: Epochs every trial runs before ASHA may stop it (None: half the trial's epochs, so that no
+    #: run is judged before it has had time to learn).
+    grace_period: int | None = field(default=None, metadata={"range": (1, 100_000)})
     reduction_factor: int = field(default=2, metadata={"range": (2, 100)})
     #: Stop starting trials after this many seconds (None: no limit).
     time_budget_s: float | None = field(default=None, metadata={"range": (1.0, None)})
@@ -185,6 +195,9 @@ class SearchConfig:
     storage: str | None = None
     #: Random trials before TPE models the space.
     startup_trials: int = field(default=10, metadata={"range": (1, 10_000)})
+    #: Stage 1 refuses to distil from a teacher whose best validation ``metric`` is not at least
+    #: this far above chance (BMA: 1 / the classes in the validation split); None turns it off.
+    teacher_margin: float | None = field(default=0.1, metadata={"range": (0.0, 1.0)})
 
 
 @dataclass

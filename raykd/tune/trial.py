@@ -26,9 +26,11 @@ from raykd.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TRIAL_FILE", "CASCADE_FILE", "TrialReporter", "trial_main", "objective_key"]
+__all__ = ["TRIAL_FILE", "TRIAL_TIMING_FILE", "CASCADE_FILE", "TrialReporter", "trial_main", "objective_key"]
 
 TRIAL_FILE = "trial.json"
+#: Where a trial's wall time went: the sum of its runs' phases next to the trial's own wall time.
+TRIAL_TIMING_FILE = "trial_timing.json"
 CASCADE_FILE = "cascade.json"
 
 
@@ -50,7 +52,7 @@ class TrialReporter(TuneReportCallback):
 
     def __init__(self, extra: dict[str, Any], metric: str) -> None:
         super().__init__()
-        self.extra = dict(extra)
+        self.extra = extra  # filled in by the run once its models are built (see _train)
         self.metric = metric
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -80,30 +82,34 @@ def _replay(run_dir: Path, extra: dict[str, Any], metric: str) -> None:
         tune.report(_augment(row, extra, metric))
 
 
-def _cost(cfg, num_classes: int, reps: int) -> dict[str, float]:
-    from raykd.data.transforms import spec_from_model
-    from raykd.models import cut_vit
-    from raykd.train.loop import build_model
+def _cost(parts, reps: int) -> dict[str, float]:
+    """Size and CPU latency of the run's student, measured once from the models the run built."""
     from raykd.tune.measure import measure_latency, model_cost
 
-    if cfg.student.cut_blocks:
-        model = cut_vit(build_model(cfg.teacher, num_classes), keep_blocks=cfg.student.cut_blocks)
-    else:
-        model = build_model(cfg.student, num_classes)
-    size = cfg.student.image_size or spec_from_model(model).image_size
-    return {**model_cost(model), "latency_ms": measure_latency(model, size, reps=reps)}
+    return {**model_cost(parts.student), "latency_ms": measure_latency(parts.student, parts.preprocess.image_size,
+                                                                       reps=reps)}
 
 
-def _train(cfg, extra: dict[str, Any], metric: str) -> None:
-    """One Ray Train run reporting every epoch to Tune; a run that already finished is only reported."""
-    from raykd.train.driver import run_train
+def _train(cfg, extra: dict[str, Any], metric: str, reps: int) -> dict[str, Any]:
+    """One run reporting every epoch to Tune; a run that already finished is only reported.
+
+    A single-worker run on small data trains right here in the trial's process, which holds the
+    run's CPUs (see :func:`raykd.train.driver.run_train`); a larger one is a TorchTrainer whose
+    reports reach Tune through :class:`TrialReporter`. Returns the run's timing record.
+    """
+    from ray import tune
+
+    from raykd.train.driver import TIMING_FILE, run_train
 
     run_dir = Path(cfg.output_dir) / cfg.name
     if (run_dir / "summary.json").is_file():
         log.info("run %s finished before the interruption: reporting it, not retraining", cfg.name)
         _replay(run_dir, extra, metric)
-        return
-    run_train(cfg, resume=True, callbacks=[TrialReporter(extra, metric)])
+        return {}
+    run_train(cfg, resume=True, in_process=True, callbacks=[TrialReporter(extra, metric)],
+              on_report=lambda row: tune.report(_augment(row, extra, metric)),
+              on_built=lambda parts: extra.update(_cost(parts, reps)))
+    return json.loads((run_dir / TIMING_FILE).read_text())
 
 
 def _wait_for_reports_to_reach_tune(timeout_s: float = 60.0) -> None:
@@ -144,8 +150,9 @@ def trial_main(config: dict[str, Any], plan) -> None:
 def _trial_main(config: dict[str, Any], plan) -> None:
     from ray import tune
 
-    from raykd.data.manifest import Manifest
+    from raykd.tune.search import is_paper_setting
 
+    t0 = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     resolved = plan.resolve(config)
     cfg = plan.run_config(config, trial_id)
@@ -154,18 +161,22 @@ def _trial_main(config: dict[str, Any], plan) -> None:
     (trial_dir / TRIAL_FILE).write_text(json.dumps({
         "trial_id": trial_id, "label": resolved.label, "method": resolved.method, "student": resolved.student,
         "teacher": resolved.teacher, "config": config, "params": resolved.params,
-        "settings": resolved.settings,
+        "settings": resolved.settings, "paper": is_paper_setting(resolved.method, resolved.params),
     }, indent=2, default=str))
-    manifest = Manifest.load(cfg.data.path)
     metric = plan.space.search.metric
     if resolved.method == "cascade":
-        _cascade(plan, cfg, resolved, manifest, trial_dir)
-        return
-    extra = _cost(cfg, manifest.num_classes, plan.space.export.latency_reps)
-    _train(cfg, extra, metric)
+        runs = _cascade(plan, cfg, resolved, trial_dir)
+    else:
+        runs = [_train(cfg, {}, metric, plan.space.export.latency_reps)]
+    runs = [r for r in runs if r]
+    if runs:  # where the trial's wall time went (a replayed trial has nothing new to add)
+        record = {k: sum(r.get(k, 0.0) for r in runs) for k in ("build_s", "data_s", "train_s", "eval_s",
+                                                                   "report_s", "test_s")}
+        record.update(wall_s=time.perf_counter() - t0, runs=len(runs), executor=runs[0].get("executor"))
+        (trial_dir / TRIAL_TIMING_FILE).write_text(json.dumps(record, indent=2))
 
 
-def _cascade(plan, template, resolved, manifest, trial_dir: Path) -> None:
+def _cascade(plan, template, resolved, trial_dir: Path) -> list[dict[str, Any]]:
     """Cascading distillation (SkinDistilViT section 3.2) as a pipeline of runs, one per depth.
 
     Starting from the trained ViT teacher (depth L), run ``<trial>-d<k>`` for k = L-1 down to
@@ -186,12 +197,13 @@ def _cascade(plan, template, resolved, manifest, trial_dir: Path) -> None:
     test = json.loads(parent_summary.read_text()).get("test", {}) if parent_summary.is_file() else {}
     steps: list[dict[str, Any]] = [{"depth": depth, "run": None, "run_dir": str(parent_dir), "parent": True,
                                     "val": meta.metrics, "test": test, **model_cost(parent)}]
+    timings = []
     for k in range(depth - 1, spec.min_blocks - 1, -1):
         name = f"{template.name}-d{k}"
         cfg = replace(template, name=name, student=ModelConfig(cut_blocks=list(range(k)), image_size=size),
                       teacher=ModelConfig(checkpoint=parent_dir))
-        extra = {**_cost(cfg, manifest.num_classes, plan.space.export.latency_reps), "depth": k}
-        _train(cfg, extra, metric)
+        extra = {"depth": k}
+        timings.append(_train(cfg, extra, metric, plan.space.export.latency_reps))
         run_dir = Path(cfg.output_dir) / name
         summary = json.loads((run_dir / "summary.json").read_text())
         steps.append({"depth": k, "run": name, "run_dir": str(run_dir), "val": summary["val"],
@@ -201,3 +213,4 @@ def _cascade(plan, template, resolved, manifest, trial_dir: Path) -> None:
         log.info("cascade %s: %d blocks, val %s %.4f", template.name, k, metric,
                  summary["val"].get(metric, float("nan")))
         parent_dir = str(run_dir)
+    return timings

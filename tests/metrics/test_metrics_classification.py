@@ -173,6 +173,71 @@ def test_per_class_table_equals_sklearn():
     assert [row["support"] for row in rows] == list(s)
 
 
+# ---------------------------------------------------------------- MCC against sklearn
+
+
+def _mcc_of(targets: list[int] | np.ndarray, preds: list[int] | np.ndarray, num_classes: int) -> float:
+    """Raykd's MCC for hard predictions: probabilities that put 0.9 + 0.1/C on each predicted class."""
+    probs = np.eye(num_classes)[np.asarray(preds)] * 0.9 + 0.1 / num_classes
+    return compute_from_arrays(probs, np.asarray(targets), NAMES[:num_classes])["mcc"]
+
+
+def test_mcc_matches_sklearn_when_binary_prediction_is_constant():
+    y, pred = [0, 0, 1], [0, 0, 0]
+    assert matthews_corrcoef(y, pred) == 0.0  # undefined: no spread in the predictions
+    assert _mcc_of(y, pred, 2) == 0.0  # torchmetrics' 2x2 formula gave 0.408
+
+
+@pytest.mark.filterwarnings("ignore:A single label was found")
+def test_mcc_matches_sklearn_when_a_one_class_binary_split_is_predicted_exactly():
+    y, pred = [0, 0, 0], [0, 0, 0]
+    assert matthews_corrcoef(y, pred) == 0.0  # undefined: no spread in targets or predictions
+    assert _mcc_of(y, pred, 2) == 0.0  # torchmetrics' 2x2 formula gave +1.0
+
+
+@pytest.mark.parametrize("inverted, expected", [(False, 1.0), (True, -1.0)])
+def test_mcc_matches_sklearn_on_a_perfect_or_perfectly_inverted_binary_prediction(inverted, expected):
+    y = np.array([0, 1, 1, 0, 1, 0, 0])
+    pred = 1 - y if inverted else y
+    assert matthews_corrcoef(y, pred) == pytest.approx(expected)
+    assert _mcc_of(y, pred, 2) == pytest.approx(expected, abs=TOL)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mcc_matches_sklearn_on_random_binary_predictions(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, size=60)
+    pred = np.where(rng.random(60) < 0.7, y, rng.integers(0, 2, size=60))  # correlated, not perfect
+    assert _mcc_of(y, pred, 2) == pytest.approx(matthews_corrcoef(y, pred), abs=TOL)
+
+
+@pytest.mark.parametrize("num_classes", [3, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mcc_matches_sklearn_on_random_multiclass_predictions(num_classes, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, num_classes, size=80)
+    pred = np.where(rng.random(80) < 0.5, y, rng.integers(0, num_classes, size=80))
+    assert _mcc_of(y, pred, num_classes) == pytest.approx(matthews_corrcoef(y, pred), abs=TOL)
+
+
+@pytest.mark.parametrize("num_classes", [3, 8])
+def test_mcc_matches_sklearn_when_a_class_is_never_predicted(num_classes):
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, num_classes, size=80)
+    pred = np.where(rng.random(80) < 0.6, y, rng.integers(0, num_classes, size=80))
+    pred[pred == 1] = 0  # class 1 occurs in the targets but is never predicted
+    assert 1 in y and 1 not in pred
+    assert _mcc_of(y, pred, num_classes) == pytest.approx(matthews_corrcoef(y, pred), abs=TOL)
+
+
+@pytest.mark.parametrize("num_classes", [3, 8])
+def test_mcc_matches_sklearn_when_every_prediction_is_one_class(num_classes):
+    y = np.random.default_rng(8).integers(0, num_classes, size=40)
+    pred = np.full_like(y, num_classes - 1)
+    assert matthews_corrcoef(y, pred) == 0.0  # undefined: no spread in the predictions
+    assert _mcc_of(y, pred, num_classes) == 0.0
+
+
 # ---------------------------------------------------------------- the accumulator
 
 

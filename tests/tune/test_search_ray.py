@@ -53,7 +53,8 @@ def smoke(ray_cluster, tmp_path_factory):
             "broken": {"method": "baseline", "set": {"train.crash_in_epoch": 1, "train.max_failures": 0}},
         },
         "budget": {"num_samples": 5, "min_trials_per_method": 2, "max_concurrent": 2},
-        "search": {"seed": 0},
+        # a 1-epoch teacher is near chance: this search checks the machinery, not the teacher
+        "search": {"seed": 0, "teacher_margin": None},
     }
     path = root / "smoke.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -128,11 +129,43 @@ def test_each_trial_is_a_train_run_named_after_its_trial_id(smoke):
         cfg = yaml.safe_load((runs / rec.trial_id / "config.yaml").read_text())
         method = "kd" if rec.config["method"] == "kd" else "baseline"
         assert cfg["name"] == rec.trial_id and cfg["distill"]["method"] == method
-        if rec.config["method"] == "kd":  # a worker group: Ray Train checkpoints beside the run files
+        if rec.config["method"] == "kd":  # one worker on small data: trained in the trial's process
             assert cfg["teacher"]["checkpoint"] == str(outcome.experiment_dir / "teachers" / "cnn")
-            assert list((runs / rec.trial_id).glob("checkpoint_*"))
+            assert (runs / rec.trial_id / "checkpoint" / "state.pt").is_file()
             assert rec.last_result["best_bma"] is not None and "latency_ms" in rec.last_result
     assert (outcome.experiment_dir / "teachers" / "cnn" / "summary.json").is_file()  # stage 1
+
+
+def test_every_trial_records_where_its_wall_time_went(smoke):
+    outcome, _ = smoke
+    runs = outcome.experiment_dir / "runs"
+    for rec in outcome.records:
+        if rec.config["method"] == "broken":
+            continue
+        timing = json.loads((runs / rec.trial_id / "trial_timing.json").read_text())
+        assert timing["executor"] == "local" and timing["runs"] == 1
+        assert timing["train_s"] > 0 and timing["eval_s"] > 0
+        parts = sum(timing[k] for k in ("build_s", "data_s", "train_s", "eval_s", "report_s", "test_s"))
+        assert parts <= timing["wall_s"]
+        run = json.loads((runs / rec.trial_id / "timing.json").read_text())  # the run's own record
+        assert 0 < run["compute_share"] <= 1 and run["train_s"] == pytest.approx(timing["train_s"])
+    f = outcome.findings
+    assert f.trials_timed == 4 and 0 < f.compute_share <= 1
+    assert any(line.startswith("compute share:") for line in f.lines())
+    assert json.loads((outcome.experiment_dir / "findings.json").read_text())["trials_timed"] == 4
+
+
+def test_each_methods_first_trial_runs_its_paper_setting_and_is_marked(smoke):
+    from raykd.distill.paper import paper_params
+
+    outcome, _ = smoke
+    kd = [r for r in outcome.leaderboard.rows if r.method == "kd"]
+    paper = [r for r in kd if r.paper]
+    assert len(paper) == 1 and len(kd) == 2
+    expected = paper_params("kd")
+    assert paper[0].hparams["temperature"] == expected["temperature"]
+    assert paper[0].hparams["alpha"] == expected["alpha"]
+    assert "kd (paper)" in outcome.leaderboard.markdown()
 
 
 def test_a_failing_trial_is_recorded_with_its_error_and_the_search_continues(smoke):
@@ -157,6 +190,7 @@ def resumed(ray_cluster, tmp_path_factory):
         "methods": {"baseline": {}, "cascade": {"teacher": "vit", "min_blocks": 1,
                                                 "params": {"temperature": {"uniform": [1.0, 4.0]}}}},
         "budget": {"num_samples": 2, "max_concurrent": 2, "epochs": 1, "asha": False},
+        "search": {"teacher_margin": None},
     }
     path = root / "resume.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -13,7 +13,7 @@ one per depth, each with its own validation BMA.
 
 Defaults are SkinDistilViT's (task 1, soft 0.5, T 2): the paper's Sec. 3.2 asks for "both the
 probability distribution matching and the correct task predictions"; the authors'
-``distil_matryoshka.py`` also adds logit MSE 0.25 (``w_mse``).
+``distil_matryoshka.py`` also adds logit MSE 0.25 (``w_mse``). The task CE is plain, as there.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from raykd.distill.base import build_method, register_method
+from raykd.distill.base import build_method, knob, register_method
 from raykd.distill.methods.skindistilvit import SkinDistilViT, SkinDistilViTParams
 
 __all__ = ["CascadeParams", "CascadeStep", "run_cascade"]
@@ -35,7 +35,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CascadeParams(SkinDistilViTParams):
-    """The SkinDistilViT knobs, applied at every step of the cascade."""
+    """The SkinDistilViT knobs, applied at every step (plain CE, as ``distil_matryoshka.py``)."""
+
+    weighted_ce: bool = knob(
+        False, choices=[True, False], help="class-weighted CE; off: the authors' HF models use plain CE"
+    )
 
 
 @register_method("cascade")

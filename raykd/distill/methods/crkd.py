@@ -24,6 +24,7 @@ from raykd.distill.methods._shared import CRKDKnobs, crkd_parts, make_map_adapte
 
 @dataclass(frozen=True)
 class CRKDParams(CRKDKnobs):
+    weighted_ce: bool = knob(True, choices=[True, False], help="class-weighted CE (SSD-KD Eq. 3 and code)")
     w_ce: float = knob(1.0, range=(0.0, 10.0), help="task CE weight")
 
 

@@ -3,11 +3,12 @@
 Splits the KD term into target-class (TCKD) and non-target-class (NCKD) parts and weights them
 independently; a strong modern logit method beyond the seeds::
 
-    L = w_ce * WCE + warmup(e) * (dkd_alpha * TCKD + dkd_beta * NCKD)
+    L = w_ce * CE + warmup(e) * (dkd_alpha * TCKD + dkd_beta * NCKD)
     warmup(e) = min((e + 1) / warmup_epochs, 1)      (e: 0-based epoch from set_epoch)
 
-Defaults (CE 1, alpha 1, beta 8, T 4, 20 warm-up epochs) are the authors' ``mdistiller``
-configuration for CIFAR-100 / ImageNet ResNet students.
+Defaults (CE 1, alpha 1, beta 8, T 4, 20 warm-up epochs, plain CE) are the authors' ``mdistiller``
+defaults (``engine/cfg.py``), which its CIFAR-100 ResNet50 -> MobileNetV2 config keeps; its ImageNet
+configs use beta 0.5 (ResNet34 -> ResNet18) or 2 (ResNet50 -> MobileNet), T 1, warm-up 1.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from raykd.distill.losses import dkd_loss
 
 @dataclass(frozen=True)
 class DKDParams(MethodParams):
+    weighted_ce: bool = knob(
+        False, choices=[True, False], help="class-weighted CE; off: mdistiller uses plain CE"
+    )
     w_ce: float = knob(1.0, range=(0.0, 10.0), help="task CE weight")
     dkd_alpha: float = knob(1.0, range=(0.0, 10.0), help="TCKD weight alpha")
     dkd_beta: float = knob(8.0, range=(0.0, 20.0), help="NCKD weight beta")

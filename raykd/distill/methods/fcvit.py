@@ -4,18 +4,20 @@ block has a classification head; ``features(...).layer_logits`` lists them botto
 
 ``fcvit``: cross-entropy at every head, combined linearly (the authors' code sums them)::
 
-    L = c * sum_l WCE(z_l, y),   c = 1 ("sum", code) or 1/L ("mean")
+    L = c * sum_l CE(z_l, y),   c = 1 ("sum", code) or 1/L ("mean")
 
 ``fcvit_probs`` (FCViTProbs): CE on the top head only; each switched-on lower head is pulled
 towards its upper neighbour, whose side is detached::
 
-    L = WCE(z_top, y) + w_kl * sum_{enabled l} T^2 KL(softmax(z_{l+1}/T).detach() || softmax(z_l/T))
+    L = CE(z_top, y) + w_kl * sum_{enabled l} T^2 KL(softmax(z_{l+1}/T).detach() || softmax(z_l/T))
 
 Multi-step schedule: only the top head trains for ``warmup_epochs`` (M), then one more head is
 switched on every ``epochs_per_head`` (N) epochs, from the top down, and the whole stack is
 fine-tuned for ``finetune_epochs`` (P): ``recommended_epochs = M + N * (L - 1) + P``. Defaults from
 the authors' ``train_fcvit_probs.py``: KL weight 50, T 1, M 5 and P 5; the code switches heads on
-every 20/12 epochs (by steps), which we round to N = 2 epochs.
+every ``max_steps / 12`` steps, i.e. every 30/12 = 2.5 epochs of its 5 + 20 + 5 (a little sooner, as
+its counter also counts evaluation batches), which we round to N = 2 epochs. Both use plain CE
+(``weighted_ce`` off), as the authors' models do (``CrossEntropyLoss()``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def _require_heads(method: Method, minimum: int) -> int:
 
 @dataclass(frozen=True)
 class FCViTParams(MethodParams):
+    weighted_ce: bool = knob(
+        False, choices=[True, False], help="class-weighted CE; off: the authors' FCViT uses plain CE"
+    )
     head_reduction: str = knob("sum", choices=["sum", "mean"], help="sum (code) or mean of the per-head CEs")
 
 
@@ -65,6 +70,9 @@ class FCViTMethod(Method):
 
 @dataclass(frozen=True)
 class FCViTProbsParams(MethodParams):
+    weighted_ce: bool = knob(
+        False, choices=[True, False], help="class-weighted CE; off: the authors' FCViTProbs uses plain CE"
+    )
     w_kl: float = knob(50.0, range=(0.0, 200.0), help="weight of the KL chain between heads")
     temperature: float = knob(1.0, range=(1.0, 20.0), help="temperature of the KL chain")
     warmup_epochs: int = knob(5, range=(0, 200), help="M: epochs with the top head only")

@@ -22,6 +22,7 @@ from raykd.distill.methods._shared import adapt_map, make_map_adapter
 
 @dataclass(frozen=True)
 class FitNetParams(MethodParams):
+    weighted_ce: bool = knob(True, choices=[True, False], help="class-weighted CE (SSD-KD Eq. 3 and code)")
     w_hint: float = knob(1.0, range=(0.0, 100.0), help="hint (feature MSE) weight")
     w_ce: float = knob(0.01, range=(0.0, 10.0), help="task CE weight (SSD-KD code: 0.01)")
     adapter: str = knob(

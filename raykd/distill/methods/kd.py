@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from raykd.distill.base import Method, MethodOutput, register_method
+from raykd.distill.base import Method, MethodOutput, knob, register_method
 from raykd.distill.losses import kd_kl_div
 from raykd.distill.methods._shared import BLKDKnobs
 
@@ -20,6 +20,8 @@ from raykd.distill.methods._shared import BLKDKnobs
 @dataclass(frozen=True)
 class KDParams(BLKDKnobs):
     """``alpha`` and ``temperature`` (see :class:`BLKDKnobs`) plus the task-loss knobs."""
+
+    weighted_ce: bool = knob(True, choices=[True, False], help="class-weighted CE (SSD-KD Eq. 3 and code)")
 
 
 @register_method("kd")

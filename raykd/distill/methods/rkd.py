@@ -22,6 +22,7 @@ from raykd.distill.methods._shared import RKDKnobs, rkd_parts
 
 @dataclass(frozen=True)
 class RKDParams(RKDKnobs):
+    weighted_ce: bool = knob(True, choices=[True, False], help="class-weighted CE (SSD-KD Eq. 3 and code)")
     w_ce: float = knob(3.0, range=(0.0, 10.0), help="task CE weight (SSD-KD's DRKD class: 3)")
 
 

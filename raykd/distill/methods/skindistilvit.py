@@ -3,13 +3,15 @@
 Following DistilBERT (Sanh et al. 2019), a linear mix of the task loss, a soft-target term, a
 cosine loss between student and teacher hidden states and an MSE between logits::
 
-    L = w_task * WCE(s, y) + w_soft * T^2 * KL(softmax(t/T) || softmax(s/T))
+    L = w_task * CE(s, y) + w_soft * T^2 * KL(softmax(t/T) || softmax(s/T))
         + w_hidden * mean_tokens(1 - cos(A(h_s), h_t)) + w_mse * sum_c (s - t)^2 / B
 
 ``h`` is the output of the last block before the final norm (all tokens, CLS included), as in the
 authors' ``Distiller``; ``A`` is the identity when widths match, else a learned linear adapter.
 Defaults: task 1 and soft 0.5 (paper, Sec. 4.2), T 2 (authors' ``distil.py``); cosine and MSE are
-off (the paper reports neither helped; the code used w_mse 0.25).
+off (the paper reports neither helped; the code used w_mse 0.25). The task CE is plain
+(``weighted_ce`` off): the authors' student is a HuggingFace classifier whose own unweighted
+``CrossEntropyLoss`` gives the task loss.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from raykd.distill.losses import hidden_cosine_loss, kd_kl_div, logit_mse
 
 @dataclass(frozen=True)
 class SkinDistilViTParams(MethodParams):
-    w_task: float = knob(1.0, range=(0.0, 5.0), help="task (weighted) CE weight")
+    weighted_ce: bool = knob(
+        False, choices=[True, False], help="class-weighted CE; off: the authors' HF models use plain CE"
+    )
+    w_task: float = knob(1.0, range=(0.0, 5.0), help="task CE weight")
     w_soft: float = knob(0.5, range=(0.0, 5.0), help="soft-target T^2 KL weight")
     temperature: float = knob(2.0, range=(1.0, 20.0), help="softmax temperature T")
     w_hidden: float = knob(0.0, range=(0.0, 10.0), help="hidden-state cosine loss weight (ViTs only)")

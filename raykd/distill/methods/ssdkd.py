@@ -38,6 +38,7 @@ from raykd.distill.methods.sskd import SSKD, SSKDParams
 
 @dataclass(frozen=True)
 class DKDComboParams(BLKDKnobs, RKDKnobs, CRKDKnobs):
+    weighted_ce: bool = knob(True, choices=[True, False], help="class-weighted CE (SSD-KD Eq. 3 and code)")
     w_blkd: float = knob(1.0, range=(0.0, 10.0), help="BLKD weight lambda_blkd")
     w_drkd: float = knob(1.0, range=(0.0, 10.0), help="DRKD weight lambda_drkd")
 
@@ -69,6 +70,7 @@ class DKDCombo(Method):
 
 @dataclass(frozen=True)
 class SSDKDParams(SSKDParams, RKDKnobs, CRKDKnobs):
+    weighted_ce: bool = knob(True, choices=[True, False], help="class-weighted CE (SSD-KD Eq. 3 and code)")
     w_sskd: float = knob(1.0, range=(0.0, 10.0), help="SSKD weight lambda_sskd")
     w_drkd: float = knob(1.0, range=(0.0, 10.0), help="DRKD weight lambda_drkd")
     relational_views: str = knob("all", choices=["all", "original"], help="views the DRKD/CRKD terms use")

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SSKDParams(MethodParams):
+    weighted_ce: bool = knob(True, choices=[True, False], help="class-weighted CE (SSD-KD Eq. 3 and code)")
     w_ce: float = knob(0.1, range=(0.0, 10.0), help="task CE weight on the originals")
     w_kd: float = knob(0.9, range=(0.0, 10.0), help="KD weight on the originals")
     w_tf: float = knob(2.7, range=(0.0, 10.0), help="KD weight on the kept rotated views")

@@ -1,0 +1,180 @@
+"""Does distillation beat training alone? Each method against the baseline student, over seeds.
+
+For a teacher/student pair and a list of methods, this trains the teacher once, then for every
+seed the baseline student (the same architecture trained alone) and the student distilled by each
+method, all on the same data, with the same budget (epochs, batch size, optimiser) and the same
+seed, through the same training loop as every raykd run (``raykd.train.driver.run_train`` on the
+in-process executor: no cluster needed). Each run keeps its best validation epoch; its test BMA is
+scored once with it. Per method it prints the test BMA mean +- sd over seeds, the gain over the
+baseline, and the paired comparison over seeds (mean difference +- sd, wins, paired t-test p).
+
+Two pairs, as in the papers:
+
+* ``cnn``: ``test_resnet`` -> ``raykd_test_hierattn`` (the CNN-teacher methods: SSD-KD's BLKD (kd),
+  RKD, CRKD, FitNet, their combination, SSKD and SSD-KD, and DKD);
+* ``vit``: an FCViT (64 wide, 4 blocks) -> its first 2 blocks (SkinDistilViT's cut student:
+  skindistilvit, fcvit_probs on the student alone, and the cascade 4 -> 3 -> 2 blocks). The
+  baseline is the same cut student trained alone.
+
+    python bench/kd_gain.py --pair cnn --seeds 3          # about 25 minutes on 2 CPUs
+    python bench/kd_gain.py --pair vit --seeds 3
+    python bench/kd_gain.py --pair cnn --methods kd,dkd --seeds 5 --epochs 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PAIRS = {
+    "cnn": {
+        "teacher": {"name": "test_resnet", "image_size": 32},
+        "student": {"name": "raykd_test_hierattn", "image_size": 32},
+        "methods": ["kd", "dkd", "rkd", "crkd", "fitnet", "dkd_combo", "sskd", "ssdkd"],
+    },
+    "vit": {
+        "teacher": {"name": "raykd_test_fcvit", "image_size": 32,
+                    "kwargs": {"embed_dim": 64, "patch_size": 4, "num_heads": 4}},
+        "student": {"cut_blocks": [0, 1], "image_size": 32},
+        "methods": ["skindistilvit", "fcvit_probs", "cascade"],
+    },
+}
+
+
+@dataclass
+class Outcome:
+    method: str
+    seed: int
+    val: float
+    test: float
+    seconds: float
+
+
+def _sets(d: dict, prefix: str) -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _sets(v, f"{prefix}{k}.")
+        elif isinstance(v, list):
+            out.append(f"{prefix}{k}=[{', '.join(map(str, v))}]")
+        else:
+            out.append(f"{prefix}{k}={v}")
+    return out
+
+
+def _train(name: str, sets: list[str], out: Path) -> tuple[float, float, float]:
+    from raykd.config import RunConfig, load_config
+    from raykd.train.driver import run_train
+
+    cfg = load_config(RunConfig, None, [*sets, f"name={name}", f"output_dir={out}"])
+    run_dir = out / name
+    t0 = time.perf_counter()
+    if (run_dir / "summary.json").is_file():  # a rerun of the bench reuses finished runs
+        s = json.loads((run_dir / "summary.json").read_text())
+        return s["best"], s["test"]["bma"], 0.0
+    r = run_train(cfg, in_process=True, resume=True)
+    return r.best, r.test["bma"], time.perf_counter() - t0
+
+
+def _cascade(name: str, base: list[str], teacher_dir: Path, depth: int, stop: int, out: Path) -> tuple:
+    """SkinDistilViT's cascade: cut one block at a time, each step distilled from the step above."""
+    parent, total = teacher_dir, 0.0
+    for k in range(depth - 1, stop - 1, -1):
+        step = f"{name}-d{k}"
+        sets = [*base, "distill.method=cascade", f"teacher.checkpoint={parent}",
+                f"student.cut_blocks=[{', '.join(map(str, range(k)))}]"]
+        val, test, s = _train(step, sets, out)
+        parent, total = out / step, total + s
+    return val, test, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pair", choices=sorted(PAIRS), default="cnn", help="teacher/student pair (default: cnn)")
+    p.add_argument("--methods", default=None, help="comma-separated methods (default: the pair's list)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method, at least 3 (default: 3)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of every student run (default: 20)")
+    p.add_argument("--teacher-epochs", type=int, default=60, help="teacher ceiling, early-stopped (default: 60)")
+    p.add_argument("--images", type=int, default=2000, help="synthetic images (default: 2000)")
+    p.add_argument("--lr", type=float, default=3e-3, help="student learning rate (default: 3e-3)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    p.add_argument("--out", default="runs/bench-kd-gain", help="output folder (default: runs/bench-kd-gain)")
+    args = p.parse_args(argv)
+    if args.seeds < 3:
+        p.error("--seeds must be at least 3 for a paired comparison")
+    logging.basicConfig(level=logging.WARNING)
+    pair = PAIRS[args.pair]
+    methods = args.methods.split(",") if args.methods else pair["methods"]
+    root = Path(args.out).resolve()
+    out = root / args.pair
+    data = root / f"data-{args.images}"
+    common = [f"data.path={data}", f"data.synth.num_images={args.images}", "data.synth.image_size=32",
+              "scaling.num_workers=1", f"scaling.cpus_per_worker={args.threads}", "scaling.executor=local",
+              "optim.weight_decay=1e-4", "train.batch_size=32", "train.eval_batch_size=256"]
+
+    t0 = time.perf_counter()
+    teacher_sets = [*common, *_sets(pair["teacher"], "student."), "optim.lr=3e-3", "optim.schedule=plateau",
+                    "optim.plateau_patience=4", "optim.plateau_factor=0.3", "optim.early_stop_patience=10",
+                    f"train.epochs={args.teacher_epochs}"]
+    t_val, t_test, _ = _train("teacher", teacher_sets, out)
+    teacher_dir = out / "teacher"
+    print(f"teacher {pair['teacher']['name']}: val bma {t_val:.4f}, test bma {t_test:.4f} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    student = [*common, *_sets(pair["student"], "student."), f"optim.lr={args.lr}", "optim.schedule=cosine",
+               f"train.epochs={args.epochs}"]
+    if "cut_blocks" in pair["student"]:  # a cut ViT: its blocks come from the trained teacher
+        student.append(f"teacher.checkpoint={teacher_dir}")
+    depth = len(pair["student"].get("cut_blocks", []))
+    results: list[Outcome] = []
+    for seed in range(args.seeds):
+        for method in ["baseline", *methods]:
+            name = f"{method}-s{seed}"
+            sets = [*student, f"train.seed={seed}", f"data.sampling.seed={seed}"]
+            if method == "cascade":
+                val, test, secs = _cascade(name, sets, teacher_dir, 4, depth, out)
+            else:
+                if method not in ("baseline", "fcvit_probs"):
+                    sets.append(f"teacher.checkpoint={teacher_dir}")
+                val, test, secs = _train(name, [*sets, f"distill.method={method}"], out)
+            results.append(Outcome(method, seed, val, test, secs))
+            print(f"  seed {seed} {method:14s} val bma {val:.4f}  test bma {test:.4f}  ({secs:.0f} s)", flush=True)
+
+    print(table(results, args, pair))
+    (out / "kd_gain.json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
+    print(f"total {time.perf_counter() - t0:.0f} s; runs in {out}")
+    return 0
+
+
+def table(results: list[Outcome], args, pair) -> str:
+    from scipy import stats
+
+    base = {r.seed: r.test for r in results if r.method == "baseline"}
+    lines = [f"\nkd_gain: pair {args.pair} ({pair['teacher']['name']} -> {pair['student'].get('name', 'cut ViT')}), "
+             f"{args.images} synthetic 32-px images, {args.epochs} epochs, seeds {args.seeds}; test BMA",
+             "| method | test BMA mean ± sd | gain vs baseline | paired diff mean ± sd | wins | paired t p |",
+             "|---|---|---|---|---|---|"]
+    order = list(dict.fromkeys(r.method for r in results))
+    base_mean = statistics.mean(base.values())
+    for m in order:
+        vals = {r.seed: r.test for r in results if r.method == m}
+        mean, sd = statistics.mean(vals.values()), statistics.stdev(vals.values())
+        if m == "baseline":
+            lines.append(f"| baseline | {mean:.4f} ± {sd:.4f} | - | - | - | - |")
+            continue
+        diffs = [vals[s] - base[s] for s in vals if s in base]
+        p = stats.ttest_rel([vals[s] for s in vals if s in base], [base[s] for s in vals if s in base]).pvalue
+        wins = sum(d > 0 for d in diffs)
+        lines.append(f"| {m} | {mean:.4f} ± {sd:.4f} | {100 * (mean - base_mean):+.1f} pts | "
+                     f"{100 * statistics.mean(diffs):+.1f} ± {100 * statistics.stdev(diffs):.1f} pts | "
+                     f"{wins}/{len(diffs)} | {p:.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
