@@ -205,6 +205,11 @@ def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
     from raykd.config import from_dict
     from raykd.train.loop import build_run
 
+    if not logging.getLogger("raykd").handlers:  # the epoch lines reach the driver's console
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("raykd").addHandler(handler)
+        logging.getLogger("raykd").setLevel(logging.INFO)
     cfg = from_dict(RunConfig, cfg_dict, where="run config")
     manifest = Manifest.load(cfg.data.path)
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = ["FINDINGS_FILE", "Findings", "collect_findings"]
 
 FINDINGS_FILE = "findings.json"
+STAGE_2 = "stage 2 (trials)"
 
 
 @dataclass
@@ -31,6 +32,14 @@ class Findings:
     trial_steps_s: float = 0.0
     trials_timed: int = 0
     stage_s: dict[str, float] = field(default_factory=dict)
+    slots: int = 1  # trials at once
+
+    @property
+    def slot_share(self) -> float | None:
+        """Training and evaluation steps over all the trial slots' time in stage 2 (trial process
+        start-up and scheduling gaps included)."""
+        wall = self.stage_s.get(STAGE_2, 0.0) * self.slots
+        return self.trial_steps_s / wall if wall > 0 else None
 
     @property
     def compute_share(self) -> float | None:
@@ -52,14 +61,17 @@ class Findings:
         if share is not None:
             out.append(f"compute share: {100 * share:.0f} % of {self.trial_wall_s:.0f} s of trial wall time in "
                        f"training and evaluation steps ({self.trials_timed} trials)")
+        if self.slot_share is not None:
+            out.append(f"stage 2: {100 * self.slot_share:.0f} % of its {self.slots} trial slots x "
+                       f"{self.stage_s[STAGE_2]:.0f} s in training and evaluation steps")
         if self.stage_s:
             out.append("job wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.stage_s.items()))
         return out
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / FINDINGS_FILE
-        path.write_text(json.dumps({**asdict(self), "compute_share": self.compute_share, "lines": self.lines()},
-                                   indent=2, default=float))
+        path.write_text(json.dumps({**asdict(self), "compute_share": self.compute_share,
+                                    "slot_share": self.slot_share, "lines": self.lines()}, indent=2, default=float))
         return path
 
 
@@ -67,12 +79,12 @@ def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def collect_findings(plan, board, stage_s: dict[str, float] | None = None) -> Findings:
+def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots: int = 1) -> Findings:
     """Findings of a finished search from its plan (teachers, runs folder) and leaderboard."""
     from raykd.tune.trial import TRIAL_TIMING_FILE
 
     metric = board.metric
-    f = Findings(metric=metric, stage_s=dict(stage_s or {}))
+    f = Findings(metric=metric, stage_s=dict(stage_s or {}), slots=slots)
     for name, folder in plan.teachers.items():
         s = _read(Path(folder) / "summary.json")
         if s is not None and s.get("best") is not None:

@@ -158,12 +158,14 @@ def paper_point(space: SearchSpace, label: str) -> dict[str, Any]:
     return point
 
 
-def is_paper_setting(method: str, params: dict[str, Any]) -> bool:
-    """Whether a trial's method parameters are all at the paper's values."""
+def is_paper_setting(method: str, params: dict[str, Any], spec) -> bool:
+    """Whether a trial's searched method parameters (``spec.params`` that are not fixed) are all at
+    the paper's values; a method with nothing searched has no paper trial to mark."""
     from raykd.distill.paper import paper_params
 
     paper = paper_params(method)
-    return all(paper.get(k) == v for k, v in params.items())
+    searched = [k for k, d in spec.params.items() if not d.fixed]
+    return bool(searched) and all(paper.get(k) == params.get(k) for k in searched)
 
 
 def _progress_callback(space: SearchSpace):
@@ -271,7 +273,7 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
 
     import time
 
-    from raykd.tune.findings import collect_findings
+    from raykd.tune.findings import STAGE_2, collect_findings
 
     stage_s: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -296,14 +298,14 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
         tuner = _new_tuner(space, trainable, trial_concurrency(space, resources), experiment_dir)
     records = _records(tuner.fit())
     log.info("stage 2 done: %d trials, %d failed", len(records), sum(r.status == "ERROR" for r in records))
-    stage_s["stage 2 (trials)"] = time.perf_counter() - t0
+    stage_s[STAGE_2] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     board = build_leaderboard(plan, records)  # stage 3
     board.write(experiment_dir)
     published = publish(plan, board)
     stage_s["stage 3 (leaderboard, export)"] = time.perf_counter() - t0
-    findings = collect_findings(plan, board, stage_s)
+    findings = collect_findings(plan, board, stage_s, slots=trial_concurrency(space, resources))
     findings.write(experiment_dir)
     return SearchOutcome(experiment_dir=experiment_dir, records=records, leaderboard=board,
                          published=published, findings=findings)

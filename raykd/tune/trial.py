@@ -90,26 +90,51 @@ def _cost(parts, reps: int) -> dict[str, float]:
                                                                        reps=reps)}
 
 
-def _train(cfg, extra: dict[str, Any], metric: str, reps: int) -> dict[str, Any]:
+def _train(cfg, extra: dict[str, Any], metric: str, reps: int) -> None:
     """One run reporting every epoch to Tune; a run that already finished is only reported.
 
     A single-worker run on small data trains right here in the trial's process, which holds the
     run's CPUs (see :func:`raykd.train.driver.run_train`); a larger one is a TorchTrainer whose
-    reports reach Tune through :class:`TrialReporter`. Returns the run's timing record.
+    reports reach Tune through :class:`TrialReporter`.
     """
     from ray import tune
 
-    from raykd.train.driver import TIMING_FILE, run_train
+    from raykd.train.driver import run_train
 
     run_dir = Path(cfg.output_dir) / cfg.name
     if (run_dir / "summary.json").is_file():
         log.info("run %s finished before the interruption: reporting it, not retraining", cfg.name)
         _replay(run_dir, extra, metric)
-        return {}
+        return
     run_train(cfg, resume=True, in_process=True, callbacks=[TrialReporter(extra, metric)],
               on_report=lambda row: tune.report(_augment(row, extra, metric)),
               on_built=lambda parts: extra.update(_cost(parts, reps)))
-    return json.loads((run_dir / TIMING_FILE).read_text())
+
+
+PHASES = ("build_s", "data_s", "train_s", "eval_s", "report_s", "test_s")
+
+
+def _record_timing(trial_dir: Path, run_dirs: list[Path], wall_s: float) -> None:
+    """Write where the trial's wall time went: each run's phases (``timing.json``; for a run that
+    ASHA stopped, its epochs' training and validation seconds from ``metrics.json``)."""
+    from raykd.train.driver import TIMING_FILE
+
+    record = dict.fromkeys(PHASES, 0.0)
+    executors, stopped = set(), 0
+    for run_dir in run_dirs:
+        timing_file = run_dir / TIMING_FILE
+        if timing_file.is_file():
+            t = json.loads(timing_file.read_text())
+            executors.add(t.get("executor"))
+        else:
+            stopped += 1
+            t = {"train_s": sum(r.get("train/seconds", 0.0) for r in _history(run_dir)),
+                 "eval_s": sum(r.get("val/seconds", 0.0) for r in _history(run_dir))}
+        for k in PHASES:
+            record[k] += t.get(k, 0.0)
+    record.update(wall_s=wall_s, runs=len(run_dirs), stopped_runs=stopped,
+                  executor=executors.pop() if len(executors) == 1 else None)
+    (trial_dir / TRIAL_TIMING_FILE).write_text(json.dumps(record, indent=2))
 
 
 def _wait_for_reports_to_reach_tune(timeout_s: float = 60.0) -> None:
@@ -161,22 +186,24 @@ def _trial_main(config: dict[str, Any], plan) -> None:
     (trial_dir / TRIAL_FILE).write_text(json.dumps({
         "trial_id": trial_id, "label": resolved.label, "method": resolved.method, "student": resolved.student,
         "teacher": resolved.teacher, "config": config, "params": resolved.params,
-        "settings": resolved.settings, "paper": is_paper_setting(resolved.method, resolved.params),
+        "settings": resolved.settings,
+        "paper": is_paper_setting(resolved.method, resolved.params, plan.space.methods[resolved.label]),
     }, indent=2, default=str))
     metric = plan.space.search.metric
-    if resolved.method == "cascade":
-        runs = _cascade(plan, cfg, resolved, trial_dir)
-    else:
-        runs = [_train(cfg, {}, metric, plan.space.export.latency_reps)]
-    runs = [r for r in runs if r]
-    if runs:  # where the trial's wall time went (a replayed trial has nothing new to add)
-        record = {k: sum(r.get(k, 0.0) for r in runs) for k in ("build_s", "data_s", "train_s", "eval_s",
-                                                                   "report_s", "test_s")}
-        record.update(wall_s=time.perf_counter() - t0, runs=len(runs), executor=runs[0].get("executor"))
-        (trial_dir / TRIAL_TIMING_FILE).write_text(json.dumps(record, indent=2))
+    trained: list[Path] = []  # the runs this call trains (a replayed run adds no time)
+    try:
+        if resolved.method == "cascade":
+            _cascade(plan, cfg, resolved, trial_dir, trained)
+        else:
+            if not (trial_dir / "summary.json").is_file():
+                trained.append(trial_dir)
+            _train(cfg, {}, metric, plan.space.export.latency_reps)
+    finally:  # ASHA stops a trial by raising in tune.report: its epochs so far still count
+        if trained:
+            _record_timing(trial_dir, trained, time.perf_counter() - t0)
 
 
-def _cascade(plan, template, resolved, trial_dir: Path) -> list[dict[str, Any]]:
+def _cascade(plan, template, resolved, trial_dir: Path, trained: list[Path]) -> None:
     """Cascading distillation (SkinDistilViT section 3.2) as a pipeline of runs, one per depth.
 
     Starting from the trained ViT teacher (depth L), run ``<trial>-d<k>`` for k = L-1 down to
@@ -197,14 +224,15 @@ def _cascade(plan, template, resolved, trial_dir: Path) -> list[dict[str, Any]]:
     test = json.loads(parent_summary.read_text()).get("test", {}) if parent_summary.is_file() else {}
     steps: list[dict[str, Any]] = [{"depth": depth, "run": None, "run_dir": str(parent_dir), "parent": True,
                                     "val": meta.metrics, "test": test, **model_cost(parent)}]
-    timings = []
     for k in range(depth - 1, spec.min_blocks - 1, -1):
         name = f"{template.name}-d{k}"
         cfg = replace(template, name=name, student=ModelConfig(cut_blocks=list(range(k)), image_size=size),
                       teacher=ModelConfig(checkpoint=parent_dir))
         extra = {"depth": k}
-        timings.append(_train(cfg, extra, metric, plan.space.export.latency_reps))
         run_dir = Path(cfg.output_dir) / name
+        if not (run_dir / "summary.json").is_file():
+            trained.append(run_dir)
+        _train(cfg, extra, metric, plan.space.export.latency_reps)
         summary = json.loads((run_dir / "summary.json").read_text())
         steps.append({"depth": k, "run": name, "run_dir": str(run_dir), "val": summary["val"],
                       "test": summary["test"], **extra})
@@ -213,4 +241,3 @@ def _cascade(plan, template, resolved, trial_dir: Path) -> list[dict[str, Any]]:
         log.info("cascade %s: %d blocks, val %s %.4f", template.name, k, metric,
                  summary["val"].get(metric, float("nan")))
         parent_dir = str(run_dir)
-    return timings

@@ -18,13 +18,14 @@ def dataset(tmp_path_factory):
     return path, make_synthetic(path, num_images=40, image_size=32, seed=0)
 
 
-def kd_parts(dataset, teacher_size: int, method: str = "kd"):
+def kd_parts(dataset, teacher_size: int, method: str = "kd", stage_dir=None):
     path, manifest = dataset
     cfg = load_config(RunConfig, None, [
         f"data.path={path}", "student.name=raykd_test_tiny_cnn", "student.image_size=32",
-        "teacher.name=test_resnet", f"teacher.image_size={teacher_size}", f"distill.method={method}"])
+        "teacher.name=test_resnet", f"teacher.image_size={teacher_size}", f"distill.method={method}",
+        "distill.stage_epochs=1"])
     torch.manual_seed(0)
-    return build_run(cfg, manifest)
+    return build_run(cfg, manifest, stage_dir=stage_dir)
 
 
 def teacher_eval_logits(teacher, images_u8: torch.Tensor, size: int) -> torch.Tensor:
@@ -74,3 +75,9 @@ def test_feature_methods_take_teacher_features_in_the_teachers_contract(dataset)
     x = normalizer(parts.preprocess)(images)
     torch.testing.assert_close(parts.method.teacher_features(x).logits,
                                teacher_eval_logits(parts.teacher, images, 48), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "rkd", "fitnet", "crkd", "dkd_combo", "sskd", "ssdkd"])
+def test_every_teacher_method_builds_with_a_teacher_of_another_contract(dataset, method, tmp_path):
+    parts = kd_parts(dataset, 48, method=method, stage_dir=tmp_path)  # sskd/ssdkd: their head stage too
+    assert parts.method.teacher_inputs(torch.zeros(2, 3, 32, 32)).shape[-1] == 48

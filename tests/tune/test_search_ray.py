@@ -172,7 +172,8 @@ def test_a_failing_trial_is_recorded_with_its_error_and_the_search_continues(smo
     outcome, _ = smoke
     failed = [r for r in outcome.leaderboard.rows if r.status == "failed"]
     assert [r.method for r in failed] == ["broken"]
-    assert failed[0].error.startswith("WorkerGroupError: Training failed due to worker errors")
+    # one worker on small data trains in the trial's own process: the hard exit kills that process
+    assert failed[0].error.startswith("ActorDiedError: The actor is dead because its worker process has died")
     assert "failed:" in outcome.leaderboard.markdown()
     assert sum(r.status != "failed" for r in outcome.leaderboard.rows) == 4  # the others still ran
 
@@ -187,9 +188,11 @@ def resumed(ray_cluster, tmp_path_factory):
         "name": "resume",
         "teachers": {"vit": {"model": {"name": "raykd_test_fcvit", "image_size": 32, "kwargs": {"depth": 3}},
                              "set": {"train.epochs": 1, "scaling.num_workers": 0}}},
-        "methods": {"baseline": {}, "cascade": {"teacher": "vit", "min_blocks": 1,
-                                                "params": {"temperature": {"uniform": [1.0, 4.0]}}}},
-        "budget": {"num_samples": 2, "max_concurrent": 2, "epochs": 1, "asha": False},
+        # the cascade's steps train long enough for the kill to land between two finished runs
+        "methods": {"baseline": {"set": {"train.epochs": 1}},
+                    "cascade": {"teacher": "vit", "min_blocks": 1, "set": {"train.epochs": 30},
+                                "params": {"temperature": {"uniform": [1.0, 4.0]}}}},
+        "budget": {"num_samples": 2, "max_concurrent": 2, "asha": False},
         "search": {"teacher_margin": None},
     }
     path = root / "resume.yaml"

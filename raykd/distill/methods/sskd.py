@@ -198,6 +198,7 @@ class SSKD(Method):
         num_classes: int,
         class_weights: Tensor | None = None,
         input_size: int | tuple[int, ...] | None = None,
+        teacher_input: nn.Module | None = None,
         teacher_head: nn.Module | Mapping[str, Tensor] | None = None,
     ) -> None:
         super().__init__(
@@ -207,6 +208,7 @@ class SSKD(Method):
             num_classes=num_classes,
             class_weights=class_weights,
             input_size=input_size,
+            teacher_input=teacher_input,
         )
         if self.input_size[1] != self.input_size[2]:
             self.refuse(f"rotated views need square images, got input_size {self.input_size}")
