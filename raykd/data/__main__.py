@@ -8,8 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from raykd.cli import HelpFormatter
 from raykd.config import ConfigError
 from raykd.data.writer import IngestError
+
+PROG = "python -m raykd.data"
 
 
 def _fractions(args: argparse.Namespace) -> dict[str, float]:
@@ -21,36 +24,43 @@ def _fractions(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train", type=float, default=0.7, help="train fraction (default 0.7)")
-    p.add_argument("--val", type=float, default=0.15, help="validation fraction (default 0.15)")
-    p.add_argument("--test", type=float, default=0.15, help="test fraction (default 0.15)")
+    p.add_argument("--train", type=float, default=0.7, help="train fraction")
+    p.add_argument("--val", type=float, default=0.15, help="validation fraction")
+    p.add_argument("--test", type=float, default=0.15, help="test fraction")
     p.add_argument("--split-seed", type=int, default=42, help="seed of the lesion-grouped split")
     p.add_argument("--shard-mb", type=float, default=64.0, help="target Parquet shard size in MB")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raykd.data", description=__doc__)
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("synth", help="generate the synthetic ISIC-2019-like dataset")
-    s.add_argument("--out", required=True, type=Path)
-    s.add_argument("--num-images", type=int, default=2000)
-    s.add_argument("--image-size", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
+    def add_parser(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    s = add_parser("synth", help="generate the synthetic ISIC-2019-like dataset")
+    s.add_argument("--out", required=True, type=Path, help="folder to write the dataset to")
+    s.add_argument("--num-images", type=int, default=2000, help="number of images")
+    s.add_argument("--image-size", type=int, default=128, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    s.add_argument("--atypical", type=float, default=0.22,
+                   help="chance that a lesion's cue group comes from a look-alike class (default: 0.22)")
     _add_split_args(s)
 
-    g = sub.add_parser("ingest", help="ingest a dataset in its publisher's layout")
-    g.add_argument("--format", required=True, choices=["isic2019", "ham10000", "pad_ufes_20", "folder"])
-    g.add_argument("--src", required=True, type=Path)
-    g.add_argument("--out", required=True, type=Path)
-    g.add_argument("--malignant", default=None, help="comma-separated label names counted malignant")
+    g = add_parser("ingest", help="ingest a dataset in its publisher's layout")
+    g.add_argument("--format", required=True, choices=["isic2019", "ham10000", "pad_ufes_20", "folder"],
+                   help="the publisher's layout of --src")
+    g.add_argument("--src", required=True, type=Path, help="the dataset as downloaded")
+    g.add_argument("--out", required=True, type=Path, help="folder to write the dataset to")
+    g.add_argument("--malignant", default=None,
+                   help="comma-separated label names counted malignant (default: the format's own list)")
     _add_split_args(g)
 
-    i = sub.add_parser("inspect", help="class counts per split and a contact sheet of samples")
-    i.add_argument("path", type=Path)
-    i.add_argument("--sheet", type=Path, default=None, help="PNG path (default DATASET/contact_sheet.png)")
-    i.add_argument("--per-class", type=int, default=6)
+    i = add_parser("inspect", help="class counts per split and a contact sheet of samples")
+    i.add_argument("path", type=Path, help="dataset folder")
+    i.add_argument("--sheet", type=Path, default=None, help="PNG path (default: PATH/contact_sheet.png)")
+    i.add_argument("--per-class", type=int, default=6, help="images per class on the contact sheet")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -70,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         manifest = make_synthetic(
             args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
-            fractions=_fractions(args), split_seed=args.split_seed, shard_mb=args.shard_mb,
+            atypical=args.atypical, fractions=_fractions(args), split_seed=args.split_seed, shard_mb=args.shard_mb,
             overwrite=args.overwrite,
         )
         print(summary(manifest))

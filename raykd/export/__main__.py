@@ -11,12 +11,16 @@ import argparse
 import logging
 import sys
 
+from raykd.cli import HelpFormatter
 from raykd.export.onnx import ExportError
 from raykd.export.run import DEFAULT_TOLERANCE, ParityError, run_export
 
+PROG = "python -m raykd.export"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m raykd.export", description=__doc__.split("\n\n")[1])
+
+def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1],
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder (with best/) or artifact folder")
     p.add_argument("--data", default=None,
                    help="dataset folder (default: the dataset the model was trained on)")
@@ -26,23 +30,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--int8", action="store_true",
                    help="also write and measure an int8 dynamically quantised model")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help=f"max |p_onnx - p_torch| allowed (default {DEFAULT_TOLERANCE})")
-    p.add_argument("--max-images", type=int, default=None, help="use only the first N images of the split")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--opset", type=int, default=17)
+                   help="max |p_onnx - p_torch| allowed")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use only the first N images of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, prog=prog)
     try:
         report = run_export(
             args.checkpoint, data=args.data, out=args.out, split=args.split, fp16=args.fp16,
             int8=args.int8, tolerance=args.tolerance, max_images=args.max_images,
             batch_size=args.batch_size, opset=args.opset,
         )
-    except (ParityError, ExportError, FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a wrong folder, file or option: the user's to fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ParityError, ExportError) as exc:  # the export itself failed its check
         logging.getLogger("raykd.export").error("%s", exc)
         return 1
     print(report.table())

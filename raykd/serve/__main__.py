@@ -12,30 +12,38 @@ import logging
 import signal
 import sys
 
+from raykd.cli import HelpFormatter
 from raykd.serve.intake import Limits
 
 APP_NAME = "raykd"
+PROG = "python -m raykd.serve"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m raykd.serve", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--registry", help="family JSON written by the tune job")
+    src.add_argument("--registry", help="family JSON written by the tune job (this or --model is required)")
     src.add_argument("--model", action="append", dest="models", metavar="[NAME=]PATH",
-                     help="artifact/run folder or .onnx file; repeatable")
+                     help="artifact/run folder or .onnx file; repeatable (this or --registry is required)")
     p.add_argument("--winner", help="default model (default: the family's winner / first --model)")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto: torch on GPU when present, else ONNX Runtime on CPU")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--max-batch-size", type=int, default=8, help="1 turns batching off")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.005)
-    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
-    p.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
-    p.add_argument("--num-replicas", type=int, default=1)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="device of the torch backend; auto picks cuda when present")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="most requests a replica runs as one batch; 1 turns batching off")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.005,
+                   help="seconds a replica waits to fill a batch")
+    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                   help="largest request body accepted")
+    p.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels,
+                   help="largest image accepted, in width x height pixels")
+    p.add_argument("--num-replicas", type=int, default=1, help="replicas of the deployment")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 to expose)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address; 0.0.0.0 to expose")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     return p.parse_args(argv)
 
@@ -73,18 +81,19 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ns = parse_args(argv)
+    ns = parse_args(argv, prog=prog)
     # Ctrl-C stops serving even when a shell started us in the background with SIGINT ignored
     # (SIGTERM is handled by Ray itself: it drains the node and stops its processes).
     signal.signal(signal.SIGINT, _interrupt)
     try:
         serve_args = args_to_serve_args(ns)
         run_serve(serve_args, host=ns.host, port=ns.port, address=ns.address)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        logging.getLogger("raykd.serve").error("%s", exc)
-        return 1
+    except (FileNotFoundError, ValueError, KeyError) as exc:  # a wrong file, model name or option
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes str()
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         from ray import serve
 

@@ -7,14 +7,17 @@ import json
 import logging
 import sys
 
+from raykd.cli import HelpFormatter
 from raykd.config import ConfigError, RunConfig, load_config
 
+PROG = "python -m raykd.train"
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raykd.train", description=__doc__)
+
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--config", default=None, help="YAML run config (default: the built-in tiny CPU run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+                   help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; default: none)")
     p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
     p.add_argument("--list-methods", action="store_true", help="print every distillation method and its parameters")

@@ -14,9 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+from raykd.cli import HelpFormatter
 from raykd.config import ConfigError
 
 DEFAULT_SPACE = "search_spaces/default.yaml"
+PROG = "python -m raykd.tune"
 
 
 def default_space() -> Path:
@@ -27,13 +29,15 @@ def default_space() -> Path:
     return Path(__file__).resolve().parents[2] / DEFAULT_SPACE
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m raykd.tune", description=__doc__.split("\n\n")[1])
+def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1],
+                                formatter_class=HelpFormatter)
     p.add_argument("--space", default=None, help=f"search-space YAML (default: {DEFAULT_SPACE})")
-    p.add_argument("--config", default=None, help="run-config YAML under the space's base: (optional)")
+    p.add_argument("--config", default=None,
+                   help="run-config YAML under the space's base: (default: none, the space's base: alone)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the space, e.g. --set budget.num_samples=4 "
-                        "--set base.train.epochs=2 --set output_dir=/mnt/runs (repeatable)")
+                        "--set base.train.epochs=2 --set output_dir=/mnt/runs (repeatable; default: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted experiment of the same name")
     p.add_argument("--address", default=None,
@@ -41,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    args = parse_args(argv, prog=prog)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     from raykd.tune.space import load_space

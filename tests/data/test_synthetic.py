@@ -148,3 +148,14 @@ def test_classes_are_learnable_from_simple_features_but_not_trivially():
     bma = balanced_accuracy_score(y, pred)
     # chance is 1/8 = 0.125; measured 0.43-0.45 over seeds 0-2 (see the report)
     assert 0.25 < bma < 0.85, bma
+
+
+def test_atypical_sets_how_often_a_lesion_borrows_a_look_alikes_cues():
+    # the default is the generator's historical difficulty: same pixels as before the knob existed
+    assert np.array_equal(render_image("MEL", 32, seed=3, lesion=5),
+                          render_image("MEL", 32, seed=3, lesion=5, atypical=0.22))
+    typical = [render_image("MEL", 32, seed=0, lesion=k, atypical=0.0) for k in range(12)]
+    borrowed = [render_image("MEL", 32, seed=0, lesion=k, atypical=1.0) for k in range(12)]
+    assert sum(not np.array_equal(a, b) for a, b in zip(typical, borrowed)) >= 10
+    with pytest.raises(ValueError, match="atypical"):
+        synth_items(16, image_size=32, atypical=1.5)

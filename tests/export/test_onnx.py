@@ -122,4 +122,4 @@ def test_cli_exports_a_run_and_prints_the_table(tmp_path, dataset, capsys):
     out = capsys.readouterr().out
     assert "int8" in out and "BMA change" in out
     assert (run / "best" / "model.int8.onnx").is_file()
-    assert export_main(["--checkpoint", str(tmp_path / "nothing")]) == 1
+    assert export_main(["--checkpoint", str(tmp_path / "nothing")]) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import timm
 import torch
@@ -74,9 +76,27 @@ def _partial_file(tmp_path):
     return path
 
 
-def test_non_strict_loading_keeps_what_fits(tmp_path):
+def test_non_strict_loading_keeps_what_fits(tmp_path, caplog):
+    # a file without layer4 and with a key the model lacks; every tensor in it differs from any init
+    file_sd = {k: v + 1 if v.is_floating_point() else v
+               for k, v in timm.create_model("test_resnet", num_classes=5).state_dict().items()
+               if not k.startswith("layer4")}
+    file_sd["extra.weight"] = torch.ones(3)
+    path = tmp_path / "partial_extra.pt"
+    torch.save(file_sd, path)
     model = timm.create_model("test_resnet", num_classes=5)
-    load_weights(model, _partial_file(tmp_path), strict=False)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with caplog.at_level(logging.INFO, logger="raykd.models.factory"):
+        assert load_weights(model, path, strict=False) is model
+
+    own = model.state_dict()
+    assert "extra.weight" not in own  # the unexpected key is ignored, not added
+    for k, v in own.items():
+        expected = init[k] if k.startswith("layer4") else file_sd[k]  # missing keys keep their init
+        assert torch.equal(v, expected), k
+    assert any(k.startswith("layer4") for k in own)
+    assert "layer4.0.conv1.weight" in caplog.text and "extra.weight" in caplog.text  # both reported
 
 
 def test_user_errors_name_the_input():
