@@ -2,9 +2,10 @@
 
 - ``cluster/ray-cluster.yaml`` is validated against the cluster launcher's own JSON schema
   (``ray/autoscaler/ray-schema.json`` of the installed Ray).
-- ``deploy/serve_config.yaml`` and the RayService's ``serveConfigV2`` are validated by Ray Serve's
-  own ``ServeDeploySchema``, their ``import_path`` is imported and their ``args`` are validated by
-  ``ServeArgs``; the two configs must describe the same application.
+- ``deploy/serve_config.yaml``, ``deploy/serve_config_cpu.yaml`` and the RayService's
+  ``serveConfigV2`` are validated by Ray Serve's own ``ServeDeploySchema``, their ``import_path`` is
+  imported and their ``args`` are validated by ``ServeArgs``; the cluster config and the RayService
+  must describe the same application, and the CPU config must need no GPU.
 - KubeRay manifests (no CRD schema offline) are checked field by field; the tune command they run
   must exist, parse with ``raykd.tune``'s own argument parser and pass its search-space validation
   (files resolved in the repository, which the image installs at /home/ray/raykd).
@@ -132,6 +133,18 @@ def test_serve_config_is_a_valid_serve_deploy_file_for_build_app():
     _check_serve_config(load("deploy/serve_config.yaml"))
 
 
+def test_cpu_serve_config_is_valid_and_runs_onnx_runtime_without_a_gpu():
+    from raykd.serve.app import ServeArgs
+
+    cfg = load("deploy/serve_config_cpu.yaml")
+    _check_serve_config(cfg)
+    (app,) = cfg["applications"]
+    args = ServeArgs.model_validate(app["args"])
+    assert (args.backend, args.device, args.num_gpus) == ("onnx", "cpu", 0)
+    assert not Path(args.registry).is_absolute()  # a local path, resolved where serve run starts
+    assert all(d["ray_actor_options"].get("num_gpus", 0) == 0 for d in app["deployments"])
+
+
 def test_rayservice_serves_the_same_application_as_the_serve_config():
     doc = load("deploy/kuberay-rayservice.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
@@ -148,7 +161,7 @@ def test_rayservice_serves_the_same_application_as_the_serve_config():
 
 @pytest.mark.parametrize("rel", ["cluster/ray-cluster.yaml", "cluster/kuberay-raycluster.yaml",
                                  "cluster/kuberay-rayjob.yaml", "deploy/serve_config.yaml",
-                                 "deploy/kuberay-rayservice.yaml"])
+                                 "deploy/serve_config_cpu.yaml", "deploy/kuberay-rayservice.yaml"])
 def test_every_file_is_plain_yaml_without_tabs(rel):
     text = (ROOT / rel).read_text()
     assert "\t" not in text

@@ -3,6 +3,8 @@
 Connects to ``--address`` / ``$RAY_ADDRESS`` or starts a local Ray cluster, binds the HTTP proxy to
 ``--host:--port`` and blocks until interrupted. The same application starts with
 ``serve run raykd.serve.app:build_app registry=FILE`` or ``serve deploy deploy/serve_config.yaml``.
+Set ``RAYKD_API_KEY`` to require an API key: a local cluster started here inherits it from this
+process's environment; a running cluster (``--address``) needs it in its own environment.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
                    help="largest request body accepted")
     p.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels,
                    help="largest image accepted, in width x height pixels")
+    p.add_argument("--request-timeout-s", type=float, default=30.0,
+                   help="seconds a prediction may take before it answers 503")
     p.add_argument("--num-replicas", type=int, default=1, help="replicas of the deployment")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
@@ -55,22 +59,24 @@ def args_to_serve_args(ns: argparse.Namespace):
         registry=ns.registry, models=ns.models or [], winner=ns.winner, backend=ns.backend,
         device=ns.device, max_batch_size=ns.max_batch_size, batch_wait_timeout_s=ns.batch_wait_timeout_s,
         max_body_bytes=ns.max_body_bytes, max_image_pixels=ns.max_image_pixels,
+        request_timeout_s=ns.request_timeout_s,
         num_replicas=ns.num_replicas, num_cpus=ns.num_cpus, num_gpus=ns.num_gpus,
     )
 
 
 def run_serve(args, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-              name: str = APP_NAME, blocking: bool = True):
+              name: str = APP_NAME, blocking: bool = True, env_vars: dict[str, str] | None = None):
     """Start Serve on ``host:port`` and run the app built from ``args`` (a ``ServeArgs``).
 
-    Returns the app's deployment handle when ``blocking`` is False (tests, benchmarks).
+    ``env_vars`` are set in the replicas' environment (``runtime_env``), e.g. ``RAYKD_API_KEY`` in
+    tests. Returns the app's deployment handle when ``blocking`` is False (tests, benchmarks).
     """
     from ray import serve
 
     from raykd.cluster import init_local_ray
-    from raykd.serve.app import build_app
+    from raykd.serve.app import bind_app
 
-    app = build_app(args)  # validates the family before touching the cluster
+    app = bind_app(args, env_vars=env_vars)  # validates the family before touching the cluster
     init_local_ray(address)
     serve.start(http_options={"host": host, "port": port})
     logging.getLogger(__name__).info("raykd serving on http://%s:%d (POST /predict, GET /models)", host, port)

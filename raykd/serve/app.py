@@ -6,7 +6,13 @@ Routes:
         "top_probability", "malignant_probability"}``; the malignant probability is the sum over
         the artifact's malignant labels (SkinDistilViT's cancer-vs-benign view, seed 000 section 5.4).
     ``GET /models`` - the family: name, version, parameters, size, validation BMA, latency.
-    ``GET /healthz`` - liveness.
+    ``GET /healthz`` - liveness (the one route that never needs the API key).
+
+When ``RAYKD_API_KEY`` is set in the replica's environment every other route needs
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (401 otherwise); a prediction that takes
+longer than ``request_timeout_s`` answers 503; an unexpected fault answers
+``{"error": "internal error", "request_id": ...}`` and is logged with that id
+(:mod:`raykd.serve.guard`).
 
 Requests are grouped by ``@serve.batch`` (decoding, then one forward pass per model per batch) and
 run in a worker thread so the event loop keeps accepting requests while a batch computes. Bad
@@ -29,12 +35,21 @@ from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
 from raykd.serve.family import Family, family_from_paths, load_family
+from raykd.serve.guard import (
+    ApiKeyMiddleware,
+    InternalErrorMiddleware,
+    PredictionTimeout,
+    announce_auth,
+    error_response,
+    internal_error,
+    new_request_id,
+    within,
+)
 from raykd.serve.intake import (
     Limits,
     RequestError,
@@ -47,7 +62,7 @@ from raykd.serve.intake import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServeArgs", "ModelServer", "build_app", "resolve_family"]
+__all__ = ["ServeArgs", "ModelServer", "build_app", "bind_app", "resolve_family"]
 
 DEPLOYMENT_NAME = "ModelServer"
 
@@ -66,7 +81,10 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(8, ge=1, description="1 turns batching off")
     batch_wait_timeout_s: float = Field(0.005, ge=0.0)
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(64_000_000, gt=0)
+    max_image_pixels: int = Field(Limits.max_image_pixels, gt=0,
+                                  description="largest width x height accepted (from the image header)")
+    request_timeout_s: float = Field(30.0, gt=0.0,
+                                     description="a prediction taking longer answers 503")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
@@ -91,7 +109,20 @@ def resolve_family(args: ServeArgs) -> Family:
     return family_from_paths(args.models, winner=args.winner)
 
 
+def _request_id() -> str:
+    """Serve's id of the current request (the ``X-Request-ID`` it answers with), else a new one."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or new_request_id()
+    except Exception:  # noqa: BLE001 - a private Serve API: never let it break an error answer
+        return new_request_id()
+
+
 fastapi_app = FastAPI(title="raykd", description="Skin-lesion classifier family served by Ray Serve")
+# Added last = outermost: the key is checked first; any fault inside becomes a logged 500.
+fastapi_app.add_middleware(InternalErrorMiddleware, request_id=_request_id)
+fastapi_app.add_middleware(ApiKeyMiddleware)
 
 
 def _file_size(path: str | None) -> int:
@@ -100,10 +131,6 @@ def _file_size(path: str | None) -> int:
     if os.path.isdir(path):  # an artifact folder: its weights file
         path = os.path.join(path, "model.safetensors")
     return os.path.getsize(path)
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "status": status})
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -121,6 +148,7 @@ class ModelServer:
 
         self.args = ServeArgs.model_validate(args)
         self.family = Family.from_dict(family)
+        announce_auth()  # one warning when RAYKD_API_KEY is unset: the endpoint is open
         self.limits = Limits(self.args.max_body_bytes, self.args.max_image_pixels)
         self.predictors = {}
         self.measured_ms: dict[str, float] = {}
@@ -206,14 +234,19 @@ class ModelServer:
             data = await extract_image_bytes(content_type, body, self.limits)
             precheck(data, self.limits)  # header only: cheap enough for the event loop
         except RequestError as exc:
-            return _error(exc.status, exc.message)
+            return error_response(exc.status, exc.message)
         try:
-            result = await self._batch(entry.name, data)
-        except Exception as exc:  # noqa: BLE001 - a model fault must not kill the replica
-            log.exception("prediction with %s failed", entry.name)
-            return _error(500, f"prediction failed: {type(exc).__name__}: {exc}")
+            result = await within(self._batch(entry.name, data), self.args.request_timeout_s)
+        except PredictionTimeout as exc:
+            log.warning("prediction with %s timed out after %g s (request %s)", entry.name,
+                        exc.timeout_s, _request_id())
+            return error_response(503, str(exc), headers={"Retry-After": "1"})
+        except Exception:  # noqa: BLE001 - a model fault must not kill the replica
+            rid = _request_id()
+            log.exception("prediction with %s failed (request %s)", entry.name, rid)
+            return internal_error(rid)
         if isinstance(result, RequestError):
-            return _error(result.status, result.message)
+            return error_response(result.status, result.message)
         probs, backend = result
         meta = self.predictors[entry.name].meta
         top = int(np.argmax(probs))
@@ -234,11 +267,23 @@ def build_app(args: ServeArgs) -> Application:
     The family is resolved here, on the driver, so a missing file or an unknown winner fails
     before any replica starts.
     """
+    return bind_app(args)
+
+
+def bind_app(args: ServeArgs | dict, *, env_vars: dict[str, str] | None = None) -> Application:
+    """:func:`build_app` with extra environment variables for the replicas (``runtime_env``).
+
+    For tests and for drivers that connect to a running cluster; the variables become part of the
+    deployment's config (visible in the dashboard), so a production key belongs in the pods' env.
+    """
     if isinstance(args, dict):
         args = ServeArgs.model_validate(args)
     family = resolve_family(args)
+    actor_options: dict = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
+    if env_vars:
+        actor_options["runtime_env"] = {"env_vars": dict(env_vars)}
     return ModelServer.options(
         num_replicas=args.num_replicas,
         max_ongoing_requests=args.max_ongoing_requests,
-        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        ray_actor_options=actor_options,
     ).bind(family.to_dict(), args.model_dump())

@@ -10,7 +10,8 @@ replica almost nothing and can never take it down:
 3. empty body or upload (400);
 4. image signature (400) - the bytes must start like a JPEG or PNG;
 5. declared dimensions (413) - read from the header without decoding, so a decompression bomb
-   (a few KB that expand to gigabytes of pixels) is refused before any pixel is allocated;
+   (a few KB that expand to gigabytes of pixels) is refused before any pixel is allocated; the
+   default limit is 25 megapixels (a 6000 x 4000 dermoscopy photo is 24);
 6. decoding (400) - ``raykd.data.transforms.decode_image``, the decoder used in training, which
    raises ``ValueError`` on corrupt or truncated bytes. The Serve app decodes inside the batch
    (after checks 1-5 passed), so requests join the batch queue at once instead of trickling in
@@ -20,11 +21,14 @@ replica almost nothing and can never take it down:
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Limits", "RequestError", "check_content_type", "read_body", "extract_image_bytes",
            "precheck", "decode", "decode_checked", "image_format"]
@@ -53,7 +57,7 @@ class Limits:
     """
 
     max_body_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = 25_000_000
 
     def __post_init__(self) -> None:
         if self.max_body_bytes <= 0 or self.max_image_pixels <= 0:
@@ -143,11 +147,13 @@ def check_dimensions(data: bytes, limits: Limits) -> tuple[int, int]:
     except Image.DecompressionBombError:
         width = height = None
     except Exception as exc:  # noqa: BLE001 - any header parse failure is a bad image
-        raise RequestError(400, f"cannot read the image header: {exc}") from None
+        log.info("unreadable image header: %r", exc)  # the parser's words stay in the log
+        raise RequestError(400, "cannot read the image header: the file is corrupt, truncated or not "
+                                "a JPEG/PNG image") from None
     if width is None or width * height > limits.max_image_pixels:
         dims = "" if width is None else f" ({width}x{height} = {width * height} pixels)"
         raise RequestError(413, f"image too large{dims}: the limit is {limits.max_image_pixels} pixels "
-                                "(possible decompression bomb)")
+                                f"({limits.max_image_pixels / 1e6:g} megapixels); send a smaller image")
     return width, height
 
 
@@ -164,7 +170,11 @@ def decode(data: bytes) -> np.ndarray:
     try:
         return decode_image(data)
     except ValueError as exc:
-        raise RequestError(400, f"cannot decode the image (corrupt or truncated?): {exc}") from None
+        reason = str(exc)
+        if "OpenCV" in reason:  # the library's own message (source paths, C++ names) stays in the log
+            log.info("image decoding failed: %s", reason)
+            reason = "the decoder cannot read it"
+        raise RequestError(400, f"cannot decode the image (corrupt or truncated?): {reason}") from None
 
 
 def decode_checked(data: bytes, limits: Limits) -> np.ndarray:

@@ -2,12 +2,16 @@
 
 One application is started for the whole module (about 5 s), bound to 127.0.0.1 on a free port, and
 shut down at the end. It serves two models from a family file: a test ViT with an exported ONNX
-file and a tiny CNN with torch weights only (the replica exports it for its CPU path).
+file and a tiny CNN with torch weights only (the replica exports it for its CPU path). Its replica
+has ``RAYKD_API_KEY`` set, so every request but ``GET /healthz`` sends the key, and it keeps the
+default image limit (25 megapixels).
 """
 
 from __future__ import annotations
 
 import socket
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -20,12 +24,14 @@ from raykd.export.onnx import export_onnx
 from raykd.serve.__main__ import run_serve
 from raykd.serve.app import ServeArgs
 from raykd.serve.family import FamilyEntry, write_family
+from raykd.serve.guard import API_KEY_ENV
 from raykd.serve.predictor import OnnxPredictor, TorchPredictor
 from tests.export.helpers import LABELS, encoded_image, make_artifact
-from tests.serve.test_intake import png_header_only
+from tests.serve.test_intake import jpeg_header_only, png_header_only
 
 MAX_BODY = 200_000
-MAX_PIXELS = 1_000_000
+KEY = "test-key-0123456789"
+AUTH = {"X-API-Key": KEY}
 
 
 def _free_port() -> int:
@@ -54,25 +60,42 @@ def url(ray_cluster, family, tmp_path_factory):
     from ray import serve
 
     port = _free_port()
-    args = ServeArgs(registry=str(family["file"]), max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS,
-                     num_cpus=0.5, onnx_cache_dir=str(tmp_path_factory.mktemp("onnx_cache")))
-    run_serve(args, host="127.0.0.1", port=port, blocking=False)
+    args = ServeArgs(registry=str(family["file"]), max_body_bytes=MAX_BODY, num_cpus=0.5,
+                     onnx_cache_dir=str(tmp_path_factory.mktemp("onnx_cache")))
+    run_serve(args, host="127.0.0.1", port=port, blocking=False, env_vars={API_KEY_ENV: KEY})
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
 
 
-def post(url: str, data: bytes, ctype: str = "image/jpeg", model: str | None = None) -> requests.Response:
+def post(url: str, data: bytes, ctype: str = "image/jpeg", model: str | None = None,
+         auth: dict | None = AUTH) -> requests.Response:
     params = {"model": model} if model else None
-    return requests.post(f"{url}/predict", data=data, headers={"Content-Type": ctype}, params=params,
-                         timeout=60)
+    return requests.post(f"{url}/predict", data=data, headers={"Content-Type": ctype, **(auth or {})},
+                         params=params, timeout=60)
+
+
+def get(url: str, path: str, auth: dict | None = AUTH) -> requests.Response:
+    return requests.get(f"{url}{path}", headers=auth, timeout=30)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A real, complete grayscale PNG of zeros: width x height pixels in a few tens of KB, written
+    row by row so the test never holds the raw pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\0" * (width + 1)  # filter byte + one byte per pixel
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_health_and_model_listing(url, family):
-    health = requests.get(f"{url}/healthz", timeout=30).json()
+    health = get(url, "/healthz", auth=None).json()
     assert health["status"] == "ok" and health["winner"] == "vit"
-    listing = requests.get(f"{url}/models", timeout=30).json()
+    listing = get(url, "/models").json()
     rows = {m["name"]: m for m in listing["models"]}
     assert listing["winner"] == "vit" and set(rows) == {"vit", "cnn"}
     assert rows["vit"]["size_bytes"] == family["onnx"].stat().st_size
@@ -97,7 +120,7 @@ def test_prediction_equals_the_predictors_output(url, family):
 
 def test_multipart_upload_and_model_choice(url, family):
     data = encoded_image(3, ".png")
-    body = requests.post(f"{url}/predict", params={"model": "cnn"}, timeout=60,
+    body = requests.post(f"{url}/predict", params={"model": "cnn"}, timeout=60, headers=AUTH,
                          files={"file": ("lesion.png", data, "image/png")}).json()
     assert body["model"] == "cnn"
     # cnn has no ONNX file: the replica exported one; its answers equal torch's.
@@ -110,10 +133,10 @@ def test_multipart_upload_and_model_choice(url, family):
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(url, family):
     blobs = [encoded_image(100 + i, ".jpg") for i in range(16)]
     expected = OnnxPredictor(family["onnx"]).predict([decode_image(b) for b in blobs])
-    before = requests.get(f"{url}/models", timeout=30).json()["batching"]
+    before = get(url, "/models").json()["batching"]
     with ThreadPoolExecutor(16) as pool:
         bodies = list(pool.map(lambda b: post(url, b).json(), blobs))
-    after = requests.get(f"{url}/models", timeout=30).json()["batching"]
+    after = get(url, "/models").json()["batching"]
     got = np.array([[b["probabilities"][n] for n in LABELS] for b in bodies])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert after["requests"] - before["requests"] == 16
@@ -132,11 +155,11 @@ def test_a_corrupt_image_in_a_batch_fails_alone(url, family):
 
 
 def test_bad_requests_get_4xx_json_and_the_replica_stays_up(url):
-    pid_before = requests.get(f"{url}/healthz", timeout=30).json()["pid"]
+    pid_before = get(url, "/healthz").json()["pid"]
     jpg = encoded_image(5, ".jpg")
     png = encoded_image(6, ".png")
-    # A real 1200x1000 PNG (1.2 MP > the 1 MP limit) that compresses to a few KB: a small bomb.
-    bomb = __import__("cv2").imencode(".png", np.zeros((1000, 1200, 3), np.uint8))[1].tobytes()
+    # A real 5001x5000 PNG (just over the default 25 MP limit) in a few tens of KB: a bomb.
+    bomb = png_bomb(5001, 5000)
     assert len(bomb) < MAX_BODY
     cases = {
         "wrong content type": (post(url, b"hello", "text/plain"), 415),
@@ -148,7 +171,7 @@ def test_bad_requests_get_4xx_json_and_the_replica_stays_up(url):
         "oversized body": (post(url, b"\xff\xd8\xff" + b"\0" * (MAX_BODY + 1)), 413),
         "decompression bomb": (post(url, bomb, "image/png"), 413),
         "declared giant PNG": (post(url, png_header_only(50_000, 50_000), "image/png"), 413),
-        "multipart without a file": (requests.post(f"{url}/predict", data={"note": "x"},
+        "multipart without a file": (requests.post(f"{url}/predict", data={"note": "x"}, headers=AUTH,
                                                    files={"other": ("", b"")}, timeout=30), 400),
         "unknown model": (post(url, jpg, model="resnet9000"), 404),
     }
@@ -156,9 +179,33 @@ def test_bad_requests_get_4xx_json_and_the_replica_stays_up(url):
         assert resp.status_code == code, (name, resp.status_code, resp.text)
         assert resp.headers["content-type"].startswith("application/json"), name
         assert "error" in resp.json(), name
-    health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert "Error" not in resp.json()["error"] and "Traceback" not in resp.text, name
+    health = get(url, "/healthz").json()
     assert health["status"] == "ok" and health["pid"] == pid_before
     assert post(url, jpg).status_code == 200
+
+
+def test_every_route_but_healthz_needs_the_api_key(url):
+    jpg = encoded_image(8, ".jpg")
+    for wrong in (None, {"Authorization": "Bearer not-the-key"}, {"X-API-Key": "not-the-key"},
+                  {"Authorization": f"Basic {KEY}"}):
+        for resp in (post(url, jpg, auth=wrong), get(url, "/models", auth=wrong), get(url, "/docs", auth=wrong)):
+            assert resp.status_code == 401, (wrong, resp.url, resp.text)
+            assert resp.headers["www-authenticate"] == "Bearer"
+            assert "API key" in resp.json()["error"]
+    assert get(url, "/healthz", auth=None).json()["status"] == "ok"
+    assert post(url, jpg, auth={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert post(url, jpg, auth={"X-API-Key": KEY}).status_code == 200
+    assert get(url, "/models", auth={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_an_image_just_over_25_megapixels_is_refused_naming_the_limit(url):
+    for data, ctype, dims in [(png_bomb(5001, 5000), "image/png", "5001x5000"),
+                              (jpeg_header_only(5000, 5001), "image/jpeg", "5000x5001")]:
+        resp = post(url, data, ctype)
+        assert resp.status_code == 413, resp.text
+        error = resp.json()["error"]
+        assert "25000000 pixels (25 megapixels)" in error and dims in error
 
 
 def test_build_app_takes_typed_args_as_serve_run_passes_them(family):
@@ -183,7 +230,9 @@ def test_cli_arguments_become_serve_args(family):
     from raykd.serve.__main__ import args_to_serve_args, parse_args
 
     ns = parse_args(["--model", str(family["cnn"]), "--model", f"v={family['onnx']}", "--max-batch-size", "1",
-                     "--max-body-bytes", "1000", "--num-gpus", "1"])
+                     "--max-body-bytes", "1000", "--num-gpus", "1", "--request-timeout-s", "2.5"])
     args = args_to_serve_args(ns)
     assert args.models == [str(family["cnn"]), f"v={family['onnx']}"]
     assert (args.max_batch_size, args.max_body_bytes, args.num_gpus, args.registry) == (1, 1000, 1.0, None)
+    assert (args.request_timeout_s, args.max_image_pixels) == (2.5, 25_000_000)
+    assert ServeArgs(registry="f.json").request_timeout_s == 30.0

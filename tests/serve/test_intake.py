@@ -88,3 +88,34 @@ def test_signatures_bombs_and_truncation():
     assert img.dtype == np.uint8 and img.shape == (48, 40, 3)
     reference = cv2.cvtColor(cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(img, reference)
+
+
+def jpeg_header_only(width: int, height: int) -> bytes:
+    """A JPEG whose SOF0 frame header declares ``width`` x ``height`` (no scan data follows)."""
+    sof = struct.pack(">BHHB", 8, height, width, 3) + b"".join(bytes([i, 0x11, 0]) for i in (1, 2, 3))
+    sos = struct.pack(">B", 3) + b"".join(bytes([i, 0]) for i in (1, 2, 3)) + b"\x00\x3f\x00"
+    return (b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof
+            + b"\xff\xda" + struct.pack(">H", len(sos) + 2) + sos + b"\x00" * 16 + b"\xff\xd9")
+
+
+def test_the_default_limit_is_25_megapixels_checked_from_the_header():
+    from raykd.serve.intake import check_dimensions
+
+    limits = Limits()
+    assert limits.max_image_pixels == 25_000_000
+    assert check_dimensions(png_header_only(5000, 5000), limits) == (5000, 5000)  # exactly 25 MP
+    assert check_dimensions(jpeg_header_only(6000, 4000), limits) == (6000, 4000)  # a 24 MP photo
+    for data in (png_header_only(5001, 5000), jpeg_header_only(5000, 5001)):
+        with pytest.raises(RequestError) as err:
+            decode_checked(data, limits)  # refused before any pixel is decoded
+        assert err.value.status == 413
+        assert "25000000 pixels (25 megapixels)" in err.value.message and "25005000" in err.value.message
+
+
+def test_unreadable_headers_and_corrupt_data_are_described_without_library_internals():
+    limits = Limits()
+    for data in (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"\xff\xd8\xff" + b"\x01" * 40):
+        with pytest.raises(RequestError) as err:
+            decode_checked(data, limits)
+        assert err.value.status == 400
+        assert "BytesIO" not in err.value.message and "Error" not in err.value.message
