@@ -113,7 +113,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
     """Resolve paths, make sure the data exists and the method fits (running a teacher-side stage
     when the method has one); returns the resolved config, manifest, built run parts, run folder."""
     from raykd.models.weights import check_run_weights
-    from raykd.train.loop import build_run
+    from raykd.train.loop import build_run, set_seed
 
     check_run_weights(cfg)  # pretrained weights: a readable local file, or the hub reachable
     cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
@@ -124,6 +124,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
             setattr(cfg, role, replace(m, checkpoint=str(Path(m.checkpoint).resolve())))
     manifest = ensure_dataset(cfg.data)
     run_dir = Path(cfg.output_dir) / cfg.name
+    set_seed(cfg.train.seed)  # the models' initial weights: the same run gives the same models
     parts = build_run(cfg, manifest, stage_dir=run_dir)  # raises ValueError when the method does not fit
     return cfg, manifest, parts, run_dir
 
@@ -203,7 +204,7 @@ def _local_fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, *, on_r
 def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """A Ray task body: rebuild the run (models are cheap next to shipping them) and fit it."""
     from raykd.config import from_dict
-    from raykd.train.loop import build_run
+    from raykd.train.loop import build_run, set_seed
 
     if not logging.getLogger("raykd").handlers:  # the epoch lines reach the driver's console
         handler = logging.StreamHandler()
@@ -213,6 +214,7 @@ def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
     cfg = from_dict(RunConfig, cfg_dict, where="run config")
     manifest = Manifest.load(cfg.data.path)
     t0 = time.perf_counter()
+    set_seed(cfg.train.seed)  # as prepare() does: the same initial weights in this process
     parts = build_run(cfg, manifest, stage_dir=run_dir)
     return _local_fit(cfg, Path(run_dir), manifest, parts, timing={"build_s": time.perf_counter() - t0})
 
