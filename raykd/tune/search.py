@@ -311,6 +311,23 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
                          published=published, findings=findings)
 
 
+def _asha_sparing(references: list[str]):
+    """ASHA that never stops a trial of the ``references`` labels (the students trained alone):
+    they are what every distilled trial is compared with, so each runs its whole budget, while
+    their results still count at ASHA's rungs for the others."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class ReferenceSparingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP and (trial.config or {}).get("method") in references:
+                self._num_stopped -= 1
+                return TrialScheduler.CONTINUE
+            return action
+
+    return ReferenceSparingASHA
+
+
 def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: Path):
     from ray import tune
 
@@ -324,7 +341,8 @@ def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: 
     if b.asha and not space.multi_objective and epochs > grace:
         # Rungs end one epoch before the last: a trial that reached its last epoch finishes (and
         # scores its test split) rather than being stopped with nothing left to save.
-        scheduler = tune.schedulers.ASHAScheduler(
+        references = [label for label, m in space.methods.items() if m.method == "baseline"]
+        scheduler = _asha_sparing(references)(
             time_attr="training_iteration", metric=objective_key(space.search.metric),
             mode=metric_mode(space.search.metric), max_t=epochs - 1, grace_period=grace,
             reduction_factor=b.reduction_factor, stop_last_trials=False)
