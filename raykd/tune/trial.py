@@ -114,26 +114,24 @@ def _train(cfg, extra: dict[str, Any], metric: str, reps: int) -> None:
 PHASES = ("build_s", "data_s", "train_s", "eval_s", "report_s", "test_s")
 
 
-def _record_timing(trial_dir: Path, run_dirs: list[Path], wall_s: float) -> None:
+def _record_timing(trial_dir: Path, run_dirs: list[Path], wall_s: float, executor: str) -> None:
     """Write where the trial's wall time went: each run's phases (``timing.json``; for a run that
     ASHA stopped, its epochs' training and validation seconds from ``metrics.json``)."""
     from raykd.train.driver import TIMING_FILE
 
     record = dict.fromkeys(PHASES, 0.0)
-    executors, stopped = set(), 0
+    stopped = 0
     for run_dir in run_dirs:
         timing_file = run_dir / TIMING_FILE
         if timing_file.is_file():
             t = json.loads(timing_file.read_text())
-            executors.add(t.get("executor"))
         else:
             stopped += 1
             t = {"train_s": sum(r.get("train/seconds", 0.0) for r in _history(run_dir)),
                  "eval_s": sum(r.get("val/seconds", 0.0) for r in _history(run_dir))}
         for k in PHASES:
             record[k] += t.get(k, 0.0)
-    record.update(wall_s=wall_s, runs=len(run_dirs), stopped_runs=stopped,
-                  executor=executors.pop() if len(executors) == 1 else None)
+    record.update(wall_s=wall_s, runs=len(run_dirs), stopped_runs=stopped, executor=executor)
     (trial_dir / TRIAL_TIMING_FILE).write_text(json.dumps(record, indent=2))
 
 
@@ -175,6 +173,7 @@ def trial_main(config: dict[str, Any], plan) -> None:
 def _trial_main(config: dict[str, Any], plan) -> None:
     from ray import tune
 
+    from raykd.train.driver import uses_local
     from raykd.tune.search import is_paper_setting
 
     t0 = time.perf_counter()
@@ -200,7 +199,8 @@ def _trial_main(config: dict[str, Any], plan) -> None:
             _train(cfg, {}, metric, plan.space.export.latency_reps)
     finally:  # ASHA stops a trial by raising in tune.report: its epochs so far still count
         if trained:
-            _record_timing(trial_dir, trained, time.perf_counter() - t0)
+            executor = "local" if uses_local(cfg) else "trainer"
+            _record_timing(trial_dir, trained, time.perf_counter() - t0, executor)
 
 
 def _cascade(plan, template, resolved, trial_dir: Path, trained: list[Path]) -> None:
