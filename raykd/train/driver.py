@@ -243,6 +243,7 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
     from raykd.cluster import init_local_ray
     from raykd.data.dataset import build_dataset
     from raykd.data.hardness import sampling_plan
+    from raykd.data.memory import encoded_bytes
     from raykd.train.worker import train_loop_per_worker
 
     storage = run_dir.parent
@@ -250,7 +251,7 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
     t0 = time.perf_counter()
     sampling = cfg.data.sampling
     keep_ids, rates = sampling_plan(cfg.data.path, sampling.strategy, target=sampling.target_count, seed=sampling.seed)
-    encoded = sum(Path(p).stat().st_size for p in manifest.shard_paths(cfg.data.path))  # all splits: an upper bound
+    encoded = encoded_bytes(cfg.data.path)  # all splits: an upper bound
     cache = encoded <= CACHE_SHARE * _object_store_bytes()
     log.info("train: %s (shards %.1f MB)", "encoded rows read once and cached" if cache else "streamed from Parquet",
              encoded / 1e6)
