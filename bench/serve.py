@@ -50,7 +50,7 @@ def make_model(key: str, workdir: Path) -> Path:
     import torch
 
     from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_MALIGNANT
-    from raykd.export.artifact import ArtifactMeta, build_model, save_artifact
+    from raykd.artifact import ArtifactMeta, build_model, save_artifact
     from raykd.export.onnx import export_onnx
 
     name, kwargs, size = MODELS[key]

@@ -3,6 +3,6 @@
 ``python -m raykd.export --checkpoint RUN_DIR [--fp16] [--int8]``.
 """
 
-from raykd.export.artifact import ArtifactMeta, find_artifact, load_artifact, read_meta, save_artifact
+from raykd.artifact import ArtifactMeta, find_artifact, load_artifact, read_meta, save_artifact
 
 __all__ = ["ArtifactMeta", "find_artifact", "load_artifact", "read_meta", "save_artifact"]

@@ -2,7 +2,7 @@
 
 The exported graph maps normalised NCHW float32 images to logits, exactly like the torch model; the
 softmax and the preprocessing stay in the shared predictor code so the torch and ONNX Runtime paths
-cannot drift apart. The preprocessing contract (:class:`~raykd.export.artifact.ArtifactMeta`:
+cannot drift apart. The preprocessing contract (:class:`~raykd.artifact.ArtifactMeta`:
 size, mean, std, label names, benign/malignant map) is written into the model's
 ``metadata_props``, so an ONNX file alone is servable.
 
@@ -29,7 +29,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raykd.export.artifact import ArtifactMeta
+from raykd.artifact import ArtifactMeta
+from raykd.artifact.onnx_meta import (  # noqa: F401 - part of this module's API
+    FP16_NAME,
+    INT8_NAME,
+    META_KEY,
+    ONNX_NAME,
+    meta_from_props,
+    read_onnx_meta,
+    read_onnx_props,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +56,6 @@ __all__ = [
     "meta_from_props",
 ]
 
-ONNX_NAME = "model.onnx"
-FP16_NAME = "model.fp16.onnx"
-INT8_NAME = "model.int8.onnx"
-#: metadata_props key holding the whole ArtifactMeta as JSON.
-META_KEY = "raykd.meta"
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
@@ -137,29 +141,6 @@ def _save(model_proto, path: Path) -> Path:
     onnx.save_model(model_proto, str(tmp), save_as_external_data=False)
     os.replace(tmp, path)
     return path
-
-
-def meta_from_props(props: dict[str, str], *, source: str = "onnx") -> ArtifactMeta:
-    """Rebuild :class:`ArtifactMeta` from an ONNX model's metadata_props map."""
-    if META_KEY not in props:
-        raise ValueError(
-            f"{source} carries no raykd preprocessing contract (metadata key {META_KEY!r}); "
-            "export it with `python -m raykd.export` so it can be served on its own"
-        )
-    return ArtifactMeta.from_dict(json.loads(props[META_KEY]), source=source)
-
-
-def read_onnx_props(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a dict."""
-    import onnx
-
-    model_proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model_proto.metadata_props}
-
-
-def read_onnx_meta(path: str | os.PathLike) -> ArtifactMeta:
-    """Read the preprocessing contract stored in an ONNX file."""
-    return meta_from_props(read_onnx_props(path), source=str(path))
 
 
 def export_onnx(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raykd.export.artifact import find_artifact, load_artifact
+from raykd.artifact import find_artifact, load_artifact
 from raykd.export.onnx import FP16_NAME, INT8_NAME, ONNX_NAME, convert_fp16, export_onnx, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def run_export(
         ParityError: when the fp32 ONNX model disagrees with torch beyond ``tolerance``.
     """
     from raykd.data.transforms import decode_image
-    from raykd.serve.predictor import OnnxPredictor, TorchPredictor
+    from raykd.artifact.predict import OnnxPredictor, TorchPredictor
 
     artifact = find_artifact(checkpoint)
     model, meta = load_artifact(artifact)

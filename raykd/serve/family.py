@@ -174,8 +174,8 @@ def load_family(path: str | os.PathLike) -> Family:
 
 
 def _entry_from_path(spec: str) -> FamilyEntry:
-    from raykd.export.artifact import count_params, find_artifact, read_meta
-    from raykd.export.onnx import ONNX_NAME, meta_from_props, read_onnx_props
+    from raykd.artifact import count_params, find_artifact, read_meta
+    from raykd.artifact.onnx_meta import ONNX_NAME, meta_from_props, read_onnx_props
 
     name, sep, raw = spec.partition("=")
     if not sep or not name or "/" in name:  # a plain path (which may itself contain "=")

@@ -39,7 +39,7 @@ def set_seed(seed: int) -> None:
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
     """A student or teacher: a trained raykd artifact when ``checkpoint`` is set, else timm."""
     if cfg.checkpoint:
-        from raykd.export.artifact import load_artifact
+        from raykd.artifact import load_artifact
 
         model, meta = load_artifact(cfg.checkpoint)
         if meta.num_classes != num_classes:
@@ -55,7 +55,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
 
 def student_identity(cfg: RunConfig) -> tuple[str, dict]:
     """The timm name and kwargs that rebuild the student (for its saved artifact)."""
-    from raykd.export.artifact import read_meta
+    from raykd.artifact import read_meta
 
     if cfg.student.cut_blocks:  # a cut ViT is the teacher's architecture with fewer blocks
         name, kwargs = (
@@ -73,7 +73,7 @@ def model_spec(cfg: ModelConfig, model: nn.Module) -> PreprocessSpec:
     """The preprocessing contract a model was trained with: the one saved with a raykd artifact,
     else its timm ``pretrained_cfg`` (with the config's ``image_size`` when set)."""
     if cfg.checkpoint:
-        from raykd.export.artifact import read_meta
+        from raykd.artifact import read_meta
 
         return PreprocessSpec.from_dict(read_meta(cfg.checkpoint).preprocess)
     return spec_from_model(model, **({"image_size": cfg.image_size} if cfg.image_size else {}))

@@ -299,7 +299,7 @@ def fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, session: Sessi
 
 
 def _save_best(run_dir: Path, parts, manifest: Manifest, cfg: RunConfig, val: dict[str, float]) -> None:
-    from raykd.export.artifact import ArtifactMeta, save_artifact
+    from raykd.artifact import ArtifactMeta, save_artifact
 
     name, kwargs = student_identity(cfg)
     meta = ArtifactMeta(

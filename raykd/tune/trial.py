@@ -211,7 +211,7 @@ def _cascade(plan, template, resolved, trial_dir: Path, trained: list[Path]) -> 
     weights copied) against that model as its frozen teacher (method ``cascade``). ``cascade.json``
     in the trial folder records the validation and test BMA, size and latency per depth.
     """
-    from raykd.export.artifact import load_artifact
+    from raykd.artifact import load_artifact
     from raykd.tune.measure import model_cost
 
     metric = plan.space.search.metric

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raykd.data.schema import SCHEMA
-from raykd.export.artifact import ArtifactMeta, build_model, save_artifact
+from raykd.artifact import ArtifactMeta, build_model, save_artifact
 
 LABELS = ["MEL", "NV", "BCC", "BKL"]
 MALIGNANT = ["MEL", "BCC"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from raykd.export.artifact import (
+from raykd.artifact import (
     ArtifactMeta,
     build_model,
     count_params,

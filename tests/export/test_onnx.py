@@ -13,7 +13,7 @@ from torch import nn
 
 from raykd.data.transforms import decode_image
 from raykd.export.__main__ import main as export_main
-from raykd.export.artifact import load_artifact
+from raykd.artifact import load_artifact
 from raykd.export.onnx import export_onnx, read_onnx_meta
 from raykd.export.run import ParityError, load_split_images, run_export
 from raykd.serve.predictor import OnnxPredictor, TorchPredictor

@@ -61,7 +61,7 @@ def test_validation_metrics_equal_sklearn_on_the_same_predictions(teacher, synth
     import torch
 
     from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_image, to_chw_batch
-    from raykd.export.artifact import load_artifact
+    from raykd.artifact import load_artifact
 
     model, meta = load_artifact(teacher.run_dir)
     manifest = Manifest.load(synth / "data")
