@@ -12,7 +12,6 @@ Ranges and choices are declared on fields with ``metadata={"range": (lo, hi)}`` 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from raykd.registry import did_you_mean
 
 C = TypeVar("C")
 
@@ -136,6 +137,10 @@ class DistillConfig:
     params: dict = field(default_factory=dict)
     #: Epochs of a method's teacher-side stage (SSKD's projection-head pre-training; paper: 60).
     stage_epochs: int = field(default=5, metadata=_range(1, 10_000))
+    #: The saved output of the method's teacher-side stage (a safetensors file). ``raykd train``
+    #: runs the stage into the run folder when this is empty; a search runs it once per teacher in
+    #: its stage 1 and sets this for every trial.
+    teacher_stage_file: str | None = None
 
 
 @dataclass
@@ -285,8 +290,7 @@ def from_dict(cls: type[C], raw: dict, *, where: str = "<defaults>", prefix: str
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            hint = did_you_mean(key, fields, n=1, prefix=prefix)
             raise ConfigError(
                 f"{where}: unknown key {dotted!r}.{hint} Valid keys here: {', '.join(sorted(fields))}"
             )

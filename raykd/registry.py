@@ -14,6 +14,13 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+def did_you_mean(word: str, candidates, *, n: int = 3, cutoff: float = 0.6, prefix: str = "") -> str:
+    """`` Did you mean 'a' or 'b'?`` for the candidates closest to ``word`` (``prefix`` before
+    each), or ``""`` when none is close: the one suggestion text of every raykd error."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=n, cutoff=cutoff)
+    return f" Did you mean {' or '.join(repr(prefix + c) for c in close)}?" if close else ""
+
+
 class RegistryError(KeyError):
     """Raised for duplicate or unknown registry names."""
 
@@ -57,8 +64,7 @@ class Registry(Generic[T]):
             raise RegistryError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, self._items, n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        hint = did_you_mean(name, self._items, cutoff=0.5)
         return f"unknown {self.kind} {name!r}.{hint} Registered: {', '.join(sorted(self._items)) or '(none)'}."
 
     def names(self) -> list[str]:

@@ -163,7 +163,7 @@ def save_artifact(directory: str | os.PathLike, model: nn.Module, meta: Artifact
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved artifact %s (%s)", directory, meta.model_name)
+    log.debug("saved artifact %s (%s)", directory, meta.model_name)
     return directory
 
 

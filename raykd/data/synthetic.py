@@ -384,6 +384,66 @@ def _age(look: _Look, rng: np.random.Generator) -> float:
     return float(np.clip(round(rng.normal(*look.age) / 5) * 5, 5, 85))
 
 
+def _check_synth_args(image_size: int, seed: int, atypical: float) -> None:
+    """Reject a too-small ``image_size``, a negative ``seed`` or an ``atypical`` outside [0, 1]."""
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0.0 <= atypical <= 1.0:
+        raise ValueError(f"atypical must be a probability in [0, 1], got {atypical}")
+
+
+def _draw_lesions(counts: dict[str, int], rng: np.random.Generator) -> list[tuple[str, int]]:
+    """Group each class's images into lesions of 1-5 views; returns shuffled ``(class, views)``."""
+    lesions: list[tuple[str, int]] = []
+    for label in ISIC2019_CLASSES:
+        left = counts[label]
+        while left > 0:
+            k = min(int(rng.choice(5, p=_VIEWS_P)) + 1, left)
+            lesions.append((label, k))
+            left -= k
+    return [lesions[i] for i in rng.permutation(len(lesions))]
+
+
+def _draw_patients(num_lesions: int, rng: np.random.Generator) -> list[int]:
+    """Patient number of each lesion: consecutive runs of 1-3 lesions share a patient.
+
+    The list may run past ``num_lesions`` (the last patient's run is not cut); callers zip it.
+    """
+    patient_of: list[int] = []
+    while len(patient_of) < num_lesions:
+        patient = patient_of[-1] + 1 if patient_of else 0
+        patient_of.extend([patient] * (int(rng.choice(3, p=_LESIONS_P)) + 1))
+    return patient_of
+
+
+_View = tuple[str, int, int, int, float | None, str | None, str | None]
+
+
+def _draw_views(lesions: list[tuple[str, int]], patient_of: list[int],
+                rng: np.random.Generator) -> list[_View]:
+    """One ``(label, lesion, view, patient, age, sex, site)`` per image, with patient-level metadata.
+
+    A patient's age and sex come from their first lesion's class; each lesion adds 0 or 5 years
+    and draws its own site. A few values are missing (None), per lesion, as in the ISIC 2019 CSV.
+    """
+    meta: dict[int, tuple[float, str]] = {}  # patient -> (age, sex), from their first lesion's class
+    images: list[_View] = []
+    for lesion, ((label, views), patient) in enumerate(zip(lesions, patient_of)):
+        look = _LOOKS[label]
+        if patient not in meta:
+            meta[patient] = (_age(look, rng), "male" if rng.random() < look.male else "female")
+        age, sex = meta[patient]
+        age = min(85.0, age + 5 * int(rng.integers(0, 2)))
+        site = SITES[int(rng.choice(len(SITES), p=np.asarray(look.sites) / sum(look.sites)))]
+        missing = rng.random(3) < (0.02, 0.015, 0.05)
+        for view in range(views):
+            images.append((label, lesion, view, patient, None if missing[0] else age,
+                           None if missing[1] else sex, None if missing[2] else site))
+    return images
+
+
 def synth_items(num_images: int, image_size: int = 128, seed: int = 0, atypical: float = _ATYPICAL_P) -> list[Item]:
     """Describe a synthetic ISIC-2019-like dataset of ``num_images`` JPEG images.
 
@@ -391,7 +451,8 @@ def synth_items(num_images: int, image_size: int = 128, seed: int = 0, atypical:
     views, lesions are shuffled and grouped into patients of 1-3 lesions (a patient may have
     lesions of different classes, shares one skin tone, sex and age give or take a few years).
     Metadata follow class-dependent, overlapping distributions with a few missing values as in
-    the ISIC 2019 CSV. Pixels are rendered only when ``Item.load()`` is called.
+    the ISIC 2019 CSV. Pixels are rendered only when ``Item.load()`` is called (the writer's
+    progress bar counts the images as they are rendered).
 
     Args:
         num_images: number of images (>= 1).
@@ -406,38 +467,10 @@ def synth_items(num_images: int, image_size: int = 128, seed: int = 0, atypical:
         ValueError: on a non-positive ``num_images``, ``image_size < 16`` or a negative seed.
     """
     counts = class_counts(num_images)
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    if not 0.0 <= atypical <= 1.0:
-        raise ValueError(f"atypical must be a probability in [0, 1], got {atypical}")
+    _check_synth_args(image_size, seed, atypical)
     rng = np.random.default_rng([seed, 0])
-    lesions: list[tuple[str, int]] = []  # (class, number of views)
-    for label in ISIC2019_CLASSES:
-        left = counts[label]
-        while left > 0:
-            k = min(int(rng.choice(5, p=_VIEWS_P)) + 1, left)
-            lesions.append((label, k))
-            left -= k
-    lesions = [lesions[i] for i in rng.permutation(len(lesions))]
-    patient_of: list[int] = []
-    while len(patient_of) < len(lesions):
-        patient = patient_of[-1] + 1 if patient_of else 0
-        patient_of.extend([patient] * (int(rng.choice(3, p=_LESIONS_P)) + 1))
-    meta: dict[int, tuple[float, str]] = {}  # patient -> (age, sex), from their first lesion's class
-    images = []
-    for lesion, ((label, views), patient) in enumerate(zip(lesions, patient_of)):
-        look = _LOOKS[label]
-        if patient not in meta:
-            meta[patient] = (_age(look, rng), "male" if rng.random() < look.male else "female")
-        age, sex = meta[patient]
-        age = min(85.0, age + 5 * int(rng.integers(0, 2)))
-        site = SITES[int(rng.choice(len(SITES), p=np.asarray(look.sites) / sum(look.sites)))]
-        missing = rng.random(3) < (0.02, 0.015, 0.05)
-        for view in range(views):
-            images.append((label, lesion, view, patient, None if missing[0] else age,
-                           None if missing[1] else sex, None if missing[2] else site))
+    lesions = _draw_lesions(counts, rng)
+    images = _draw_views(lesions, _draw_patients(len(lesions), rng), rng)
     order = rng.permutation(len(images))
     items = []
     for number, idx in enumerate(order):

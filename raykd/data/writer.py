@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from raykd.data.manifest import SHARDS_DIR, Manifest
 from raykd.data.schema import SCHEMA, Item
@@ -79,6 +80,121 @@ def check_image(data: bytes) -> tuple[bytes, str]:
         raise ValueError(f"unreadable image: {e}") from None
 
 
+class _ShardWriter:
+    """Rows buffered into ``part-NNNNN.parquet`` files of about ``shard_bytes`` of image data each."""
+
+    def __init__(self, directory: Path, shard_bytes: int) -> None:
+        self.directory = directory
+        self.shard_bytes = shard_bytes
+        self.shards: list[str] = []
+        self._rows: list[dict] = []
+        self._rows_bytes = 0
+
+    def add(self, row: dict) -> None:
+        """Buffer one row; write a shard once the buffered images reach ``shard_bytes``."""
+        self._rows.append(row)
+        self._rows_bytes += len(row["image"])
+        if self._rows_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows (if any) as the next shard."""
+        if not self._rows:
+            return
+        name = f"part-{len(self.shards):05d}.parquet"
+        table = pa.Table.from_pylist(self._rows, schema=SCHEMA)
+        pq.write_table(table, self.directory / name, row_group_size=ROW_GROUP_ROWS, compression="none")
+        self.shards.append(name)
+        self._rows, self._rows_bytes = [], 0
+
+
+def _clear_output(out: Path, overwrite: bool) -> None:
+    """Remove an earlier dataset in ``out`` when ``overwrite``; refuse to replace it otherwise."""
+    if (out / "manifest.json").exists() or (out / SHARDS_DIR).exists():
+        if not overwrite:
+            raise IngestError(f"{out} already holds a dataset; pass --overwrite to replace it")
+        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+        (out / "manifest.json").unlink(missing_ok=True)
+
+
+def _screen_metadata(
+    items: Sequence[Item], label_names: Sequence[str], label_index: dict[str, int], bad: list[Quarantined]
+) -> list[Item]:
+    """Items with a known label and a first-seen image id; the others are appended to ``bad``."""
+    seen: set[str] = set()
+    good: list[Item] = []
+    for item in items:
+        if item.image_id in seen:
+            bad.append(Quarantined(item.image_id, item.origin, "duplicate image id (first one kept)"))
+            continue
+        seen.add(item.image_id)
+        if item.label_name not in label_index:
+            bad.append(
+                Quarantined(
+                    item.image_id, item.origin,
+                    f"unknown label {item.label_name!r} (valid: {', '.join(label_names)})",
+                )
+            )
+            continue
+        good.append(item)
+    return good
+
+
+def _read_checked(item: Item) -> tuple[bytes | None, str, str]:
+    """``(bytes to store, format, "")`` for a readable image, else ``(None, "", reason)``."""
+    try:
+        data, fmt = check_image(item.load())
+        return data, fmt, ""
+    except FileNotFoundError:
+        return None, "", "image file not found"
+    except ValueError as e:
+        return None, "", str(e)
+    except OSError as e:
+        return None, "", f"cannot read image: {e}"
+
+
+def _write_images(
+    good: list[Item],
+    order: list[int],
+    *,
+    labels: list[int],
+    splits: list[str],
+    source: str,
+    writer: _ShardWriter,
+    counts: dict[str, Counter],
+    bad: list[Quarantined],
+    threads: int,
+) -> None:
+    """Read and check ``good[i]`` for ``i`` in ``order``, a few images in flight at a time.
+
+    Readable images become rows of ``writer`` and are counted per split and class in ``counts``;
+    unreadable ones are appended to ``bad``. A progress bar on stderr (a terminal only) counts
+    the images read (for synthetic items: rendered).
+    """
+    done = 0
+    with ThreadPoolExecutor(max_workers=threads) as pool, \
+            tqdm(total=len(good), desc=f"{source} images", unit="img", disable=None) as bar:
+        for i, (data, fmt, reason) in zip(order, pool.map(lambda i: _read_checked(good[i]), order)):
+            it = good[i]
+            done += 1
+            bar.update()
+            if done % 2000 == 0:
+                log.info("ingest: %d/%d images checked", done, len(good))
+            if data is None:
+                bad.append(Quarantined(it.image_id, it.origin, reason))
+                continue
+            writer.add(
+                {
+                    "image_id": it.image_id, "image": data, "image_format": fmt,
+                    "label": labels[i], "label_name": it.label_name, "source": source,
+                    "lesion_id": it.lesion_id, "patient_id": it.patient_id, "split": splits[i],
+                    "age": it.age, "sex": it.sex, "site": it.site,
+                }
+            )
+            counts[splits[i]][it.label_name] += 1
+    writer.flush()
+
+
 def write_dataset(
     items: Sequence[Item],
     out_dir: str | Path,
@@ -96,31 +212,12 @@ def write_dataset(
 ) -> Manifest:
     """Write ``items`` as sharded Parquet in ``out_dir``; returns the saved manifest."""
     out = Path(out_dir)
-    if (out / "manifest.json").exists() or (out / SHARDS_DIR).exists():
-        if not overwrite:
-            raise IngestError(f"{out} already holds a dataset; pass --overwrite to replace it")
-        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-        (out / "manifest.json").unlink(missing_ok=True)
+    _clear_output(out, overwrite)
     label_index = {name: i for i, name in enumerate(label_names)}
     bad = list(quarantine)
 
     # 1. Metadata checks: labels and duplicate ids.
-    seen: set[str] = set()
-    good: list[Item] = []
-    for item in items:
-        if item.image_id in seen:
-            bad.append(Quarantined(item.image_id, item.origin, "duplicate image id (first one kept)"))
-            continue
-        seen.add(item.image_id)
-        if item.label_name not in label_index:
-            bad.append(
-                Quarantined(
-                    item.image_id, item.origin,
-                    f"unknown label {item.label_name!r} (valid: {', '.join(label_names)})",
-                )
-            )
-            continue
-        good.append(item)
+    good = _screen_metadata(items, label_names, label_index, bad)
 
     # 2. Splits from metadata alone, so every image is read exactly once below.
     labels = [label_index[it.label_name] for it in good]
@@ -129,64 +226,17 @@ def write_dataset(
     order = list(range(len(good)))
     random.Random(split_seed).shuffle(order)  # mix classes and splits across shards
 
-    # 3. Read, check and write, a few images in flight at a time.
+    # 3. Read, check and write into a temporary folder, renamed once complete.
     shard_dir = out / SHARDS_DIR
     tmp_dir = out / (SHARDS_DIR + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    shard_bytes = int(shard_mb * 1024 * 1024)
-    shards: list[str] = []
-    rows: list[dict] = []
-    rows_bytes = 0
+    writer = _ShardWriter(tmp_dir, int(shard_mb * 1024 * 1024))
     counts: dict[str, Counter] = {s: Counter() for s in fractions}
+    _write_images(good, order, labels=labels, splits=splits, source=source, writer=writer, counts=counts,
+                  bad=bad, threads=threads)
 
-    def flush() -> None:
-        nonlocal rows, rows_bytes
-        if not rows:
-            return
-        name = f"part-{len(shards):05d}.parquet"
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        pq.write_table(table, tmp_dir / name, row_group_size=ROW_GROUP_ROWS, compression="none")
-        shards.append(name)
-        rows, rows_bytes = [], 0
-
-    def load(i: int) -> tuple[int, bytes | None, str, str]:
-        it = good[i]
-        try:
-            data, fmt = check_image(it.load())
-            return i, data, fmt, ""
-        except FileNotFoundError:
-            return i, None, "", "image file not found"
-        except ValueError as e:
-            return i, None, "", str(e)
-        except OSError as e:
-            return i, None, "", f"cannot read image: {e}"
-
-    done = 0
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for i, data, fmt, reason in pool.map(load, order):
-            it = good[i]
-            done += 1
-            if done % 2000 == 0:
-                log.info("ingest: %d/%d images checked", done, len(good))
-            if data is None:
-                bad.append(Quarantined(it.image_id, it.origin, reason))
-                continue
-            rows.append(
-                {
-                    "image_id": it.image_id, "image": data, "image_format": fmt,
-                    "label": labels[i], "label_name": it.label_name, "source": source,
-                    "lesion_id": it.lesion_id, "patient_id": it.patient_id, "split": splits[i],
-                    "age": it.age, "sex": it.sex, "site": it.site,
-                }
-            )
-            counts[splits[i]][it.label_name] += 1
-            rows_bytes += len(data)
-            if rows_bytes >= shard_bytes:
-                flush()
-    flush()
-
-    if not shards:
+    if not writer.shards:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         reasons = Counter(q.reason.split(":")[0] for q in bad).most_common(3)
         raise IngestError(f"no usable images in {source_dir or source}: {len(bad)} quarantined {reasons}")
@@ -198,7 +248,7 @@ def write_dataset(
         split_seed=split_seed,
         split_fractions=dict(fractions),
         class_counts={s: {n: counts[s].get(n, 0) for n in label_names} for s in fractions},
-        shards=shards,
+        shards=writer.shards,
         quarantine=[q.as_dict() for q in bad],
         source_dir=source_dir,
     )

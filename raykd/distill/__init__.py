@@ -11,11 +11,12 @@ from raykd.distill.base import (
     Method,
     MethodOutput,
     MethodParams,
+    PipelineStep,
+    TeacherStage,
     build_method,
     method_params,
     param_table,
 )
-from raykd.distill.methods.cascade import run_cascade
 from raykd.distill.methods.sskd import pretrain_sskd_teacher_head, sskd_head_loss
 
 __all__ = [
@@ -23,10 +24,11 @@ __all__ = [
     "Method",
     "MethodOutput",
     "MethodParams",
+    "PipelineStep",
+    "TeacherStage",
     "build_method",
     "method_params",
     "param_table",
     "pretrain_sskd_teacher_head",
-    "run_cascade",
     "sskd_head_loss",
 ]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -237,6 +237,40 @@ def probe_shapes(model: nn.Module, input_size: tuple[int, int, int]) -> FeatureS
             m.training = mode
 
 
+@dataclass(frozen=True)
+class PipelineStep:
+    """One run of a method trained as several runs in sequence (:meth:`Method.pipeline`): its
+    student (``ModelConfig`` fields) and what the step is (``info``, e.g. ``{"depth": 5}``), kept
+    with each of its reports. Its teacher is the previous step's best model (the first step's is
+    the run's teacher)."""
+
+    suffix: str | None  # the step's run is named ``<run>-<suffix>``; None: the parent, trained already
+    student: dict[str, Any]
+    info: dict[str, Any]
+
+
+class TeacherStage(abc.ABC):
+    """Work on the teacher alone that a method needs before it can distil (SSKD's projection head
+    trained on the rotation task). It runs once per teacher (the search's stage 1, or ``raykd
+    train`` before its run), its output is saved as a safetensors file, and the method's
+    constructor gets that state as the keyword :attr:`kwarg`."""
+
+    #: File stem of the saved output.
+    name: ClassVar[str]
+    #: The method constructor's keyword for the output.
+    kwarg: ClassVar[str]
+
+    @abc.abstractmethod
+    def train(self, teacher: nn.Module, batches: Iterable[Tensor], val_batches: Iterable[Tensor] | None, *,
+              epochs: int) -> dict[str, Tensor]:
+        """The stage's output (a state dict) from the frozen ``teacher`` and re-iterable batches of
+        normalised images in the teacher's own input contract."""
+
+    @abc.abstractmethod
+    def placeholder(self, teacher: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Tensor]:
+        """An untrained output of the right shapes: checks that a method fits before any stage ran."""
+
+
 class Method(nn.Module, abc.ABC):
     """Base class of every distillation method.
 
@@ -263,8 +297,13 @@ class Method(nn.Module, abc.ABC):
     #: True where some trainable parameter legitimately gets no gradient in some steps
     #: (e.g. ``fcvit_probs`` before every head is on): the loop must tell DDP.
     ddp_find_unused_parameters: ClassVar[bool] = False
-    #: Name of a teacher-side stage the loop must run before building the method, or None.
-    teacher_stage: ClassVar[str | None] = None
+    #: The teacher-side stage this method needs before it can be built (:class:`TeacherStage`), or None.
+    teacher_stage: ClassVar[type[TeacherStage] | None] = None
+    #: The student is made from the teacher (the cascade cuts blocks off it): a search gives the
+    #: method no students of its own.
+    student_from_teacher: ClassVar[bool] = False
+    #: Knobs of a search's method entry besides ``params`` that :meth:`pipeline` takes (``min_blocks``).
+    pipeline_knobs: ClassVar[tuple[str, ...]] = ()
     #: True for methods that train an FCViT's per-block heads (``fcvit``, ``fcvit_probs``).
     reads_layer_logits: ClassVar[bool] = False
     #: Params fields of which at least one must be non-zero (None: every ``w_*`` field; ``()``:
@@ -399,6 +438,15 @@ class Method(nn.Module, abc.ABC):
     def predict(self, images: Tensor) -> Tensor:
         """Student logits for evaluation."""
         return self.student(images)
+
+    @classmethod
+    def pipeline(cls, parent: nn.Module, *, image_size: int | None, **knobs: Any) -> list[PipelineStep] | None:
+        """The runs of a method trained as several runs in sequence, starting from the trained
+        ``parent`` (the run's teacher); each step distils from the previous step's best model.
+        The first step describes the parent itself (``suffix`` None, nothing to train).
+        ``None`` (every method but the cascade): the method is one run. Raises ValueError when
+        ``parent`` or the ``knobs`` (:attr:`pipeline_knobs`) do not allow it."""
+        return None
 
     @abc.abstractmethod
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:

@@ -1,4 +1,4 @@
-"""``python -m raykd.export --checkpoint RUN_DIR [--fp16] [--int8] [--data DIR]``.
+"""``python -m raykd.export --model RUN_DIR [--fp16] [--int8] [--data DIR]``.
 
 Exports the run's best model to ONNX next to it, checks ONNX Runtime against torch on real
 validation images (fails above ``--tolerance``), and with ``--fp16`` / ``--int8`` writes and
@@ -21,7 +21,8 @@ PROG = "python -m raykd.export"
 def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="run folder (with best/) or artifact folder")
+    p.add_argument("--model", "--checkpoint", dest="model", required=True, metavar="PATH",
+                   help="run folder (with best/) or artifact folder, as raykd serve --model takes it")
     p.add_argument("--data", default=None,
                    help="dataset folder (default: the dataset the model was trained on)")
     p.add_argument("--out", default=None, help="output folder (default: the artifact folder)")
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = parse_args(argv, prog=prog)
     try:
         report = run_export(
-            args.checkpoint, data=args.data, out=args.out, split=args.split, fp16=args.fp16,
+            args.model, data=args.data, out=args.out, split=args.split, fp16=args.fp16,
             int8=args.int8, tolerance=args.tolerance, max_images=args.max_images,
             batch_size=args.batch_size, opset=args.opset,
         )

@@ -143,6 +143,39 @@ def _save(model_proto, path: Path) -> Path:
     return path
 
 
+def _trace_to_file(model: nn.Module, meta: ArtifactMeta, tmp: Path, size: tuple[int, int],
+                   opset: int) -> None:
+    """Run the TorchScript exporter on ``model`` (images -> logits, dynamic batch) into ``tmp``.
+
+    Our ``adaptive_avg_pool2d`` symbolic is registered only for the call. Any exporter failure
+    becomes an :class:`ExportError` naming its first line (the full message embeds the graph).
+    """
+    # A batch of 2 while tracing keeps the exporter from specialising any reshape on batch 1.
+    dummy = torch.zeros(2, 3, *size)
+    torch.onnx.register_custom_op_symbolic("aten::adaptive_avg_pool2d", _adaptive_avg_pool2d, 9)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings from timm's shape asserts; deprecation note
+            torch.onnx.export(
+                model, (dummy,), str(tmp),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+    except Exception as exc:  # the exporter's messages embed the whole TorchScript graph
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.debug("ONNX export of %s failed", meta.model_name, exc_info=True)
+        raise ExportError(
+            f"ONNX export of {meta.model_name} failed: {first[:500]}. The model uses an operator the "
+            "TorchScript exporter cannot convert; serve it with torch (--backend torch)"
+        ) from None
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::adaptive_avg_pool2d", 9)
+
+
 def export_onnx(
     model: nn.Module,
     meta: ArtifactMeta,
@@ -171,31 +204,8 @@ def export_onnx(
     params = next(model.parameters(), None)
     if params is not None and (params.device.type != "cpu" or params.dtype != torch.float32):
         raise ValueError("export_onnx expects a float32 CPU model; call model.float().cpu() first")
-    # A batch of 2 while tracing keeps the exporter from specialising any reshape on batch 1.
-    dummy = torch.zeros(2, 3, h, w)
     tmp = path.with_name(path.name + ".raw")
-    torch.onnx.register_custom_op_symbolic("aten::adaptive_avg_pool2d", _adaptive_avg_pool2d, 9)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TracerWarnings from timm's shape asserts; deprecation note
-            torch.onnx.export(
-                model, (dummy,), str(tmp),
-                dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=opset,
-                do_constant_folding=True,
-            )
-    except Exception as exc:  # the exporter's messages embed the whole TorchScript graph
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        log.debug("ONNX export of %s failed", meta.model_name, exc_info=True)
-        raise ExportError(
-            f"ONNX export of {meta.model_name} failed: {first[:500]}. The model uses an operator the "
-            "TorchScript exporter cannot convert; serve it with torch (--backend torch)"
-        ) from None
-    finally:
-        torch.onnx.unregister_custom_op_symbolic("aten::adaptive_avg_pool2d", 9)
+    _trace_to_file(model, meta, tmp, (h, w), opset)
     try:
         model_proto = onnx.load(str(tmp))
     finally:

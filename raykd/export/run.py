@@ -13,14 +13,17 @@ Validation rows are read straight from ``DATASET/shards/*.parquet`` with pyarrow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from raykd.artifact import find_artifact, load_artifact
 from raykd.export.onnx import FP16_NAME, INT8_NAME, ONNX_NAME, convert_fp16, export_onnx, quantize_int8
@@ -156,9 +159,45 @@ def run_export(
     Raises:
         ParityError: when the fp32 ONNX model disagrees with torch beyond ``tolerance``.
     """
-    from raykd.data.transforms import decode_image
-    from raykd.artifact.predict import OnnxPredictor, TorchPredictor
+    from raykd.artifact.predict import TorchPredictor
 
+    artifact, model, meta, dataset = _open_artifact(checkpoint, data)
+    out_dir = Path(out) if out else artifact
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    variants = [name for name, wanted in (("onnx", True), ("fp16", fp16), ("int8", int8)) if wanted]
+    steps = 2 + 2 * len(variants)  # read images, torch reference, then write and check each variant
+    with tqdm(total=steps, desc=f"export {meta.model_name}", unit="step", disable=None) as bar:
+        with _step(bar, f"read {split} images"):
+            images, labels = _decoded_split(dataset, split, max_images)
+        with _step(bar, "torch reference"):
+            ref, torch_ips = _predict_all(TorchPredictor(model, meta, device="cpu"), images, batch_size)
+            torch_bma = _bma(ref, labels, meta)
+        report = ExportReport(
+            artifact=str(artifact), model_name=meta.model_name, dataset=str(dataset), split=split,
+            num_images=len(images), tolerance=tolerance, torch_bma=torch_bma,
+            torch_size_bytes=(artifact / "model.safetensors").stat().st_size, torch_images_per_s=torch_ips,
+        )
+        paths = _write_variants(model, meta, out_dir, variants, opset=opset, bar=bar)
+        for name, path in paths.items():
+            with _step(bar, f"parity {name}"):
+                variant = _measure_variant(name, path, images, labels, ref, torch_bma, meta, batch_size)
+            report.variants.append(variant)
+    (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
+    _check_parity(report, out_dir)
+    return report
+
+
+@contextlib.contextmanager
+def _step(bar: tqdm, name: str) -> Iterator[None]:
+    """One step of the export progress bar: shown as running while the block runs, counted after."""
+    bar.set_postfix_str(name)
+    yield
+    bar.update()
+
+
+def _open_artifact(checkpoint: str | os.PathLike, data: str | os.PathLike | None):
+    """The artifact folder of ``checkpoint``, its model and meta, and the dataset to check it on."""
     artifact = find_artifact(checkpoint)
     model, meta = load_artifact(artifact)
     dataset = data or meta.dataset
@@ -167,45 +206,57 @@ def run_export(
             f"{artifact}/meta.json names no dataset: pass --data DIR so the export can be checked "
             "on real validation images"
         )
-    out_dir = Path(out) if out else artifact
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return artifact, model, meta, dataset
+
+
+def _decoded_split(dataset, split: str, max_images: int | None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decoded RGB images and labels of ``split`` (the first ``max_images`` rows)."""
+    from raykd.data.transforms import decode_image
 
     blobs, labels = load_split_images(dataset, split, limit=max_images)
     images = [decode_image(b) for b in blobs]
     log.info("checking the export on %d %s images from %s", len(images), split, dataset)
+    return images, labels
 
-    torch_pred = TorchPredictor(model, meta, device="cpu")
-    ref, torch_ips = _predict_all(torch_pred, images, batch_size)
-    torch_bma = _bma(ref, labels, meta)
-    report = ExportReport(
-        artifact=str(artifact), model_name=meta.model_name, dataset=str(dataset), split=split,
-        num_images=len(images), tolerance=tolerance, torch_bma=torch_bma,
-        torch_size_bytes=(artifact / "model.safetensors").stat().st_size, torch_images_per_s=torch_ips,
+
+def _write_variants(model, meta, out_dir: Path, variants: list[str], *, opset: int,
+                    bar: tqdm) -> dict[str, Path]:
+    """Write the fp32 ONNX file, then the fp16 / int8 variants named in ``variants`` (made from it)."""
+    paths: dict[str, Path] = {}
+    with _step(bar, "onnx"):
+        paths["onnx"] = export_onnx(model, meta, out_dir / ONNX_NAME, opset=opset)
+    if "fp16" in variants:
+        with _step(bar, "fp16"):
+            paths["fp16"] = convert_fp16(paths["onnx"], out_dir / FP16_NAME)
+    if "int8" in variants:
+        with _step(bar, "int8"):
+            paths["int8"] = quantize_int8(paths["onnx"], out_dir / INT8_NAME)
+    return paths
+
+
+def _measure_variant(name: str, path: Path, images: list[np.ndarray], labels: np.ndarray, ref: np.ndarray,
+                     torch_bma: float | None, meta, batch_size: int) -> VariantReport:
+    """Score ``images`` with ONNX Runtime on ``path``: difference to ``ref``, BMA, size and speed."""
+    from raykd.artifact.predict import OnnxPredictor
+
+    probs, ips = _predict_all(OnnxPredictor(path), images, batch_size)
+    bma = _bma(probs, labels, meta)
+    return VariantReport(
+        name=name, path=str(path), size_bytes=path.stat().st_size,
+        max_abs_diff=float(np.abs(probs - ref).max()), bma=bma,
+        bma_change=None if bma is None or torch_bma is None else bma - torch_bma,
+        images_per_s=ips,
     )
 
-    paths = {"onnx": export_onnx(model, meta, out_dir / ONNX_NAME, opset=opset)}
-    if fp16:
-        paths["fp16"] = convert_fp16(paths["onnx"], out_dir / FP16_NAME)
-    if int8:
-        paths["int8"] = quantize_int8(paths["onnx"], out_dir / INT8_NAME)
-    for name, path in paths.items():
-        probs, ips = _predict_all(OnnxPredictor(path), images, batch_size)
-        bma = _bma(probs, labels, meta)
-        report.variants.append(VariantReport(
-            name=name, path=str(path), size_bytes=path.stat().st_size,
-            max_abs_diff=float(np.abs(probs - ref).max()), bma=bma,
-            bma_change=None if bma is None or torch_bma is None else bma - torch_bma,
-            images_per_s=ips,
-        ))
-    (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
 
-    diff = report.variants[0].max_abs_diff
+def _check_parity(report: ExportReport, out_dir: Path) -> None:
+    """Raise :class:`ParityError` when the fp32 ONNX model is off torch by more than the tolerance."""
+    diff, tolerance, n = report.variants[0].max_abs_diff, report.tolerance, report.num_images
     log.info("ONNX vs torch: max |p_onnx - p_torch| = %.3g over %d images (tolerance %.1g)",
-             diff, len(images), tolerance)
+             diff, n, tolerance)
     if not diff <= tolerance:  # also catches NaN
         raise ParityError(
-            f"ONNX export of {artifact} disagrees with torch: max |p_onnx - p_torch| = {diff:.3g} > "
-            f"tolerance {tolerance:.1g} on {len(images)} {split} images (report: {out_dir / REPORT_NAME}). "
+            f"ONNX export of {report.artifact} disagrees with torch: max |p_onnx - p_torch| = {diff:.3g} > "
+            f"tolerance {tolerance:.1g} on {n} {report.split} images (report: {out_dir / REPORT_NAME}). "
             "Raise --tolerance only if the difference is understood."
         )
-    return report

@@ -175,8 +175,24 @@ def compute_from_arrays(
     num_classes = len(names)
     mal_idx = _check_labels(num_classes, names, malignant)
     p, t = _as_tensors(probs, targets, num_classes)
-    n = t.shape[0]
     preds = p.argmax(dim=1)
+    with warnings.catch_warnings():
+        # torchmetrics warns about absent classes; they are handled (and logged) in _multiclass_view.
+        warnings.simplefilter("ignore", UserWarning)
+        out = _multiclass_view(p, preds, t, names)
+        if mal_idx:
+            out.update(_binary_view(p, preds, t, mal_idx))
+    return out
+
+
+def _multiclass_view(p: Tensor, preds: Tensor, t: Tensor, names: list[str]) -> dict[str, float]:
+    """The multi-class metrics and per-class recalls; absent classes are logged and masked out.
+
+    A class with no positive target is left out of ``bma``, ``auroc_macro`` and ``map_macro``; one
+    with no negative target (every sample of that class) out of the AUROC/AP and specificity means.
+    """
+    num_classes = len(names)
+    n = t.shape[0]
     support = torch.bincount(t, minlength=num_classes)
     present = support > 0  # at least one positive
     has_negative = support < n  # at least one negative
@@ -187,31 +203,25 @@ def compute_from_arrays(
             [names[i] for i in range(num_classes) if not present[i]],
             n,
         )
-
     kw = {"num_classes": num_classes, "validate_args": False}
-    with warnings.catch_warnings():
-        # torchmetrics warns about absent classes; they are handled (and logged) explicitly above.
-        warnings.simplefilter("ignore", UserWarning)
-        recall = tmf.multiclass_recall(preds, t, average=None, **kw)
-        auroc = tmf.multiclass_auroc(p, t, average=None, **kw)
-        ap = tmf.multiclass_average_precision(p, t, average=None, **kw)
-        specificity = tmf.multiclass_specificity(preds, t, average=None, **kw)
-        out: dict[str, float] = {
-            "bma": _masked_mean(recall, present),
-            "accuracy": float(tmf.multiclass_accuracy(preds, t, average="micro", **kw)),
-            "precision_weighted": float(tmf.multiclass_precision(preds, t, average="weighted", **kw)),
-            "recall_weighted": float(tmf.multiclass_recall(preds, t, average="weighted", **kw)),
-            "f1_weighted": float(tmf.multiclass_f1_score(preds, t, average="weighted", **kw)),
-            "auroc_macro": _masked_mean(auroc, present & has_negative),
-            "map_macro": _masked_mean(ap, present & has_negative),
-            "specificity_macro": _masked_mean(specificity, has_negative),
-            "mcc": _matthews_corrcoef(preds, t, num_classes),
-            "num_samples": float(n),
-        }
-        for i, name in enumerate(names):
-            out[f"recall/{name}"] = float(recall[i])
-        if mal_idx:
-            out.update(_binary_view(p, preds, t, mal_idx))
+    recall = tmf.multiclass_recall(preds, t, average=None, **kw)
+    auroc = tmf.multiclass_auroc(p, t, average=None, **kw)
+    ap = tmf.multiclass_average_precision(p, t, average=None, **kw)
+    specificity = tmf.multiclass_specificity(preds, t, average=None, **kw)
+    out: dict[str, float] = {
+        "bma": _masked_mean(recall, present),
+        "accuracy": float(tmf.multiclass_accuracy(preds, t, average="micro", **kw)),
+        "precision_weighted": float(tmf.multiclass_precision(preds, t, average="weighted", **kw)),
+        "recall_weighted": float(tmf.multiclass_recall(preds, t, average="weighted", **kw)),
+        "f1_weighted": float(tmf.multiclass_f1_score(preds, t, average="weighted", **kw)),
+        "auroc_macro": _masked_mean(auroc, present & has_negative),
+        "map_macro": _masked_mean(ap, present & has_negative),
+        "specificity_macro": _masked_mean(specificity, has_negative),
+        "mcc": _matthews_corrcoef(preds, t, num_classes),
+        "num_samples": float(n),
+    }
+    for i, name in enumerate(names):
+        out[f"recall/{name}"] = float(recall[i])
     return out
 
 

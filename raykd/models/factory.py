@@ -164,10 +164,9 @@ def create_model(
     import raykd.models  # noqa: F401  (registers raykd_* names with timm)
 
     if not timm.is_model(name):
-        import difflib
+        from raykd.registry import did_you_mean
 
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(name, timm.list_models())
         raise ValueError(
             f"unknown model name {name!r}.{hint} See timm.list_models() or raykd.models.PAPER_MODELS."
         )

@@ -65,6 +65,32 @@ class SqueezeExcite(nn.Module):
         return x * s[:, :, None, None]
 
 
+def _backbone_options(
+    backbone_files: Mapping[str, str | Path] | None, backbone_kwargs: Mapping[str, Mapping[str, Any]] | None
+) -> tuple[dict[str, str | Path], dict[str, dict[str, Any]]]:
+    """Copies of the per-backbone weight files and create arguments; keys other than
+    ``cnn_a``/``cnn_b``/``vit`` (a typo would silently be ignored) raise ValueError."""
+    files = dict(backbone_files or {})
+    bkw = {k: dict(v) for k, v in (backbone_kwargs or {}).items()}
+    unknown = (set(files) | set(bkw)) - {"cnn_a", "cnn_b", "vit"}
+    if unknown:
+        raise ValueError(
+            f"backbone_files/backbone_kwargs keys {sorted(unknown)}: use 'cnn_a', 'cnn_b', 'vit'"
+        )
+    return files, bkw
+
+
+def _without_pooled_head(cnn: nn.Module) -> nn.Module:
+    """``cnn`` with its pooled head (if it has one) replaced by ``nn.Identity``.
+
+    Only ``forward_features`` is used: a pooled head's norm (ConvNeXt) would be dead weight, and
+    Keras' ``include_top=False`` backbones of the paper have none.
+    """
+    if isinstance(getattr(cnn, "head", None), nn.Module):
+        cnn.head = nn.Identity()
+    return cnn
+
+
 class FusedTeacher(nn.Module):
     """CNN stream (two CNNs + BN + SE + GAP) and ViT stream (+ BN) fused by a SELU dense head.
 
@@ -101,13 +127,7 @@ class FusedTeacher(nn.Module):
         super().__init__()
         if len(cnn_names) != 2 or len(dense) != len(drops):
             raise ValueError("FusedTeacher needs two cnn_names and one dropout rate per dense layer")
-        files = dict(backbone_files or {})
-        bkw = {k: dict(v) for k, v in (backbone_kwargs or {}).items()}
-        unknown = (set(files) | set(bkw)) - {"cnn_a", "cnn_b", "vit"}
-        if unknown:
-            raise ValueError(
-                f"backbone_files/backbone_kwargs keys {sorted(unknown)}: use 'cnn_a', 'cnn_b', 'vit'"
-            )
+        files, bkw = _backbone_options(backbone_files, backbone_kwargs)
 
         def backbone(key: str, name: str, **kw: Any) -> nn.Module:
             hub = pretrained_backbones and key not in files
@@ -117,14 +137,20 @@ class FusedTeacher(nn.Module):
                 load_weights(m, files[key])
             return m
 
-        self.cnn_a = backbone("cnn_a", cnn_names[0], global_pool="")
-        self.cnn_b = backbone("cnn_b", cnn_names[1], global_pool="")
-        for cnn in (self.cnn_a, self.cnn_b):
-            # Only forward_features is used: a pooled head's norm (ConvNeXt) would be dead weight,
-            # and Keras' include_top=False backbones of the paper have none.
-            if isinstance(getattr(cnn, "head", None), nn.Module):
-                cnn.head = nn.Identity()
+        self.cnn_a = _without_pooled_head(backbone("cnn_a", cnn_names[0], global_pool=""))
+        self.cnn_b = _without_pooled_head(backbone("cnn_b", cnn_names[1], global_pool=""))
         self.vit = backbone("vit", vit_name, **({} if img_size is None else {"img_size": img_size}))
+        self._build_fusion(num_classes, se_reduction, dense, drops)
+        self._register_vit_renorm(in_chans)
+        self.freeze_backbones = freeze_backbones
+        if freeze_backbones:
+            for m in self.backbones():
+                m.requires_grad_(False)
+                m.eval()
+
+    def _build_fusion(self, num_classes: int, se_reduction: int, dense: Sequence[int],
+                      drops: Sequence[float]) -> None:
+        """Both streams' norms and SE, then the dropout + dense SELU blocks and the classifier."""
         cnn_ch = self.cnn_a.num_features + self.cnn_b.num_features
         vit_ch = self.vit.num_features
         self.cnn_bn = nn.BatchNorm2d(cnn_ch)
@@ -141,7 +167,12 @@ class FusedTeacher(nn.Module):
         self.num_classes = num_classes
         self.classifier = nn.Linear(c, num_classes) if num_classes > 0 else nn.Identity()
 
-        # x_vit = (x * std_in + mean_in - mean_vit) / std_vit, per channel.
+    def _register_vit_renorm(self, in_chans: int) -> None:
+        """Buffers mapping the model's ImageNet-normalised input to the ViT's own mean/std.
+
+        ``x_vit = (x * std_in + mean_in - mean_vit) / std_vit`` per channel, i.e.
+        ``x * vit_scale + vit_shift``; not saved in the state dict (derived from the config).
+        """
         vit_cfg = self.vit.pretrained_cfg
         mean_in, std_in = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
         mean_v = torch.tensor(vit_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
@@ -149,12 +180,6 @@ class FusedTeacher(nn.Module):
         scale, shift = (std_in / std_v).view(1, -1, 1, 1), ((mean_in - mean_v) / std_v).view(1, -1, 1, 1)
         self.register_buffer("vit_scale", scale[:, :in_chans], persistent=False)
         self.register_buffer("vit_shift", shift[:, :in_chans], persistent=False)
-
-        self.freeze_backbones = freeze_backbones
-        if freeze_backbones:
-            for m in self.backbones():
-                m.requires_grad_(False)
-                m.eval()
 
     def backbones(self) -> list[nn.Module]:
         return [self.cnn_a, self.cnn_b, self.vit]

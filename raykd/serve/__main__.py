@@ -1,4 +1,4 @@
-"""``python -m raykd.serve [--registry FILE | --model PATH ...]``: start the Serve application.
+"""``python -m raykd.serve [--family FILE | --model PATH ...]``: start the Serve application.
 
 Connects to ``--address`` / ``$RAY_ADDRESS`` or starts a local Ray cluster, binds the HTTP proxy to
 ``--host:--port`` and blocks until interrupted. The same application starts with
@@ -25,9 +25,10 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--registry", help="family JSON written by the tune job (this or --model is required)")
+    src.add_argument("--family", "--registry", dest="registry", metavar="FILE",
+                     help="family file (family.json) written by the tune job (this or --model is required)")
     src.add_argument("--model", action="append", dest="models", metavar="[NAME=]PATH",
-                     help="artifact/run folder or .onnx file; repeatable (this or --registry is required)")
+                     help="artifact/run folder or .onnx file; repeatable (this or --family is required)")
     p.add_argument("--winner", help="default model (default: the family's winner / first --model)")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto: torch on GPU when present, else ONNX Runtime on CPU")

@@ -2,7 +2,7 @@
 
 The tune job writes a family file from its leaderboard (every trial's size, latency and validation
 BMA, so a client can trade accuracy for speed, seed 000 table 3); ``python -m raykd.serve
---registry FILE`` serves it. ``--model PATH`` builds a family from artifact folders or ONNX files
+--family FILE`` serves it. ``--model PATH`` builds a family from artifact folders or ONNX files
 directly. File format (JSON)::
 
     {"winner": "trial_0003",
@@ -17,12 +17,13 @@ moved or mounted elsewhere (a KubeRay pod) without rewriting it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from raykd.registry import did_you_mean
 
 __all__ = ["FamilyEntry", "Family", "write_family", "load_family", "family_from_paths"]
 
@@ -96,9 +97,8 @@ class Family:
         for m in self.models:
             if m.name == name:
                 return m
-        close = difflib.get_close_matches(name, self.names, n=3, cutoff=0.4)
-        hint = f"; did you mean {close}?" if close else ""
-        raise KeyError(f"unknown model {name!r}{hint} (served: {self.names})")
+        hint = did_you_mean(name, self.names, cutoff=0.4)
+        raise KeyError(f"unknown model {name!r}.{hint} Served: {self.names}")
 
     def to_dict(self) -> dict:
         return {"winner": self.winner, "models": [dataclasses.asdict(m) for m in self.models]}
@@ -220,7 +220,7 @@ def family_from_paths(paths: Sequence[str], winner: str | None = None) -> Family
     model is the default unless ``winner`` names another.
     """
     if not paths:
-        raise ValueError("no models to serve: pass --registry FILE or at least one --model PATH")
+        raise ValueError("no models to serve: pass --family FILE or at least one --model PATH")
     entries: list[FamilyEntry] = []
     taken: set[str] = set()
     for spec in paths:

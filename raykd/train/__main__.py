@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from raykd.artifact.rundir import RunDir
 from raykd.cli import HelpFormatter
+from raykd.console import configure, log_to_file
 from raykd.config import ConfigError, RunConfig, load_config
 
 PROG = "python -m raykd.train"
@@ -20,15 +21,19 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
                    help="override a config key, e.g. --set optim.lr=3e-4 (repeatable; default: none)")
     p.add_argument("--resume", action="store_true", help="continue the run of the same name from its last checkpoint")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray's INFO lines (default: raykd's progress only; all of it in <run>/raykd.log)")
     p.add_argument("--list-methods", action="store_true", help="print every distillation method and its parameters")
     args = p.parse_args(argv)
     if args.list_methods:
         print(list_methods())
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(verbose=args.verbose)
     try:
         cfg = load_config(RunConfig, args.config, args.overrides + ([f"address={args.address}"] if args.address else []))
         from raykd.train.driver import run_train
+
+        log_to_file(RunDir.of(cfg).path)
 
         result = run_train(cfg, resume=args.resume)
     except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as e:

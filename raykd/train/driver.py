@@ -6,13 +6,13 @@ student/teacher pair, a missing dataset) fails here, before any Ray worker start
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from raykd.artifact.rundir import RunDir
 from raykd.config import DataConfig, RunConfig, dump_yaml, to_dict
 from raykd.data.manifest import Manifest
 
@@ -96,7 +96,6 @@ def eval_datasets(path: str, manifest: Manifest, split: str, preprocess, num_wor
 #: A single-worker run trains in one process on data held in memory (raykd.data.memory) when the
 #: dataset's encoded shards take at most this many bytes; larger ones stream through Ray Data.
 LOCAL_MAX_BYTES = 256 * 1024**2
-TIMING_FILE = "timing.json"
 
 
 def uses_local(cfg: RunConfig) -> bool:
@@ -110,10 +109,12 @@ def uses_local(cfg: RunConfig) -> bool:
 
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
-    """Resolve paths, make sure the data exists and the method fits (running a teacher-side stage
-    when the method has one); returns the resolved config, manifest, built run parts, run folder."""
+    """Resolve paths, make sure the data exists, run the method's teacher-side stage when it has
+    one and the config names no output of it, and build the run (which checks that the method
+    fits); returns the resolved config, manifest, built run parts, run folder."""
     from raykd.models.weights import check_run_weights
     from raykd.train.loop import build_run, set_seed
+    from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
 
     check_run_weights(cfg)  # pretrained weights: a readable local file, or the hub reachable
     cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
@@ -123,9 +124,13 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
         if m is not None and m.checkpoint:
             setattr(cfg, role, replace(m, checkpoint=str(Path(m.checkpoint).resolve())))
     manifest = ensure_dataset(cfg.data)
-    run_dir = Path(cfg.output_dir) / cfg.name
+    run_dir = RunDir.of(cfg)
+    if needs_teacher_stage(cfg):
+        build_run(cfg, manifest, probe=True)  # a misfit fails now, not after the stage
+        cfg = run_teacher_stage(cfg, run_dir.stage_file(stage_file_name(cfg)))
     set_seed(cfg.train.seed)  # the models' initial weights: the same run gives the same models
-    parts = build_run(cfg, manifest, stage_dir=run_dir)  # raises ValueError when the method does not fit
+    parts = build_run(cfg, manifest)  # raises ValueError when the method does not fit
+    run_dir = run_dir.path
     return cfg, manifest, parts, run_dir
 
 
@@ -145,13 +150,13 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
     """
     t_start = time.perf_counter()
     run_dir = Path(cfg.output_dir).resolve() / cfg.name
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+    if not resume and not RunDir(run_dir).is_empty():
         raise FileExistsError(f"run folder {run_dir} exists: pass --resume to continue it or pick another name")
     t0 = time.perf_counter()
     cfg, manifest, parts, run_dir = prepare(cfg)
     build_s = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "config.yaml")
+    dump_yaml(cfg, RunDir(run_dir).config_file)
     if on_built is not None:
         on_built(parts)
     local = uses_local(cfg)
@@ -161,21 +166,21 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
         out = _local_task(cfg, run_dir, build_s)
     else:
         out = _trainer_fit(cfg, manifest, parts.preprocess, run_dir, callbacks)
-    history = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else []
+    history = RunDir(run_dir).read_metrics()
     best_row = next((r for r in history if r["epoch"] == out.get("best_epoch")), {})
     summary = TrainResult(
         run_dir=run_dir, best=out.get("best"), best_epoch=out.get("best_epoch"), epochs=len(history),
         val={k[4:]: v for k, v in best_row.items() if k.startswith("val/")}, test=out.get("test", {}),
     )
-    (run_dir / "summary.json").write_text(json.dumps({
+    RunDir(run_dir).write_summary({
         "best": summary.best, "best_epoch": summary.best_epoch, "epochs": summary.epochs,
         "select_metric": cfg.train.select_metric, "val": summary.val, "test": summary.test,
-    }, indent=2, default=float))
+    })
     timing = {"executor": "local" if local else "trainer", **(out.get("timing") or {})}
     timing["wall_s"] = time.perf_counter() - t_start
     steps = sum(timing.get(k, 0.0) for k in ("train_s", "eval_s"))
     timing["compute_share"] = steps / timing["wall_s"] if timing["wall_s"] > 0 else 0.0
-    (run_dir / TIMING_FILE).write_text(json.dumps(timing, indent=2))
+    RunDir(run_dir).write_timing(timing)
     return summary
 
 
@@ -215,7 +220,7 @@ def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
     manifest = Manifest.load(cfg.data.path)
     t0 = time.perf_counter()
     set_seed(cfg.train.seed)  # as prepare() does: the same initial weights in this process
-    parts = build_run(cfg, manifest, stage_dir=run_dir)
+    parts = build_run(cfg, manifest)
     return _local_fit(cfg, Path(run_dir), manifest, parts, timing={"build_s": time.perf_counter() - t0})
 
 

@@ -87,11 +87,14 @@ class RunParts:
     preprocess: PreprocessSpec
 
 
-def build_run(cfg: RunConfig, manifest: Manifest, *, stage_dir: str | Path | None = None) -> RunParts:
-    """Models and method of a run, on the CPU. Raises ValueError when the method does not fit.
+def build_run(cfg: RunConfig, manifest: Manifest, *, probe: bool = False) -> RunParts:
+    """Models and method of a run, on the CPU; builds only. Raises ValueError when the method does
+    not fit.
 
-    Methods with a teacher-side stage (``sskd``/``ssdkd``) get its result from ``stage_dir``,
-    running the stage there first when it is missing (the driver does this once per run).
+    A method with a teacher-side stage (:attr:`raykd.distill.base.Method.teacher_stage`) gets its
+    saved output from ``cfg.distill.teacher_stage_file`` (run it with
+    :func:`raykd.train.stages.run_teacher_stage`); ``probe`` (the fit check before any stage ran)
+    gives it an untrained output of the right shapes instead.
     """
     from raykd.distill import METHODS, build_method
 
@@ -109,26 +112,43 @@ def build_run(cfg: RunConfig, manifest: Manifest, *, stage_dir: str | Path | Non
     spec = spec_from_model(student, crop_black_border=cfg.data.crop_black_border,
                            pipeline_004=cfg.data.pipeline_004, **overrides)
     weights = torch.as_tensor(class_weights(manifest.counts("train"), cfg.data.sampling.class_weights))
+    input_size = (3, spec.image_size, spec.image_size)
     extra = {}
     cls = METHODS.get(cfg.distill.method)
     if teacher is not None and cls.needs_teacher:
         t_spec = model_spec(cfg.teacher, teacher)
         if InputBridge.needed(spec, t_spec):
             extra["teacher_input"] = InputBridge(spec, t_spec)
-    if cls.teacher_stage == "sskd_teacher_head" and teacher is not None and stage_dir is not None:
-        from safetensors.torch import load_file
-
-        from raykd.train.stages import sskd_teacher_head
-
-        t_spec = replace(model_spec(cfg.teacher, teacher), crop_black_border=spec.crop_black_border,
-                         pipeline_004=spec.pipeline_004)
-        head = sskd_teacher_head(Path(stage_dir), cfg.data.path, teacher, t_spec, epochs=cfg.distill.stage_epochs)
-        extra["teacher_head"] = load_file(str(head))
+    if cls.teacher_stage is not None and teacher is not None:
+        stage = cls.teacher_stage()
+        extra[stage.kwarg] = _stage_output(cfg, stage, teacher, input_size, probe)
     method = build_method(
         cfg.distill.method, student, teacher, cfg.distill.params, num_classes=n,
-        class_weights=weights, input_size=(3, spec.image_size, spec.image_size), **extra,
+        class_weights=weights, input_size=input_size, **extra,
     )
     return RunParts(method=method, student=student, teacher=teacher, preprocess=spec)
+
+
+def _stage_output(cfg: RunConfig, stage, teacher: nn.Module, input_size: tuple[int, int, int], probe: bool):
+    path = cfg.distill.teacher_stage_file
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"distill.teacher_stage_file {path} does not exist (the output of "
+                                    f"{cfg.distill.method}'s teacher stage {stage.name!r})")
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if probe:
+        return stage.placeholder(teacher, input_size)
+    raise ValueError(f"method {cfg.distill.method!r} needs its teacher stage {stage.name!r} first: "
+                     "set distill.teacher_stage_file, or let `raykd train`/`raykd tune` run it")
+
+
+def teacher_stage_spec(cfg: RunConfig, teacher: nn.Module) -> PreprocessSpec:
+    """The input contract a teacher-side stage feeds the teacher: the teacher's own, with the
+    run's dataset options (black-border crop, pipeline 004)."""
+    return replace(model_spec(cfg.teacher, teacher), crop_black_border=cfg.data.crop_black_border,
+                   pipeline_004=cfg.data.pipeline_004)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -179,22 +199,7 @@ def train_epoch(
         with autocast(device, amp):
             out = model(images, targets)
         check_finite(out.loss, out.parts, step=step, epoch=epoch, method=method_name)
-        optimizer.zero_grad(set_to_none=True)
-        (scaler.scale(out.loss) if scaler else out.loss).backward()
-        if frozen:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if id(p) in frozen:
-                        p.grad = None
-        if scaler:
-            scaler.unscale_(optimizer)
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        _backward_and_step(out.loss, optimizer, scaler, frozen=frozen, grad_clip=grad_clip)
         schedule.after_step()
         b = int(targets.shape[0])
         seen += b
@@ -210,6 +215,31 @@ def train_epoch(
                   "train/images_per_s": seen / elapsed if elapsed > 0 else math.nan, "train/seconds": elapsed,
                   "lr": optimizer.param_groups[0]["lr"]})
     return stats
+
+
+def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler, *,
+                       frozen: set[int] | None, grad_clip: float | None) -> None:
+    """Backward pass and one optimizer step of :func:`train_epoch`.
+
+    Gradients of ``frozen`` parameters are dropped before the step; with a (fp16) ``scaler`` the
+    gradients are unscaled before clipping, so ``grad_clip`` applies to the true norm.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if frozen:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in frozen:
+                    p.grad = None
+    if scaler:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def device_batches(batches: Iterable[dict[str, torch.Tensor]], spec: PreprocessSpec,

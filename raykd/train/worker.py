@@ -11,8 +11,6 @@ rebuilt into the typed :class:`raykd.config.RunConfig` here.
 from __future__ import annotations
 
 import abc
-import csv
-import json
 import logging
 import math
 import os
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raykd.artifact.rundir import RunDir
 from raykd.config import RunConfig, from_dict
 from raykd.data.manifest import Manifest
 from raykd.metrics import ClassificationMetrics, is_better, metric_mode, write_report
@@ -32,9 +31,6 @@ from raykd.train.loop import build_run, device_batches, evaluate, set_seed, stud
 from raykd.train.optim import Schedule, build_optimizer, head_parameter_names
 
 log = logging.getLogger(__name__)
-
-CRASH_MARKER = ".crash_injected"
-
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if not (dist.is_available() and dist.is_initialized()):
@@ -61,15 +57,6 @@ def _score(method, batches, manifest: Manifest, device, amp: bool) -> tuple[dict
     scores["loss"] = nll / n if n else math.nan
     scores["images"] = n
     return scores, metrics.confusion_matrix()
-
-
-def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
-    (run_dir / "metrics.json").write_text(json.dumps(history, indent=2))
-    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    with (run_dir / "metrics.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
 
 
 class Session(abc.ABC):
@@ -148,8 +135,6 @@ class LocalSession(Session):
     group to start, no pipeline per epoch. Checkpoints go to ``run_dir/checkpoint`` (atomic), and
     ``on_report`` (a Tune trial's ``tune.report``) gets every epoch's metrics."""
 
-    CHECKPOINT = "checkpoint"
-
     def __init__(self, cfg: RunConfig, run_dir: Path, preprocess, *, on_report=None) -> None:
         from raykd.data.hardness import sampling_plan
         from raykd.data.memory import MemorySplit
@@ -167,11 +152,11 @@ class LocalSession(Session):
         }
 
     def restore(self):
-        path = self.run_dir / self.CHECKPOINT
+        path = RunDir(self.run_dir).checkpoint_dir
         return load_state(path) if (path / "state.pt").is_file() else None
 
     def report(self, metrics, state):
-        save_state(self.run_dir / self.CHECKPOINT, state)
+        save_state(RunDir(self.run_dir).checkpoint_dir, state)
         if self.on_report is not None:
             self.on_report(metrics)
 
@@ -188,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(max(1, int(os.environ.get("RAYKD_TORCH_THREADS", "1"))))
     manifest = Manifest.load(cfg.data.path)
     t0 = time.perf_counter()
-    parts = build_run(cfg, manifest, stage_dir=config["run_dir"])
+    parts = build_run(cfg, manifest)
     return fit(cfg, Path(config["run_dir"]), manifest, parts, session,
                timing={"build_s": time.perf_counter() - t0})
 
@@ -201,101 +186,140 @@ def fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, session: Sessi
     Returns rank 0's summary: best value and epoch, epochs run, test metrics and ``timing``, the
     seconds spent in each phase (training steps, evaluation, reporting and checkpoints, test).
     """
-    rank, world, device = session.rank, session.world, session.device
-    amp = cfg.train.amp and device.type == "cuda"
-    method = parts.method
-    head = {f"student.{n}" for n in head_parameter_names(parts.student)}
-    frozen_ids = {id(p) for n, p in method.named_parameters() if n not in head}
-    model = session.prepare(method)
-    train_rows = sum(manifest.counts("train"))
-    steps_per_epoch = max(1, math.ceil(train_rows / max(world, 1) / cfg.train.batch_size))
-    optimizer = build_optimizer(method.trainable_parameters(), cfg.optim)
-    select = cfg.train.select_metric
-    schedule = Schedule(optimizer, cfg.optim, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
-                        metric_mode=metric_mode(select))
-    timing = {"build_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "report_s": 0.0, "test_s": 0.0, **(timing or {})}
+    loop = _Loop(cfg, RunDir(run_dir), manifest, parts, session, timing)
+    for epoch in range(loop.restore(), cfg.train.epochs):
+        if loop.epoch(epoch):
+            break
+    return loop.finish()
 
-    start_epoch, best, best_epoch, history, stale = 0, None, None, [], 0
-    state = session.restore()
-    if state is not None:
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
-        history, stale = state["history"], state["stale"]
+
+class _Loop:
+    """The state of one run's loop (:func:`fit`): optimiser, schedule, best value, history."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, manifest: Manifest, parts, session: Session,
+                 timing: dict[str, float] | None) -> None:
+        self.cfg, self.run_dir, self.manifest, self.parts, self.session = cfg, run_dir, manifest, parts, session
+        self.rank, self.world, self.device = session.rank, session.world, session.device
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.method = parts.method
+        head = {f"student.{n}" for n in head_parameter_names(parts.student)}
+        self.frozen_ids = {id(p) for n, p in self.method.named_parameters() if n not in head}
+        self.model = session.prepare(self.method)
+        train_rows = sum(manifest.counts("train"))
+        steps_per_epoch = max(1, math.ceil(train_rows / max(self.world, 1) / cfg.train.batch_size))
+        self.optimizer = build_optimizer(self.method.trainable_parameters(), cfg.optim)
+        self.select = cfg.train.select_metric
+        self.schedule = Schedule(self.optimizer, cfg.optim, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
+                                 metric_mode=metric_mode(self.select))
+        self.timing = {"build_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "report_s": 0.0, "test_s": 0.0,
+                       **(timing or {})}
+        self.best, self.best_epoch, self.history, self.stale = None, None, [], 0
+
+    def restore(self) -> int:
+        """Continue from the session's last checkpoint; returns the first epoch to run."""
+        state = self.session.restore()
+        if state is None:
+            return 0
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.history, self.stale = state["history"], state["stale"]
         set_rng_state(state["rng"])
-        if rank == 0:
-            log.info("resuming %s from epoch %d (best %s=%s)", cfg.name, start_epoch, select, best)
+        if self.rank == 0:
+            log.info("resuming %s from epoch %d (best %s=%s)", self.cfg.name, state["epoch"], self.select, self.best)
+        return state["epoch"]
 
-    def stream(split: str, epoch: int, train: bool):  # uint8 batches, normalised on the device
-        size = cfg.train.batch_size if train else cfg.train.eval_batch_size
-        return device_batches(session.batches(split, epoch=epoch, batch_size=size, train=train),
-                              parts.preprocess, device)
+    def stream(self, split: str, epoch: int, train: bool):
+        """uint8 batches of ``split``, normalised on the device."""
+        size = self.cfg.train.batch_size if train else self.cfg.train.eval_batch_size
+        return device_batches(self.session.batches(split, epoch=epoch, batch_size=size, train=train),
+                              self.parts.preprocess, self.device)
 
-    def maybe_crash(step: int) -> None:  # fault injection for tests: a hard worker death
-        marker = run_dir / CRASH_MARKER
-        if rank == 0 and step == 1 and cfg.train.crash_in_epoch == epoch + 1 and not marker.exists():
-            marker.write_text("crashed once")
-            os._exit(1)
+    def _crash_hook(self, epoch: int):
+        """Fault injection for tests (``train.crash_in_epoch``): a hard worker death, once."""
+        if self.rank != 0 or self.cfg.train.crash_in_epoch != epoch + 1:
+            return None
+        marker = self.run_dir.crash_marker
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        method.set_epoch(epoch)
+        def maybe_crash(step: int) -> None:
+            if step == 1 and not marker.exists():
+                marker.write_text("crashed once")
+                os._exit(1)
+
+        return maybe_crash
+
+    def epoch(self, epoch: int) -> bool:
+        """Train, validate, record and checkpoint one epoch; returns whether to stop early."""
+        cfg = self.cfg
+        self.method.set_epoch(epoch)
         stats = train_epoch(
-            model, stream("train", epoch, True), optimizer, schedule, epoch=epoch,
-            method_name=cfg.distill.method, device=device, amp=amp,
-            frozen=frozen_ids if epoch < cfg.optim.freeze_epochs else None,
-            grad_clip=cfg.optim.grad_clip, on_step=maybe_crash,
+            self.model, self.stream("train", epoch, True), self.optimizer, self.schedule, epoch=epoch,
+            method_name=cfg.distill.method, device=self.device, amp=self.amp,
+            frozen=self.frozen_ids if epoch < cfg.optim.freeze_epochs else None,
+            grad_clip=cfg.optim.grad_clip, on_step=self._crash_hook(epoch),
         )
-        timing["train_s"] += stats["train/seconds"]
-        method.eval()
+        self.timing["train_s"] += stats["train/seconds"]
+        self.method.eval()
         t_val = time.perf_counter()
-        val, cm = _score(method, stream("val", epoch, False), manifest, device, amp)
+        val, cm = _score(self.method, self.stream("val", epoch, False), self.manifest, self.device, self.amp)
         val_seconds = time.perf_counter() - t_val
-        timing["eval_s"] += val_seconds
+        self.timing["eval_s"] += val_seconds
         t_report = time.perf_counter()
         row = {"epoch": epoch + 1, **stats, **{f"val/{k}": v for k, v in val.items()}, "val/seconds": val_seconds}
-        value = row.get(f"val/{select}", row.get(select))
-        if value is None:
-            raise KeyError(f"train.select_metric {select!r} is not a metric; choose one of {sorted(val)}")
-        improved = is_better(select, value, best)
-        if improved:
-            best, best_epoch, stale = value, epoch + 1, 0
-        else:
-            stale += 1
-        schedule.after_epoch(value)
-        history.append(row)
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _write_history(run_dir, history)
-            if improved:
-                _save_best(run_dir, parts, manifest, cfg, val)
-                write_report(run_dir, cm, manifest.label_names, val, prefix="val",
-                             title=f"{cfg.name} val, epoch {epoch + 1}")
-            log.info("epoch %d/%d  loss %.4f  val %s %.4f  (best %.4f @ %d)  train %.0f img/s, %.1f s  val %.1f s",
-                     epoch + 1, cfg.train.epochs, stats.get("train/loss", math.nan), select, value, best,
-                     best_epoch, stats["train/images_per_s"], stats["train/seconds"], val_seconds)
-        state = {
-            "model": method.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "epoch": epoch + 1, "best": best, "best_epoch": best_epoch, "history": history, "stale": stale,
-            "rng": rng_state(),
-        }
-        session.report({**row, "best": best, "best_epoch": best_epoch}, state)
-        timing["report_s"] += time.perf_counter() - t_report
-        if cfg.optim.early_stop_patience is not None and stale >= cfg.optim.early_stop_patience:
-            if rank == 0:
-                log.info("early stop: %s has not improved for %d epochs", select, stale)
-            break
+        self._record(epoch, row, val, cm)
+        self.session.report({**row, "best": self.best, "best_epoch": self.best_epoch}, self._state(epoch))
+        self.timing["report_s"] += time.perf_counter() - t_report
+        patience = cfg.optim.early_stop_patience
+        if patience is not None and self.stale >= patience:
+            if self.rank == 0:
+                log.info("early stop: %s has not improved for %d epochs", self.select, self.stale)
+            return True
+        return False
 
-    # The test split, once, with the best model.
-    t_test = time.perf_counter()
-    best_state = _load_best_weights(run_dir, parts.student, device, world)
-    method.eval()
-    test, cm = _score(method, stream("test", 0, False), manifest, device, amp)
-    if rank == 0:
-        write_report(run_dir, cm, manifest.label_names, test, prefix="test", title=f"{cfg.name} test (best epoch)")
-    timing["test_s"] = time.perf_counter() - t_test
-    return {"best": best, "best_epoch": best_epoch, "epochs": len(history), "test": test,
-            "best_model_loaded": best_state, "timing": timing}
+    def _record(self, epoch: int, row: dict[str, Any], val: dict[str, Any], cm) -> None:
+        """Update the best value and the history; rank 0 writes metrics, best model and report."""
+        value = row.get(f"val/{self.select}", row.get(self.select))
+        if value is None:
+            raise KeyError(f"train.select_metric {self.select!r} is not a metric; choose one of {sorted(val)}")
+        improved = is_better(self.select, value, self.best)
+        if improved:
+            self.best, self.best_epoch, self.stale = value, epoch + 1, 0
+        else:
+            self.stale += 1
+        self.schedule.after_epoch(value)
+        self.history.append(row)
+        if self.rank != 0:
+            return
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.run_dir.write_metrics(self.history)
+        if improved:
+            _save_best(self.run_dir.path, self.parts, self.manifest, self.cfg, val)
+            write_report(self.run_dir.path, cm, self.manifest.label_names, val, prefix="val",
+                         title=f"{self.cfg.name} val, epoch {epoch + 1}")
+        log.info("epoch %d/%d  loss %.4f  val %s %.4f  (best %.4f @ %d)  train %.0f img/s, %.1f s  val %.1f s",
+                 epoch + 1, self.cfg.train.epochs, row.get("train/loss", math.nan), self.select, value, self.best,
+                 self.best_epoch, row["train/images_per_s"], row["train/seconds"], row["val/seconds"])
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "epoch": epoch + 1, "best": self.best,
+            "best_epoch": self.best_epoch, "history": self.history, "stale": self.stale, "rng": rng_state(),
+        }
+
+    def finish(self) -> dict[str, Any]:
+        """Score the test split once, with the best epoch's weights; the run's summary."""
+        t_test = time.perf_counter()
+        loaded = _load_best_weights(self.run_dir.path, self.parts.student, self.device, self.world)
+        self.method.eval()
+        test, cm = _score(self.method, self.stream("test", 0, False), self.manifest, self.device, self.amp)
+        if self.rank == 0:
+            write_report(self.run_dir.path, cm, self.manifest.label_names, test, prefix="test",
+                         title=f"{self.cfg.name} test (best epoch)")
+        self.timing["test_s"] = time.perf_counter() - t_test
+        return {"best": self.best, "best_epoch": self.best_epoch, "epochs": len(self.history), "test": test,
+                "best_model_loaded": loaded, "timing": self.timing}
 
 
 def _save_best(run_dir: Path, parts, manifest: Manifest, cfg: RunConfig, val: dict[str, float]) -> None:
@@ -313,7 +337,7 @@ def _save_best(run_dir: Path, parts, manifest: Manifest, cfg: RunConfig, val: di
         metrics={k: float(v) for k, v in val.items() if isinstance(v, (int, float))},
         dataset=str(Path(cfg.data.path).resolve()),
     )
-    save_artifact(run_dir / "best", parts.student, meta)
+    save_artifact(RunDir(run_dir).best_dir, parts.student, meta)
 
 
 def _load_best_weights(run_dir: Path, student, device, world: int) -> bool:
@@ -321,7 +345,7 @@ def _load_best_weights(run_dir: Path, student, device, world: int) -> bool:
     the run folder must be on shared storage, like Ray Train's own ``storage_path``)."""
     from safetensors.torch import load_model
 
-    path = run_dir / "best" / "model.safetensors"
+    path = RunDir(run_dir).best_weights
     ok = path.is_file()
     if world > 1:
         flag = torch.tensor([1 if ok else 0], device=device)

@@ -9,11 +9,10 @@ python -m raykd.tune``). Without arguments it runs ``search_spaces/default.yaml`
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
+from raykd.artifact.rundir import RunDir
 from raykd.cli import HelpFormatter
 from raykd.config import ConfigError
 
@@ -40,24 +39,35 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
                         "--set base.train.epochs=2 --set output_dir=/mnt/runs (repeatable; default: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted experiment of the same name")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print Ray's and Optuna's INFO lines and Tune's status tables (default: "
+                        "raykd's progress and results only; everything is in <experiment>/raykd.log)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    p.add_argument("--tracking", default=None, metavar="mlflow[:URI]|tensorboard|wandb",
+                   help="track the trials through a Ray Tune logger callback: mlflow (a local store in "
+                        "<experiment>/mlruns; mlflow:URI for a tracking server or database; the exports "
+                        "go there too), tensorboard, or wandb (needs pip install wandb) (default: none)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = parse_args(argv, prog=prog)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from raykd.console import configure
+
+    configure(verbose=args.verbose)  # raykd's lines on the console; Ray's detail in <experiment>/raykd.log
     from raykd.tune.space import load_space
 
     overrides = list(args.overrides) + ([f"address={args.address}"] if args.address else [])
     try:
+        from raykd.tune.tracking import parse_tracking
+
+        tracking = parse_tracking(args.tracking)  # a bad value or a missing package: before Ray starts
         space = load_space(args.space or default_space(), overrides, base_config=args.config)
         from raykd.tune.search import prepare_search, run_tune
 
         space = prepare_search(space)  # the dataset, every method/student pair: before Ray starts
-        outcome = run_tune(space, resume=args.resume, prepared=True)
+        outcome = run_tune(space, resume=args.resume, prepared=True, tracking=tracking, verbose=args.verbose)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -74,13 +84,13 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     w = pub.winner
     print(f"winner: {w.run} ({w.method}, {w.student}): val {m} {w.val.get(m, float('nan')):.4f}, "
           f"test {m} {w.test.get(m, float('nan')):.4f}, {w.latency_ms or float('nan'):.2f} ms/image on CPU")
-    print(f"winner model: {Path(w.run_dir) / 'best'}")
+    print(f"winner model: {RunDir(w.run_dir).best_dir}")
     onnx = pub.onnx.get(w.run) or "not exported: " + pub.export_errors.get(w.run, "export is off")
     print(f"winner ONNX: {onnx}")
     if len(pub.family) > 1:
         print("Pareto family: " + ", ".join(f"{r.run} ({m} {r.val.get(m, float('nan')):.4f}, "
                                             f"{r.latency_ms or float('nan'):.2f} ms)" for r in pub.family))
-    print(f"family file (serve with python -m raykd.serve --registry ...): {pub.family_files[-1]}")
+    print(f"family file (serve with raykd serve --family ...): {pub.family_files[-1]}")
     if outcome.findings is not None:
         print()
         print("findings:")

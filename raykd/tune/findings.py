@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raykd.artifact.rundir import RunDir, TrialDir
+
 __all__ = ["FINDINGS_FILE", "Findings", "collect_findings"]
 
 FINDINGS_FILE = "findings.json"
@@ -75,18 +77,12 @@ class Findings:
         return path
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots: int = 1) -> Findings:
     """Findings of a finished search from its plan (teachers, runs folder) and leaderboard."""
-    from raykd.tune.trial import TRIAL_TIMING_FILE
-
     metric = board.metric
     f = Findings(metric=metric, stage_s=dict(stage_s or {}), slots=slots)
     for name, folder in plan.teachers.items():
-        s = _read(Path(folder) / "summary.json")
+        s = RunDir(folder).read_summary()
         if s is not None and s.get("best") is not None:
             f.teachers[name] = {"val": float(s["best"]), "epochs": s.get("epochs"), "best_epoch": s.get("best_epoch")}
     by_student: dict[str, dict[str, list]] = {}
@@ -102,14 +98,13 @@ def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots
         picked = {}
         for kind, rows in groups.items():
             best = max(rows, key=lambda r: r.value(metric))
-            test = (_read(Path(best.run_dir) / "summary.json") or {}).get("test", {}).get(metric)
+            test = (RunDir(best.run_dir).read_summary() or {}).get("test", {}).get(metric)
             picked[kind] = {"run": best.run, "method": best.method, "val": best.value(metric), "test": test}
         if picked["baseline"]["test"] is None or picked["distilled"]["test"] is None:
             continue
         f.comparisons.append({"student": student, **picked,
                               "gain": picked["distilled"]["test"] - picked["baseline"]["test"]})
-    for timing_file in sorted(plan.runs_dir.glob(f"*/{TRIAL_TIMING_FILE}")):
-        t = json.loads(timing_file.read_text())
+    for t in filter(None, (TrialDir(d).read_trial_timing() for d in sorted(plan.runs_dir.glob("*")))):
         f.trial_wall_s += t.get("wall_s", 0.0)
         f.trial_steps_s += t.get("train_s", 0.0) + t.get("eval_s", 0.0)
         f.trials_timed += 1

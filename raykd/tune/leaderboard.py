@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raykd.artifact.rundir import RunDir, TrialDir
 from raykd.metrics import metric_mode
 
 log = logging.getLogger(__name__)
@@ -239,15 +240,8 @@ def _short(text: str | None, n: int = 140) -> str:
 # -------------------------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None
-
-
 def _best_row(run_dir: Path, metric: str) -> tuple[dict[str, float], int]:
-    history = _read(run_dir / "metrics.json") or []
+    history = RunDir(run_dir).read_metrics()
     if not history:
         return {}, 0
     sign = 1.0 if metric_mode(metric) == "max" else -1.0
@@ -266,7 +260,7 @@ def _hparams(config: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def _run_row(base: dict[str, Any], run_dir: Path, metric: str, failed: bool, error: str | None) -> Row:
-    summary = _read(run_dir / "summary.json")
+    summary = RunDir(run_dir).read_summary()
     if summary is not None:
         val, epochs, status = summary.get("val", {}), summary.get("epochs"), "ok"
     else:
@@ -293,15 +287,13 @@ def _measure(row: Row, reps: int) -> None:
 
 def build_leaderboard(plan, records) -> Leaderboard:
     """Rows for every trial record (a ``raykd.tune.search.TrialRecord``), costs measured here."""
-    from raykd.tune.trial import CASCADE_FILE, TRIAL_FILE
-
     space = plan.space
     metric = space.search.metric
     rows: list[Row] = []
     cascades: dict[str, list[dict]] = {}
     for rec in records:
-        trial_dir = plan.runs_dir / rec.trial_id
-        info = _read(trial_dir / TRIAL_FILE) or {}
+        trial_dir = TrialDir(plan.runs_dir / rec.trial_id)
+        info = trial_dir.read_trial() or {}
         label = info.get("label") or rec.config.get("method") or "?"
         student = info.get("student")
         if student is None and label in space.methods:
@@ -312,9 +304,9 @@ def build_leaderboard(plan, records) -> Leaderboard:
         base = dict(trial_id=rec.trial_id, method=label, student=student or "?", teacher=info.get("teacher"),
                     hparams=_hparams(rec.config, label), paper=bool(info.get("paper")))
         failed = rec.status == "ERROR"
-        cascade = _read(trial_dir / CASCADE_FILE)
-        if info.get("method") == "cascade" or cascade is not None:
-            steps = (cascade or {}).get("steps", [])
+        pipeline = trial_dir.read_pipeline()
+        if info.get("pipeline") or pipeline is not None:  # a method trained as several runs
+            steps = (pipeline or {}).get("steps", [])
             cascades[rec.trial_id] = steps
             done = [s for s in steps if not s.get("parent")]
             for s in done:
@@ -326,9 +318,9 @@ def build_leaderboard(plan, records) -> Leaderboard:
                 rows.append(row)
             if failed or not done:
                 rows.append(Row(**base, run=rec.trial_id, status="failed" if failed else "stopped",
-                                error=rec.error, run_dir=str(trial_dir)))
+                                error=rec.error, run_dir=str(trial_dir.path)))
             continue
-        row = _run_row(dict(base, run=rec.trial_id), trial_dir, metric, failed, rec.error)
+        row = _run_row(dict(base, run=rec.trial_id), trial_dir.path, metric, failed, rec.error)
         last = rec.last_result or {}
         row.params = int(last["params"]) if isinstance(last.get("params"), (int, float)) else None
         row.size_mb, row.latency_ms = last.get("size_mb"), last.get("latency_ms")

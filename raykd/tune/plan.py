@@ -15,13 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from raykd.artifact.rundir import RunDir
 from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict, validate
+from raykd.distill import METHODS
 from raykd.tune.spec import MethodSpec, SearchSpace, set_dotted
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ResolvedTrial", "TeacherTooWeakError", "TrialPlan", "absolute_paths", "check_combinations",
-           "check_teacher", "train_teachers", "teacher_run_config"]
+           "check_teacher", "is_paper_setting", "pipeline_knobs", "run_teacher_stages", "stage_key", "train_teachers",
+           "teacher_run_config"]
 
 TEACHERS_DIR = "teachers"
 RUNS_DIR = "runs"
@@ -111,7 +114,6 @@ def train_teachers(space: SearchSpace, experiment_dir: Path) -> dict[str, str]:
     Raises:
         TeacherTooWeakError: a trained teacher is not clearly above chance (``search.teacher_margin``).
     """
-    import json
     from concurrent.futures import ThreadPoolExecutor
 
     from raykd.train.driver import run_train
@@ -125,9 +127,9 @@ def train_teachers(space: SearchSpace, experiment_dir: Path) -> dict[str, str]:
             out[name] = t.checkpoint
             continue
         cfg = teacher_run_config(space, name, experiment_dir)
-        run_dir = Path(cfg.output_dir) / cfg.name
+        run_dir = RunDir.of(cfg)
         out[name] = str(run_dir)
-        if (run_dir / "summary.json").is_file():
+        if run_dir.finished():
             log.info("stage 1: teacher %r already trained in %s", name, run_dir)
         else:
             log.info("stage 1: training teacher %r (%s, up to %d epochs, patience %s)", name, cfg.student.name,
@@ -142,13 +144,40 @@ def train_teachers(space: SearchSpace, experiment_dir: Path) -> dict[str, str]:
                      result.run_dir)
     from raykd.data.manifest import Manifest
 
-    classes = sum(1 for c in Manifest.load(space.base["data"]["path"]).counts("val") if c)
+    classes = sum(1 for c in Manifest.load(space.base_config.data.path).counts("val") if c)
     for name, folder in out.items():
-        summary_file = Path(folder) / "summary.json"
-        if summary_file.is_file():
-            check_teacher(name, json.loads(summary_file.read_text()), space.search.metric,
-                          space.search.teacher_margin, classes=classes, where=space.source)
+        summary = RunDir(folder).read_summary()
+        if summary is not None:
+            check_teacher(name, summary, space.search.metric, space.search.teacher_margin, classes=classes,
+                          where=space.source)
     return out
+
+
+def run_teacher_stages(space: SearchSpace, experiment_dir: Path, teachers: dict[str, str]) -> dict[tuple, str]:
+    """Stage 1, after the teachers: every teacher-side stage a method needs (SSKD's projection
+    head), run once per (teacher, stage, epochs) into ``<experiment>/teachers/<teacher>/stages``
+    and shared by every trial of every method that needs it; returns key -> file
+    (see :meth:`TrialPlan.stage_key`)."""
+    from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
+
+    out: dict[tuple, str] = {}
+    for label, spec in space.methods.items():
+        if METHODS.get(spec.method).teacher_stage is None or spec.teacher is None:
+            continue
+        cfg = build_run_config(space, _probe_trial(spec, spec.students[0] if spec.students else ""),
+                               name=f"stage-{label}", output_dir=experiment_dir,
+                               teacher_path=teachers.get(spec.teacher))
+        key = stage_key(cfg, spec.teacher)
+        if key in out or not needs_teacher_stage(cfg):
+            continue
+        where = RunDir(experiment_dir / TEACHERS_DIR / spec.teacher).stage_file(stage_file_name(cfg))
+        out[key] = run_teacher_stage(cfg, where).distill.teacher_stage_file
+    return out
+
+
+def stage_key(cfg: RunConfig, teacher: str) -> tuple:
+    """What makes a teacher stage's output: the teacher, the stage and its epochs."""
+    return (teacher, METHODS.get(cfg.distill.method).teacher_stage.name, cfg.distill.stage_epochs)
 
 
 class TrialPlan:
@@ -160,10 +189,12 @@ class TrialPlan:
         teachers: teacher name -> trained run or artifact folder.
     """
 
-    def __init__(self, space: SearchSpace, experiment_dir: Path, teachers: dict[str, str]) -> None:
+    def __init__(self, space: SearchSpace, experiment_dir: Path, teachers: dict[str, str],
+                 stages: dict[tuple, str] | None = None) -> None:
         self.space = space
         self.experiment_dir = Path(experiment_dir)
         self.teachers = dict(teachers)
+        self.stages = dict(stages or {})  # stage_key -> the stage's saved output
 
     @property
     def runs_dir(self) -> Path:
@@ -176,7 +207,7 @@ class TrialPlan:
         def value(name: str, dist) -> Any:
             return dist.args[0] if dist.fixed else config[name]
 
-        if spec.method == "cascade":
+        if METHODS.get(spec.method).student_from_teacher:
             teacher = self.space.teachers[spec.teacher]
             student = f"{(teacher.model or {}).get('name', teacher.name)}-cut"
         elif len(spec.students) == 1:
@@ -191,10 +222,16 @@ class TrialPlan:
                              params=params, settings=settings)
 
     def run_config(self, config: dict[str, Any], name: str, *, output_dir: Path | None = None) -> RunConfig:
-        """The typed RunConfig of the trial run ``name`` (for cascade: its first step's template)."""
+        """The typed RunConfig of the trial run ``name`` (for a pipeline: its steps' template), with
+        the output of its teacher stage when stage 1 ran it."""
         r = self.resolve(config)
-        return build_run_config(self.space, r, name=name, output_dir=output_dir or self.runs_dir,
-                                teacher_path=self.teachers.get(r.teacher) if r.teacher else None)
+        cfg = build_run_config(self.space, r, name=name, output_dir=output_dir or self.runs_dir,
+                               teacher_path=self.teachers.get(r.teacher) if r.teacher else None)
+        if METHODS.get(cfg.distill.method).teacher_stage is not None and r.teacher is not None:
+            stage_file = self.stages.get(stage_key(cfg, r.teacher))
+            if stage_file and not cfg.distill.teacher_stage_file:
+                cfg = replace(cfg, distill=replace(cfg.distill, teacher_stage_file=stage_file))
+        return cfg
 
 
 def build_run_config(space: SearchSpace, r: ResolvedTrial, *, name: str, output_dir: Path,
@@ -202,8 +239,8 @@ def build_run_config(space: SearchSpace, r: ResolvedTrial, *, name: str, output_
                      student_model: dict | None = None) -> RunConfig:
     """Base config + student + teacher + method + settings, validated.
 
-    A cascade trial's student is cut from its teacher; its template here carries the teacher's
-    image size and the pipeline sets ``cut_blocks`` per depth.
+    The student of a method that makes it from the teacher (the cascade) gets the teacher's image
+    size here; the method's pipeline sets the rest per step.
     """
     raw = copy.deepcopy(space.base)
     for key, value in r.settings.items():
@@ -215,7 +252,7 @@ def build_run_config(space: SearchSpace, r: ResolvedTrial, *, name: str, output_
         student = student_model
     elif r.student in space.students:
         student = space.students[r.student].model
-    else:  # cascade: the student is cut from the teacher, at the teacher's image size
+    else:  # made from the teacher (student_from_teacher), at the teacher's image size
         size = (space.teachers[r.teacher].model or {}).get("image_size") if r.teacher else None
         student = {"image_size": size} if size else {}
     if r.teacher is None:
@@ -255,8 +292,7 @@ def check_combinations(space: SearchSpace) -> SearchSpace:
     from raykd.train.driver import ensure_dataset
 
     check_space_weights(space)  # pretrained weights of every teacher and student: file or hub
-    base_cfg = from_dict(RunConfig, dict(space.base), where=space.source)
-    manifest = ensure_dataset(base_cfg.data)
+    manifest = ensure_dataset(space.base_config.data)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one probe batch per model: more threads only contend (10x slower here)
     try:
@@ -266,8 +302,6 @@ def check_combinations(space: SearchSpace) -> SearchSpace:
 
 
 def _check_all(space: SearchSpace, manifest) -> SearchSpace:
-    import tempfile
-
     import torch
 
     from raykd.train.loop import build_run
@@ -280,77 +314,64 @@ def _check_all(space: SearchSpace, manifest) -> SearchSpace:
                 build_run(teacher_run_config(space, name, Path(space.output_dir)), manifest)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"{space.source}: teachers.{name}: {e}") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, spec in space.methods.items():
-            if spec.method == "cascade":
-                _check_cascade(space, spec, manifest)
-                methods[label] = spec
+    for label, spec in space.methods.items():
+        if METHODS.get(spec.method).student_from_teacher:
+            _check_pipeline(space, spec, manifest)
+            methods[label] = spec
+            continue
+        ok, reasons = [], []
+        for sid in spec.students:
+            t = space.teachers.get(spec.teacher) if spec.teacher else None
+            cfg = build_run_config(space, _probe_trial(spec, sid), name="compat-check",
+                                   output_dir=Path(space.output_dir), teacher_path=t.checkpoint if t else None,
+                                   teacher_model=t.model if t else None)
+            try:
+                build_run(cfg, manifest, probe=True)  # a teacher stage's output: untrained, of the right shapes
+            except (ValueError, TypeError, FileNotFoundError) as e:
+                reasons.append(f"{sid}: {e}")
+                log.warning("methods.%s: skipping student %s: %s", label, sid, e)
                 continue
-            ok, reasons = [], []
-            for sid in spec.students:
-                t = space.teachers.get(spec.teacher) if spec.teacher else None
-                cfg = build_run_config(space, _probe_trial(spec, sid), name="compat-check",
-                                       output_dir=Path(space.output_dir),
-                                       teacher_path=t.checkpoint if t else None,
-                                       teacher_model=t.model if t else None)
-                try:
-                    stage_dir = _stage_stub(cfg, manifest, Path(tmp) / f"{label}-{sid}")
-                    build_run(cfg, manifest, stage_dir=stage_dir)
-                except (ValueError, TypeError, FileNotFoundError) as e:
-                    reasons.append(f"{sid}: {e}")
-                    log.warning("methods.%s: skipping student %s: %s", label, sid, e)
-                    continue
-                ok.append(sid)
-            if not ok:
-                raise ConfigError(f"{space.source}: methods.{label} ({spec.method}) fits none of its "
-                                  "students:\n  " + "\n  ".join(reasons))
-            methods[label] = replace(spec, students=tuple(ok))
+            ok.append(sid)
+        if not ok:
+            raise ConfigError(f"{space.source}: methods.{label} ({spec.method}) fits none of its "
+                              "students:\n  " + "\n  ".join(reasons))
+        methods[label] = replace(spec, students=tuple(ok))
     return replace(space, methods=methods)
 
 
-def _stage_stub(cfg: RunConfig, manifest, stage_dir: Path) -> Path | None:
-    """For the fit check of ``sskd``/``ssdkd``: an untrained teacher head of the right width in
-    ``stage_dir``, so that the check does not pre-train one (each trial does, in its own folder)."""
-    from raykd.distill import METHODS
-
-    if METHODS.get(cfg.distill.method).teacher_stage != "sskd_teacher_head" or cfg.teacher is None:
-        return None
-    from safetensors.torch import save_file
-
-    from raykd.distill.base import probe_shapes
-    from raykd.distill.methods._shared import ProjectionHead
-    from raykd.train.loop import build_model
-    from raykd.train.stages import SSKD_HEAD
-
-    teacher = build_model(cfg.teacher, manifest.num_classes)
-    size = cfg.student.image_size or (teacher.pretrained_cfg or {}).get("input_size", (3, 224, 224))[-1]
-    dim = probe_shapes(teacher, (3, size, size)).embedding_dim
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    head = {k: v.contiguous() for k, v in ProjectionHead(dim).state_dict().items()}
-    save_file(head, str(stage_dir / SSKD_HEAD))
-    return stage_dir
+def pipeline_knobs(spec: MethodSpec) -> dict[str, Any]:
+    """The knobs of a method entry that its pipeline takes (``min_blocks`` for the cascade)."""
+    return {k: getattr(spec, k) for k in METHODS.get(spec.method).pipeline_knobs}
 
 
-def _check_cascade(space: SearchSpace, spec: MethodSpec, manifest) -> None:
-    """The cascade's parent must be a ViT with more than ``min_blocks`` blocks; its first step must build."""
-    from raykd.distill.methods.cascade import _num_blocks
+def _check_pipeline(space: SearchSpace, spec: MethodSpec, manifest) -> None:
+    """A method made of several runs: its pipeline must accept the teacher (the parent) and its
+    knobs, and its first step must build."""
     from raykd.train.loop import build_model, build_run
 
     t = space.teachers[spec.teacher]
     where = f"{space.source}: methods.{spec.label}"
     model_cfg = ModelConfig(checkpoint=t.checkpoint) if t.checkpoint else from_dict(ModelConfig, t.model)
+    cls = METHODS.get(spec.method)
     try:
-        depth = _num_blocks(build_model(model_cfg, manifest.num_classes))
+        steps = cls.pipeline(build_model(model_cfg, manifest.num_classes), image_size=None, **pipeline_knobs(spec))
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"{where}: cascade needs a ViT parent; teacher {t.name!r}: {e}") from None
-    if not 1 <= spec.min_blocks < depth:
-        raise ConfigError(f"{where}.min_blocks={spec.min_blocks} must be in [1, {depth - 1}] for the "
-                          f"{depth}-block teacher {t.name!r}")
-    r = _probe_trial(spec, "")
-    cfg = build_run_config(space, r, name="compat-check", output_dir=Path(space.output_dir),
+        raise ConfigError(f"{where}: teacher {t.name!r}: {e}") from None
+    cfg = build_run_config(space, _probe_trial(spec, ""), name="compat-check", output_dir=Path(space.output_dir),
                            teacher_path=t.checkpoint, teacher_model=t.model)
-    cfg = replace(cfg, student=replace(cfg.student, cut_blocks=list(range(depth - 1))))
+    cfg = replace(cfg, student=replace(cfg.student, **{k: v for k, v in steps[1].student.items()
+                                                       if k != "image_size"}))
     try:
-        build_run(cfg, manifest)
+        build_run(cfg, manifest, probe=True)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def is_paper_setting(method: str, params: dict[str, Any], spec) -> bool:
+    """Whether a trial's searched method parameters (``spec.params`` that are not fixed) are all at
+    the paper's values; a method with nothing searched has no paper trial to mark."""
+    from raykd.distill.paper import paper_params
+
+    paper = paper_params(method)
+    searched = [k for k, d in spec.params.items() if not d.fixed]
+    return bool(searched) and all(paper.get(k) == params.get(k) for k in searched)

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raykd.artifact.rundir import RunDir
 from raykd.tune.leaderboard import Leaderboard, Row
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,9 @@ def publish(plan, board: Leaderboard) -> Published | None:
     out = Published(winner=winner, family=family)
     entries = []
     for row in family:
-        summary = json.loads((Path(row.run_dir) / "summary.json").read_text())
-        row.test = summary.get("test", {})
-        artifact = Path(row.run_dir) / "best"
+        run_dir = RunDir(row.run_dir)
+        row.test = (run_dir.read_summary() or {}).get("test", {})
+        artifact = run_dir.best_dir
         onnx = None
         if space.export.onnx:
             try:
@@ -62,7 +63,7 @@ def publish(plan, board: Leaderboard) -> Published | None:
                 out.export_errors[row.run] = str(e)
         entries.append(FamilyEntry(
             name=row.run, version=row.trial_id, artifact=str(artifact), onnx=onnx,
-            params=int(row.params or 0), size_bytes=(artifact / "model.safetensors").stat().st_size,
+            params=int(row.params or 0), size_bytes=run_dir.best_weights.stat().st_size,
             val_bma=row.val.get("bma"), latency_ms=row.latency_ms,
         ))
     experiment_dir = plan.experiment_dir
@@ -71,7 +72,7 @@ def publish(plan, board: Leaderboard) -> Published | None:
     (experiment_dir / "winner.json").write_text(json.dumps({
         "winner": winner.run, "trial_id": winner.trial_id, "method": winner.method, "student": winner.student,
         "hparams": winner.hparams, "val": winner.val, "test": winner.test, "onnx": out.onnx.get(winner.run),
-        "artifact": str(Path(winner.run_dir) / "best"),
+        "artifact": str(RunDir(winner.run_dir).best_dir),
         "family": [{"run": r.run, "val": r.val.get(board.metric), "test": r.test.get(board.metric),
                     "params": r.params, "latency_ms": r.latency_ms, "onnx": out.onnx.get(r.run)}
                    for r in family],

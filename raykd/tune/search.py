@@ -26,8 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raykd.config import ConfigError, RunConfig, from_dict
-from raykd.tune.plan import TrialPlan, absolute_paths, check_combinations, train_teachers
+from raykd.config import ConfigError
+from raykd.tune.plan import (  # noqa: F401 - is_paper_setting: part of this module's API
+    TrialPlan,
+    absolute_paths,
+    check_combinations,
+    is_paper_setting,
+    run_teacher_stages,
+    train_teachers,
+)
 from raykd.tune.spec import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -70,14 +77,14 @@ def _local_trials(space: SearchSpace) -> bool:
     """Whether the trials train in their own process (single worker, small data: see run_train)."""
     from raykd.train.driver import uses_local
 
-    return uses_local(from_dict(RunConfig, space.base))
+    return uses_local(space.base_config)
 
 
 def trial_concurrency(space: SearchSpace, resources: dict[str, float]) -> int:
     """Trials that fit the cluster at once: CPUs (and GPUs) per trial, capped by its trial slots."""
     if space.budget.max_concurrent is not None:
         return space.budget.max_concurrent
-    sc = from_dict(RunConfig, space.base).scaling
+    sc = space.base_config.scaling
     workers = max(sc.num_workers, 0)
     if _local_trials(space):  # the trial process is the worker; no Ray Data tasks beside it
         cpu_per_trial = max(sc.cpus_per_worker, 0.01)
@@ -101,7 +108,7 @@ def _trial_resources(space: SearchSpace, resources: dict[str, float]):
     from raykd.cluster import TRIAL_SLOT
 
     if _local_trials(space):
-        sc = from_dict(RunConfig, space.base).scaling
+        sc = space.base_config.scaling
         bundle = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
         return PlacementGroupFactory([bundle])
     if TRIAL_SLOT in resources:
@@ -156,16 +163,6 @@ def paper_point(space: SearchSpace, label: str) -> dict[str, Any]:
         if not dist.fixed and name in paper and dist.contains(paper[name]):
             point[f"{label}.{name}"] = paper[name]
     return point
-
-
-def is_paper_setting(method: str, params: dict[str, Any], spec) -> bool:
-    """Whether a trial's searched method parameters (``spec.params`` that are not fixed) are all at
-    the paper's values; a method with nothing searched has no paper trial to mark."""
-    from raykd.distill.paper import paper_params
-
-    paper = paper_params(method)
-    searched = [k for k, d in spec.params.items() if not d.fixed]
-    return bool(searched) and all(paper.get(k) == params.get(k) for k in searched)
 
 
 def _progress_callback(space: SearchSpace):
@@ -243,7 +240,8 @@ def _records(grid) -> list[TrialRecord]:
     return out
 
 
-def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False) -> SearchOutcome:
+def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False,
+             tracking=None, verbose: bool = False) -> SearchOutcome:
     """Run the whole search job (see the module docstring) and return its records and leaderboard.
 
     Args:
@@ -251,29 +249,24 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
         resume: continue the experiment of the same name: finished trials are kept, unfinished ones
             continue (a new experiment starts when there is nothing to restore).
         prepared: ``space`` already went through :func:`prepare_search`.
+        tracking: ``--tracking``'s value (``"mlflow[:URI]"``, ``"tensorboard"``, ``"wandb"``) or a
+            :class:`raykd.tune.tracking.Tracking`; ``None``: none (see :mod:`raykd.tune.tracking`).
+        verbose: Tune's status tables and trial result tables on the console (else only raykd's
+            one line per trial).
     """
+    import time
+
     import ray
-    from ray import tune
 
     from raykd.cluster import init_local_ray
+    from raykd.tune.findings import STAGE_2, collect_findings
     from raykd.tune.leaderboard import build_leaderboard
     from raykd.tune.publish import publish
-    from raykd.tune.trial import trial_main
+    from raykd.tune.tracking import log_published
 
     if not prepared:
         space = prepare_search(space)
-    experiment_dir = Path(space.output_dir) / space.name
-    if _experiment_exists(experiment_dir) and not resume:
-        raise ConfigError(f"experiment folder {experiment_dir} exists: pass --resume to continue it, "
-                          "or --set name=<new name> to start another")
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    # Snapshot the experiment state every 2 s rather than Tune's adaptive >= 10 s: a killed driver
-    # then loses at most one snapshot of trial statuses (the state of a small search is a few kB).
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-
-    import time
-
-    from raykd.tune.findings import STAGE_2, collect_findings
+    experiment_dir, tracking = _open_experiment(space, resume, tracking)
 
     stage_s: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -283,10 +276,53 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
     stage_s["Ray start"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    teachers = train_teachers(space, experiment_dir)  # stage 1
+    teachers = train_teachers(space, experiment_dir)  # stage 1: the teachers, then their stages
+    stages = run_teacher_stages(space, experiment_dir, teachers)
     stage_s["stage 1 (teachers)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = TrialPlan(space, experiment_dir, teachers)
+    plan = TrialPlan(space, experiment_dir, teachers, stages)
+    records = _stage_2(plan, resources, resume=resume, tracking=tracking, verbose=verbose)
+    log.info("stage 2 done: %d trials, %d failed", len(records), sum(r.status == "ERROR" for r in records))
+    stage_s[STAGE_2] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    board = build_leaderboard(plan, records)  # stage 3
+    board.write(experiment_dir)
+    published = publish(plan, board)
+    log_published(tracking, published, experiment_dir, space.name)
+    stage_s["stage 3 (leaderboard, export)"] = time.perf_counter() - t0
+    findings = collect_findings(plan, board, stage_s, slots=trial_concurrency(space, resources))
+    findings.write(experiment_dir)
+    return SearchOutcome(experiment_dir=experiment_dir, records=records, leaderboard=board,
+                         published=published, findings=findings)
+
+
+def _open_experiment(space: SearchSpace, resume: bool, tracking):
+    """The experiment folder (refusing to overwrite one unless ``resume``), its log file, and the
+    tracking choice checked against it; returns both."""
+    from raykd.console import log_to_file
+    from raykd.tune.tracking import resolve_tracking
+
+    experiment_dir = Path(space.output_dir) / space.name
+    if _experiment_exists(experiment_dir) and not resume:
+        raise ConfigError(f"experiment folder {experiment_dir} exists: pass --resume to continue it, "
+                          "or --set name=<new name> to start another")
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    log.info("experiment %s (every line of Ray, Tune and Optuna: %s)", experiment_dir, log_to_file(experiment_dir))
+    tracking = resolve_tracking(tracking, experiment_dir, resume=resume)  # before Ray starts
+    # Snapshot the experiment state every 2 s rather than Tune's adaptive >= 10 s: a killed driver
+    # then loses at most one snapshot of trial statuses (the state of a small search is a few kB).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    return experiment_dir, tracking
+
+
+def _stage_2(plan: TrialPlan, resources: dict[str, float], *, resume: bool, tracking, verbose: bool):
+    """The Tuner over every trial (restored when resuming); returns the trial records."""
+    from ray import tune
+
+    from raykd.tune.trial import trial_main
+
+    space, experiment_dir = plan.space, plan.experiment_dir
     trainable = tune.with_resources(tune.with_parameters(trial_main, plan=plan), _trial_resources(space, resources))
     if resume and tune.Tuner.can_restore(str(experiment_dir)):
         log.info("stage 2: resuming the search in %s", experiment_dir)
@@ -295,20 +331,9 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
     else:
         if resume:
             log.info("stage 2: nothing to resume in %s; starting the search", experiment_dir)
-        tuner = _new_tuner(space, trainable, trial_concurrency(space, resources), experiment_dir)
-    records = _records(tuner.fit())
-    log.info("stage 2 done: %d trials, %d failed", len(records), sum(r.status == "ERROR" for r in records))
-    stage_s[STAGE_2] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    board = build_leaderboard(plan, records)  # stage 3
-    board.write(experiment_dir)
-    published = publish(plan, board)
-    stage_s["stage 3 (leaderboard, export)"] = time.perf_counter() - t0
-    findings = collect_findings(plan, board, stage_s, slots=trial_concurrency(space, resources))
-    findings.write(experiment_dir)
-    return SearchOutcome(experiment_dir=experiment_dir, records=records, leaderboard=board,
-                         published=published, findings=findings)
+        tuner = _new_tuner(space, trainable, trial_concurrency(space, resources), experiment_dir,
+                           tracking=tracking, verbose=verbose)
+    return _records(tuner.fit())
 
 
 def _asha_sparing(references: list[str]):
@@ -328,15 +353,17 @@ def _asha_sparing(references: list[str]):
     return ReferenceSparingASHA
 
 
-def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: Path):
+def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: Path, *, tracking=None,
+               verbose: bool = False):
     from ray import tune
 
     from raykd.metrics import metric_mode
+    from raykd.tune.tracking import tracking_callbacks
     from raykd.tune.trial import objective_key
 
     b = space.budget
     scheduler = None
-    epochs = b.epochs or from_dict(RunConfig, space.base).train.epochs
+    epochs = b.epochs or space.base_config.train.epochs
     grace = b.grace_period or max(1, epochs // 2)
     if b.asha and not space.multi_objective and epochs > grace:
         # Rungs end one epoch before the last: a trial that reached its last epoch finishes (and
@@ -360,6 +387,7 @@ def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: 
         run_config=tune.RunConfig(
             name=space.name, storage_path=str(space.output_dir),
             failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded, not retried
-            callbacks=[_progress_callback(space)], verbose=1,
+            callbacks=[_progress_callback(space), *tracking_callbacks(tracking, space.name, experiment_dir)],
+            verbose=1 if verbose else 0,  # raykd logs one line per trial (_progress_callback)
         ),
     )

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import typing
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from typing import Any
 import yaml
 
 from raykd.config import ConfigError, ModelConfig, RunConfig, from_dict, parse_override, validate
+from raykd.registry import did_you_mean
 from raykd.tune.spec import (
     OBJECTIVES,
     BudgetConfig,
@@ -87,8 +87,7 @@ _MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def _unknown(where: str, prefix: str, key: str, valid: tuple[str, ...] | list[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(key), valid, n=1)
-    hint = f" Did you mean {prefix}{close[0]!r}?" if close else ""
+    hint = did_you_mean(key, valid, n=1)
     return ConfigError(f"{where}: unknown key {prefix}{key!r}.{hint} Valid keys here: {', '.join(valid)}")
 
 
@@ -184,8 +183,7 @@ def _check_model_name(model: dict, where: str, key: str) -> None:
 
     name = model.get("name")
     if name is not None and not model.get("cut_blocks") and not timm.is_model(name):
-        close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(name, timm.list_models())
         raise ConfigError(f"{where}: {key}.name: unknown model {name!r}.{hint} See timm.list_models().")
 
 
@@ -204,6 +202,32 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     """
     p = Path(path)
     where = str(p)
+    doc = _read_space(p, overrides)
+    base, base_student = _parse_base(doc, base_config, where)
+    budget, search, export = _parse_settings(doc, where)
+    students = _parse_students(doc.get("students"), base_student, where)
+    teachers = _parse_teachers(doc.get("teachers"), base, where)
+    shared = {}
+    for key, value in _mapping(doc.get("shared"), where, "shared").items():
+        shared[key] = parse_dist(value, where=where, key=f"shared.{key}")
+        _check_run_values(base, key, shared[key], where, "shared")
+    methods = _parse_methods(doc.get("methods"), students, teachers, shared, base, where)
+    _check_trial_workers(base, shared, methods, where)
+
+    name = doc.get("name") or f"tune-{p.stem}"
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(f"{where}: name must be a folder name (no '/'), got {name!r}")
+    output_dir = doc.get("output_dir", "runs")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise ConfigError(f"{where}: output_dir must be a path, got {output_dir!r}")
+    address = doc.get("address")
+    return SearchSpace(source=where, name=name, output_dir=output_dir, address=address, base=base,
+                       teachers=teachers, students=students, shared=shared, methods=methods,
+                       budget=budget, search=search, export=export)
+
+
+def _read_space(p: Path, overrides) -> dict:
+    """The space document with its ``--set`` overrides applied; top-level keys checked."""
     if not p.is_file():
         raise ConfigError(f"search space {p} does not exist (see search_spaces/ for examples)")
     try:
@@ -217,8 +241,13 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         set_dotted(doc, key, value)
     for k in doc:
         if k not in _TOP_KEYS:
-            raise _unknown(where, "", k, _TOP_KEYS)
+            raise _unknown(str(p), "", k, _TOP_KEYS)
+    return doc
 
+
+def _parse_base(doc: dict, base_config: str | Path | None, where: str) -> tuple[dict, dict]:
+    """``base:`` over the optional ``--config`` file, checked as a run config; returns it without
+    its student, and the base student's model fields."""
     base: dict = {}
     if base_config is not None:
         bp = Path(base_config)
@@ -241,7 +270,11 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         validate(from_dict(RunConfig, base, where=where), where=where)
     except ConfigError as e:
         raise ConfigError(f"{e} (in base:)") from None
+    return base, base_student
 
+
+def _parse_settings(doc: dict, where: str) -> tuple[BudgetConfig, SearchConfig, ExportConfig]:
+    """The ``budget:``, ``search:`` and ``export:`` sections."""
     budget = from_dict(BudgetConfig, _mapping(doc.get("budget"), where, "budget"), where=where,
                        prefix="budget.")
     validate(budget, where=where, prefix="budget.")
@@ -258,26 +291,7 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     export = from_dict(ExportConfig, _mapping(doc.get("export"), where, "export"), where=where,
                        prefix="export.")
     validate(export, where=where, prefix="export.")
-
-    students = _parse_students(doc.get("students"), base_student, where)
-    teachers = _parse_teachers(doc.get("teachers"), base, where)
-    shared = {}
-    for key, value in _mapping(doc.get("shared"), where, "shared").items():
-        shared[key] = parse_dist(value, where=where, key=f"shared.{key}")
-        _check_run_values(base, key, shared[key], where, "shared")
-    methods = _parse_methods(doc.get("methods"), students, teachers, shared, base, where)
-    _check_trial_workers(base, shared, methods, where)
-
-    name = doc.get("name") or f"tune-{p.stem}"
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ConfigError(f"{where}: name must be a folder name (no '/'), got {name!r}")
-    output_dir = doc.get("output_dir", "runs")
-    if not isinstance(output_dir, str) or not output_dir:
-        raise ConfigError(f"{where}: output_dir must be a path, got {output_dir!r}")
-    address = doc.get("address")
-    return SearchSpace(source=where, name=name, output_dir=output_dir, address=address, base=base,
-                       teachers=teachers, students=students, shared=shared, methods=methods,
-                       budget=budget, search=search, export=export)
+    return budget, search, export
 
 
 def _check_trial_workers(base: dict, shared: dict[str, Dist], methods: dict[str, MethodSpec],
@@ -374,63 +388,77 @@ def _parse_methods(value: Any, students: dict[str, StudentSpec], teachers: dict[
     value = _mapping(value, where, "methods")
     if not value:
         raise ConfigError(f"{where}: methods is empty; name at least one of: {', '.join(METHODS.names())}")
-    out: dict[str, MethodSpec] = {}
-    for label, spec in value.items():
-        label = str(label)
-        key = f"methods.{label}"
-        spec = _mapping(spec, where, key)
-        for k in spec:
-            if k not in _METHOD_KEYS:
-                raise _unknown(where, f"{key}.", k, _METHOD_KEYS)
-        method = str(spec.get("method", label))
-        if method not in METHODS:
-            raise ConfigError(f"{where}: {key}: {METHODS.unknown_message(method)}")
-        if "." in label or "/" in label:
-            raise ConfigError(f"{where}: {key}: a method label may not contain '.' or '/'")
-        cls = METHODS.get(method)
-        names = spec.get("students")
-        if names is None:
-            names = list(students)
-        if not isinstance(names, list):
-            raise ConfigError(f"{where}: {key}.students must be a list of student ids, got {names!r}")
-        for s in names:
-            if s not in students:
-                valid = list(students) or ["(none: add 'students:')"]
-                raise _unknown(where, f"{key}.students: ", s, valid)
-        if method != "cascade" and not names:
-            raise ConfigError(f"{where}: {key}: no students to train; add 'students:' to the space")
-        teacher = spec.get("teacher")
-        if cls.needs_teacher:
-            if teacher is None:
-                if not teachers:
-                    raise ConfigError(f"{where}: {key}: method {method!r} needs a teacher; "
-                                      "add 'teachers:' to the space")
-                teacher = next(iter(teachers))
-            if teacher not in teachers:
-                raise _unknown(where, f"{key}.teacher: ", teacher, list(teachers))
-        elif teacher is not None:
-            raise ConfigError(f"{where}: {key}.teacher: method {method!r} takes no teacher; remove it")
-        params = {str(k): parse_dist(v, where=where, key=f"{key}.params.{k}")
-                  for k, v in _mapping(spec.get("params"), where, f"{key}.params").items()}
-        _check_params(method, params, where, label)
-        searched = {}
-        for k, v in _mapping(spec.get("search"), where, f"{key}.search").items():
-            searched[k] = parse_dist(v, where=where, key=f"{key}.search.{k}")
-            _check_run_values(base, k, searched[k], where, f"{key}.search")
-        overrides = _mapping(spec.get("set"), where, f"{key}.set")
-        for k, v in overrides.items():
-            _check_run_values(base, k, Dist("fixed", (v,)), where, f"{key}.set")
-        min_blocks = spec.get("min_blocks", 1)
-        if "min_blocks" in spec and method != "cascade":
-            raise ConfigError(f"{where}: {key}.min_blocks applies to the cascade method only")
-        if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 1:
-            raise ConfigError(f"{where}: {key}.min_blocks must be an integer >= 1, got {min_blocks!r}")
-        out[label] = MethodSpec(
-            label=label, method=method, students=tuple(names) if method != "cascade" else (),
-            teacher=teacher if cls.needs_teacher else None, params=params, search=searched,
-            overrides=dict(overrides), min_blocks=min_blocks,
-        )
-    return out
+    return {str(label): _parse_method(str(label), spec, students, teachers, base, where)
+            for label, spec in value.items()}
+
+
+def _parse_method(label: str, spec: Any, students: dict[str, StudentSpec], teachers: dict[str, TeacherSpec],
+                  base: dict, where: str) -> MethodSpec:
+    """One entry of ``methods:``."""
+    from raykd.distill import METHODS
+
+    key = f"methods.{label}"
+    spec = _mapping(spec, where, key)
+    for k in spec:
+        if k not in _METHOD_KEYS:
+            raise _unknown(where, f"{key}.", k, _METHOD_KEYS)
+    method = str(spec.get("method", label))
+    if method not in METHODS:
+        raise ConfigError(f"{where}: {key}: {METHODS.unknown_message(method)}")
+    if "." in label or "/" in label:
+        raise ConfigError(f"{where}: {key}: a method label may not contain '.' or '/'")
+    cls = METHODS.get(method)
+    names, teacher = _method_pair(spec, cls, method, students, teachers, where, key)
+    params = {str(k): parse_dist(v, where=where, key=f"{key}.params.{k}")
+              for k, v in _mapping(spec.get("params"), where, f"{key}.params").items()}
+    _check_params(method, params, where, label)
+    searched = {}
+    for k, v in _mapping(spec.get("search"), where, f"{key}.search").items():
+        searched[k] = parse_dist(v, where=where, key=f"{key}.search.{k}")
+        _check_run_values(base, k, searched[k], where, f"{key}.search")
+    overrides = _mapping(spec.get("set"), where, f"{key}.set")
+    for k, v in overrides.items():
+        _check_run_values(base, k, Dist("fixed", (v,)), where, f"{key}.set")
+    min_blocks = spec.get("min_blocks", 1)
+    if "min_blocks" in spec and "min_blocks" not in cls.pipeline_knobs:
+        takers = [n for n in METHODS.names() if "min_blocks" in METHODS.get(n).pipeline_knobs]
+        raise ConfigError(f"{where}: {key}.min_blocks applies to methods trained as a pipeline of runs "
+                          f"({', '.join(takers)}), not to {method!r}")
+    if isinstance(min_blocks, bool) or not isinstance(min_blocks, int) or min_blocks < 1:
+        raise ConfigError(f"{where}: {key}.min_blocks must be an integer >= 1, got {min_blocks!r}")
+    return MethodSpec(
+        label=label, method=method, students=tuple(names) if not cls.student_from_teacher else (),
+        teacher=teacher if cls.needs_teacher else None, params=params, search=searched,
+        overrides=dict(overrides), min_blocks=min_blocks,
+    )
+
+
+def _method_pair(spec: dict, cls, method: str, students: dict[str, StudentSpec], teachers: dict[str, TeacherSpec],
+                 where: str, key: str) -> tuple[list[str], str | None]:
+    """A method entry's students (default: all) and teacher (default: the first), checked."""
+    names = spec.get("students")
+    if names is None:
+        names = list(students)
+    if not isinstance(names, list):
+        raise ConfigError(f"{where}: {key}.students must be a list of student ids, got {names!r}")
+    for s in names:
+        if s not in students:
+            valid = list(students) or ["(none: add 'students:')"]
+            raise _unknown(where, f"{key}.students: ", s, valid)
+    if not cls.student_from_teacher and not names:
+        raise ConfigError(f"{where}: {key}: no students to train; add 'students:' to the space")
+    teacher = spec.get("teacher")
+    if cls.needs_teacher:
+        if teacher is None:
+            if not teachers:
+                raise ConfigError(f"{where}: {key}: method {method!r} needs a teacher; "
+                                  "add 'teachers:' to the space")
+            teacher = next(iter(teachers))
+        if teacher not in teachers:
+            raise _unknown(where, f"{key}.teacher: ", teacher, list(teachers))
+    elif teacher is not None:
+        raise ConfigError(f"{where}: {key}.teacher: method {method!r} takes no teacher; remove it")
+    return names, teacher
 
 
 # --------------------------------------------------------------------------------------------------

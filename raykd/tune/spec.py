@@ -4,14 +4,19 @@ teacher / student / method entries. :mod:`raykd.tune.space` builds them from YAM
 
 from __future__ import annotations
 
-import difflib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from raykd.config import set_dotted  # noqa: F401  (re-exported for plan/space)
-from raykd.config import ConfigError
+from raykd.config import (
+    ConfigError,
+    RunConfig,
+    from_dict,
+    set_dotted,  # noqa: F401  (re-exported for plan/space)
+)
+from raykd.registry import did_you_mean
 
 __all__ = [
     "DIST_KINDS",
@@ -112,8 +117,7 @@ def parse_dist(value: Any, *, where: str, key: str) -> Dist:
         )
     (kind, args), = value.items()
     if kind not in DIST_KINDS:
-        close = difflib.get_close_matches(str(kind), DIST_KINDS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(kind, DIST_KINDS, n=1)
         raise ConfigError(
             f"{where}: {key}: unknown distribution {kind!r}.{hint} "
             f"Valid distributions: {', '.join(DIST_KINDS)}"
@@ -272,6 +276,12 @@ class SearchSpace:
     budget: BudgetConfig
     search: SearchConfig
     export: ExportConfig
+
+    @functools.cached_property
+    def base_config(self) -> RunConfig:
+        """``base`` as the typed run config (parsed once; ``base`` stays the dict every trial's
+        config starts from)."""
+        return from_dict(RunConfig, self.base, where=self.source)
 
     @property
     def experiment_dir(self) -> Path:

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from raykd.distill import build_method, pretrain_sskd_teacher_head, run_cascade, sskd_head_loss
+from raykd.distill import METHODS, build_method, pretrain_sskd_teacher_head, sskd_head_loss
 from raykd.distill.methods._shared import ProjectionHead
 from tests.distill.setups import NUM_CLASSES, cnn_student, cnn_teacher, make, make_batch
 
@@ -53,36 +53,41 @@ def test_sskd_head_pretraining_stops_early_without_validation_progress(caplog):
     assert any("early stop" in r.getMessage() for r in caplog.records)
 
 
-def test_run_cascade_cuts_and_distils_down_to_one_block():
+def test_the_cascade_pipeline_cuts_and_distils_down_to_one_block():
+    """Each step's student is the first k blocks of the previous step's model and distils from it."""
+    from raykd.models import cut_vit
+
     torch.manual_seed(0)
     model = make("raykd_test_fcvit")  # 4 blocks
     images, targets = make_batch(32)
-    seen = []
+    parent_step, *steps = METHODS.get("cascade").pipeline(model, image_size=32)
 
-    def train_step(method, depth):
+    assert parent_step.suffix is None and parent_step.info == {"depth": 4}
+    assert [s.info["depth"] for s in steps] == [3, 2, 1]
+    assert [s.suffix for s in steps] == ["d3", "d2", "d1"]
+    parent, seen = model, []
+    for step in steps:
+        assert step.student == {"cut_blocks": list(range(step.info["depth"])), "image_size": 32}
+        student = cut_vit(parent, keep_blocks=step.student["cut_blocks"])
+        method = build_method("cascade", student, parent, num_classes=NUM_CLASSES)
         opt = torch.optim.SGD(method.trainable_parameters(), lr=0.01)
-        out = method(images, targets)
-        out.loss.backward()
+        method(images, targets).loss.backward()
         opt.step()
+        assert len(method.student.blocks) == step.info["depth"]
+        assert not any(p.requires_grad for p in method.teacher.parameters())
         seen.append(method)
-        return {"bma": 0.1 * depth, "blocks": len(method.student.blocks), "loss": out.loss.item()}
-
-    results = run_cascade(model, train_step)  # num_classes read from the model
-
-    assert [d for d, _ in results] == [3, 2, 1]
-    assert [m["blocks"] for _, m in results] == [3, 2, 1]
+        parent = method.student
     assert seen[0].teacher is model
-    for parent, child in zip(seen, seen[1:]):
-        assert child.teacher is parent.student  # each trained student teaches the next cut
-        assert not any(p.requires_grad for p in child.teacher.parameters())
-    assert all(p.requires_grad for p in seen[-1].student.parameters())
+    for prev, child in zip(seen, seen[1:]):
+        assert child.teacher is prev.student  # each trained student teaches the next cut
 
 
-def test_run_cascade_honours_min_blocks_and_rejects_impossible_depths():
+def test_the_cascade_pipeline_honours_min_blocks_and_rejects_impossible_depths():
     model = make("raykd_test_fcvit")
-    results = run_cascade(
-        model, lambda method, depth: {"depth": depth}, min_blocks=2, num_classes=NUM_CLASSES
-    )
-    assert results == [(3, {"depth": 3}), (2, {"depth": 2})]
+    cascade = METHODS.get("cascade")
+    assert [s.info["depth"] for s in cascade.pipeline(model, image_size=None, min_blocks=2)] == [4, 3, 2]
     with pytest.raises(ValueError, match=r"min_blocks=4 must be in \[1, 3\]"):
-        run_cascade(model, lambda m, d: {}, min_blocks=4, num_classes=NUM_CLASSES)
+        cascade.pipeline(model, image_size=None, min_blocks=4)
+    with pytest.raises(ValueError, match="ViT-like"):
+        cascade.pipeline(make("raykd_test_tiny_cnn"), image_size=None)
+    assert METHODS.get("kd").pipeline(model, image_size=None) is None  # every other method is one run

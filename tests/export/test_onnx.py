@@ -118,7 +118,7 @@ def test_export_to_an_explicit_path_without_a_run(tmp_path):
 def test_cli_exports_a_run_and_prints_the_table(tmp_path, dataset, capsys):
     run = tmp_path / "run"
     make_artifact(run / "best", "raykd_test_tiny_cnn", {}, image_size=32)
-    assert export_main(["--checkpoint", str(run), "--data", str(dataset), "--int8", "--max-images", "6"]) == 0
+    assert export_main(["--model", str(run), "--data", str(dataset), "--int8", "--max-images", "6"]) == 0
     out = capsys.readouterr().out
     assert "int8" in out and "BMA change" in out
     assert (run / "best" / "model.int8.onnx").is_file()

@@ -48,7 +48,7 @@ def test_family_errors_name_the_problem(experiment):
         Family("a", [FamilyEntry("a", artifact="x"), FamilyEntry("a", artifact="y")])
     with pytest.raises(ValueError, match="give 'artifact' or 'onnx'"):
         FamilyEntry("a")
-    with pytest.raises(KeyError, match="did you mean"):
+    with pytest.raises(KeyError, match="Did you mean"):
         Family("alpha", [FamilyEntry("alpha", artifact="x")]).get("alpah")
     (root / "bad.json").write_text(json.dumps({"winner": "a", "models": [{"name": "a", "artifact": "nope"}]}))
     with pytest.raises(FileNotFoundError, match="'nope'"):

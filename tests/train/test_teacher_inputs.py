@@ -3,13 +3,16 @@ preprocessing contract (size, mean, std), whatever the student's is."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from raykd.config import RunConfig, load_config
+from raykd.config import RunConfig, load_config, to_dict
 from raykd.data.synth import make_synthetic
 from raykd.data.transforms import PreprocessSpec, normalizer
 from raykd.train.loop import build_run
+from raykd.train.stages import _stage_task, needs_teacher_stage
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +27,11 @@ def kd_parts(dataset, teacher_size: int, method: str = "kd", stage_dir=None):
         f"data.path={path}", "student.name=raykd_test_tiny_cnn", "student.image_size=32",
         "teacher.name=test_resnet", f"teacher.image_size={teacher_size}", f"distill.method={method}",
         "distill.stage_epochs=1"])
+    if stage_dir is not None and needs_teacher_stage(cfg):  # sskd/ssdkd: the stage's task body, in-process
+        head = _stage_task(to_dict(cfg), str(stage_dir / "head.safetensors"))
+        cfg = replace(cfg, distill=replace(cfg.distill, teacher_stage_file=head))
     torch.manual_seed(0)
-    return build_run(cfg, manifest, stage_dir=stage_dir)
+    return build_run(cfg, manifest)
 
 
 def teacher_eval_logits(teacher, images_u8: torch.Tensor, size: int) -> torch.Tensor:

@@ -239,7 +239,7 @@ def test_a_killed_search_resumes_without_repeating_a_finished_run(resumed):
 def test_the_cascade_runs_as_a_pipeline_of_runs_and_reports_bma_per_depth(resumed):
     outcome, _, exp = resumed
     (trial,) = [r for r in outcome.records if r.config["method"] == "cascade"]
-    steps = json.loads((exp / "runs" / trial.trial_id / "cascade.json").read_text())["steps"]
+    steps = json.loads((exp / "runs" / trial.trial_id / "pipeline.json").read_text())["steps"]
     assert [s["depth"] for s in steps] == [3, 2, 1] and steps[0]["parent"]
     assert steps[0]["params"] > steps[1]["params"] > steps[2]["params"]  # one block fewer each time
     parents = [str(exp / "teachers" / "vit"), steps[1]["run_dir"]]

@@ -84,7 +84,7 @@ BASE = {"students": ["raykd_test_tiny_cnn"], "teachers": {"t": {"model": {"name"
      r"methods\.kd\.students: 'resnet'.*Valid keys here: raykd_test_tiny_cnn"),
     ({"kd": {"teacher": "vit"}}, r"methods\.kd\.teacher: 'vit'.*Valid keys here: t"),
     ({"fcvit": {"teacher": "t"}}, r"methods\.fcvit\.teacher: method 'fcvit' takes no teacher"),
-    ({"kd": {"min_blocks": 2}}, r"min_blocks applies to the cascade method only"),
+    ({"kd": {"min_blocks": 2}}, r"min_blocks applies to methods trained as a pipeline of runs \(cascade\)"),
 ])
 def test_a_bad_method_entry_names_the_file_the_key_and_the_valid_names(tmp_path, methods, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,9 +1,11 @@
 """Stage 1 of a search: a teacher not clearly above chance is refused with a message that says so,
-before any trial distils from it."""
+before any trial distils from it; a teacher-side stage (SSKD's head) runs once per teacher, streamed
+from the shards in a Ray task, and every trial reads its saved output."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,15 +15,15 @@ from raykd.tune.plan import TeacherTooWeakError, absolute_paths, chance_level, t
 from raykd.tune.space import load_space
 
 
-def space_with_trained_teacher(tmp_path, best: float, margin=0.1):
+def space_with_trained_teacher(tmp_path, best: float, margin=0.1, methods=None, base=None):
     data = tmp_path / "data"
     make_synthetic(data, num_images=60, image_size=32, seed=0)
     doc = {
         "name": "weak", "output_dir": str(tmp_path / "out"),
-        "base": {"data": {"path": str(data)}, "student": {"image_size": 32}},
+        "base": {"data": {"path": str(data)}, "student": {"image_size": 32}, **(base or {})},
         "teachers": {"cnn": {"model": {"name": "test_resnet", "image_size": 32}}},
         "students": ["raykd_test_tiny_cnn"],
-        "methods": {"kd": {}},
+        "methods": methods or {"kd": {}},
         "search": {"teacher_margin": margin},
     }
     path = tmp_path / "weak.yaml"
@@ -51,3 +53,62 @@ def test_stage_one_accepts_a_teacher_above_chance_and_the_margin_can_be_turned_o
     assert train_teachers(space, exp) == {"cnn": str(exp / "teachers" / "cnn")}
     space, exp = space_with_trained_teacher(tmp_path / "b", best=0.13, margin=None)
     assert "cnn" in train_teachers(space, exp)
+
+
+def save_teacher_artifact(run_dir, data):
+    """The finished teacher run's best model: an untrained (seeded) test_resnet for the dataset."""
+    import torch
+
+    from raykd.artifact import ArtifactMeta, build_model, save_artifact
+    from raykd.artifact.rundir import RunDir
+    from raykd.data.manifest import Manifest
+
+    m = Manifest.load(data)
+    meta = ArtifactMeta(model_name="test_resnet", num_classes=m.num_classes, model_kwargs={},
+                        label_names=list(m.label_names), malignant=list(m.malignant),
+                        preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
+                                    "crop_black_border": False, "pipeline_004": False})
+    torch.manual_seed(0)
+    save_artifact(RunDir(run_dir).best_dir, build_model(meta), meta)
+
+
+def test_a_teacher_stage_runs_once_and_every_trial_reads_its_output(ray_cluster, tmp_path):
+    from raykd.train.driver import prepare
+    from raykd.tune.plan import TrialPlan, run_teacher_stages
+
+    space, exp = space_with_trained_teacher(tmp_path, best=0.6, methods={"sskd": {}, "ssdkd": {}},
+                                            base={"distill": {"stage_epochs": 1}})
+    save_teacher_artifact(exp / "teachers" / "cnn", tmp_path / "data")
+    teachers = train_teachers(space, exp)
+    stages = run_teacher_stages(space, exp, teachers)
+    (head,) = stages.values()  # sskd and ssdkd share the one head of teacher cnn
+    assert head == str(exp / "teachers" / "cnn" / "stages" / "sskd_head-e1.safetensors")
+    made = Path(head).stat().st_mtime_ns
+
+    plan = TrialPlan(space, exp, teachers, stages)
+    for i, method in enumerate(["sskd", "sskd", "ssdkd"]):  # the trials of a search
+        cfg = plan.run_config({"method": method}, f"trial{i}")
+        assert cfg.distill.teacher_stage_file == head
+        cfg, _, parts, run_dir = prepare(cfg)  # builds with the saved head; runs no stage of its own
+        assert not (run_dir / "stages").exists()
+        assert parts.method.frozen("teacher_head") is not None
+
+    assert run_teacher_stages(space, exp, teachers) == stages  # a resumed search reuses it
+    assert Path(head).stat().st_mtime_ns == made
+    assert sorted(p.name for p in exp.rglob("*.safetensors") if "stages" in p.parts) == ["sskd_head-e1.safetensors"]
+
+
+def test_a_stage_streams_the_shards_a_batch_at_a_time(tmp_path, monkeypatch):
+    """No split is decoded whole: the first batch costs one batch of decodes."""
+    import raykd.train.stages as stages
+    from raykd.data.transforms import PreprocessSpec
+
+    data = tmp_path / "data"
+    manifest = make_synthetic(data, num_images=120, image_size=32, seed=0)
+    decoded = []
+    real = stages.decode_image
+    monkeypatch.setattr(stages, "decode_image", lambda blob: decoded.append(1) or real(blob))
+    batches = stages.ShardBatches(data, "train", PreprocessSpec(image_size=32), batch_size=8)
+    first = next(iter(batches))
+    assert first.shape == (8, 3, 32, 32) and len(decoded) <= 8 < sum(manifest.counts("train"))
+    assert sum(b.shape[0] for b in batches) == sum(manifest.counts("train"))  # re-iterable: every epoch

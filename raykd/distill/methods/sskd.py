@@ -25,15 +25,16 @@ T_ss 0.5, ratio_tf 1.0, ratio_ss 0.75); stage 1 uses SSD-KD's SGD lr 1e-3, momen
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from raykd.distill.base import Method, MethodOutput, MethodParams, knob, register_method
+from raykd.distill.base import Method, MethodOutput, MethodParams, TeacherStage, knob, register_method
 from raykd.distill.losses import (
     kd_kl_div,
     rotation_views,
@@ -44,7 +45,7 @@ from raykd.distill.losses import (
 from raykd.distill.methods._shared import ProjectionHead
 from raykd.models import Features, features
 
-__all__ = ["SSKD", "SSKDParams", "pretrain_sskd_teacher_head", "sskd_head_loss"]
+__all__ = ["SSKD", "SSKDHeadStage", "SSKDParams", "pretrain_sskd_teacher_head", "sskd_head_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,57 +126,121 @@ def pretrain_sskd_teacher_head(
     if epochs < 1:
         raise ValueError(f"pretrain_sskd_teacher_head: epochs={epochs} must be >= 1")
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
-    flags = [(m, m.training) for m in teacher.modules()]
-    grads = [(p, p.requires_grad) for p in teacher.parameters()]
-    teacher.requires_grad_(False).eval().to(device)
-    try:
+    with _frozen_eval(teacher, device):
         if head is None:
-            first = _images(next(iter(batches))).to(device)
-            with torch.no_grad():
-                head = ProjectionHead(int(features(teacher, first[:2]).embedding.shape[1]))
+            head = _default_head(teacher, batches, device)
         head = head.to(device).train()
         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.1)
-        best, best_loss, stale = None, float("inf"), 0
+        best = _BestByValLoss()
         for epoch in range(epochs):
-            total, n = 0.0, 0
-            for batch in batches:
-                loss = sskd_head_loss(teacher, head, _images(batch).to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, n = total + float(loss.detach()), n + 1
+            train_loss = _head_train_epoch(teacher, head, batches, opt, device)
             sched.step()
-            if n == 0:
-                raise ValueError("pretrain_sskd_teacher_head: batches is empty (or a one-shot iterator)")
-            msg = f"sskd head epoch {epoch + 1}/{epochs}: train loss {total / n:.4f}"
+            msg = f"sskd head epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}"
             if val_batches is not None:
-                head.eval()
-                with torch.no_grad():
-                    losses = [
-                        float(sskd_head_loss(teacher, head, _images(b).to(device)))
-                        for b in val_batches
-                    ]
-                head.train()
-                val = sum(losses) / max(len(losses), 1)
+                val = _head_val_loss(teacher, head, val_batches, device)
                 msg += f", val loss {val:.4f}"
-                if val < best_loss:
-                    best_loss, stale = val, 0
-                    best = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-                else:
-                    stale += 1
+                best.update(val, head)
             logger.info(msg)
-            if patience is not None and val_batches is not None and stale >= patience:
-                logger.info("sskd head: early stop after %d epochs without improvement", stale)
+            if patience is not None and val_batches is not None and best.stale >= patience:
+                logger.info("sskd head: early stop after %d epochs without improvement", best.stale)
                 break
-        if best is None:
-            best = {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
-        return best
+        return best.state if best.state is not None else _cpu_state(head)
+
+
+class _BestByValLoss:
+    """The head's state at its lowest validation loss so far, and the epochs since it improved."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Tensor] | None = None
+        self.loss = float("inf")
+        self.stale = 0
+
+    def update(self, loss: float, head: nn.Module) -> None:
+        """Keep a snapshot of ``head`` if ``loss`` is a new best, else count one more stale epoch."""
+        if loss < self.loss:
+            self.loss, self.stale, self.state = loss, 0, _cpu_state(head)
+        else:
+            self.stale += 1
+
+
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``model`` frozen, in eval mode and on ``device`` inside the block.
+
+    Each module's training flag and each parameter's ``requires_grad`` are restored on exit (the
+    caller's teacher goes on training afterwards); the device is not.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    model.requires_grad_(False).eval().to(device)
+    try:
+        yield model
     finally:
         for m, mode in flags:
             m.training = mode
         for p, g in grads:
             p.requires_grad_(g)
+
+
+def _default_head(teacher: nn.Module, batches: Iterable[Any], device: torch.device) -> nn.Module:
+    """A fresh ``ProjectionHead`` as wide as the teacher's embedding, probed on the first batch."""
+    first = _images(next(iter(batches))).to(device)
+    with torch.no_grad():
+        return ProjectionHead(int(features(teacher, first[:2]).embedding.shape[1]))
+
+
+def _head_train_epoch(teacher: nn.Module, head: nn.Module, batches: Iterable[Any],
+                      opt: torch.optim.Optimizer, device: torch.device) -> float:
+    """One optimiser pass of ``head`` over ``batches``; returns the mean training loss.
+
+    Raises:
+        ValueError: when ``batches`` yields nothing (empty, or a one-shot iterator already used).
+    """
+    total, n = 0.0, 0
+    for batch in batches:
+        loss = sskd_head_loss(teacher, head, _images(batch).to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, n = total + float(loss.detach()), n + 1
+    if n == 0:
+        raise ValueError("pretrain_sskd_teacher_head: batches is empty (or a one-shot iterator)")
+    return total / n
+
+
+def _head_val_loss(teacher: nn.Module, head: nn.Module, val_batches: Iterable[Any],
+                   device: torch.device) -> float:
+    """Mean contrastive loss of ``head`` over ``val_batches`` (eval mode, no gradients; 0 if empty)."""
+    head.eval()
+    with torch.no_grad():
+        losses = [float(sskd_head_loss(teacher, head, _images(b).to(device))) for b in val_batches]
+    head.train()
+    return sum(losses) / max(len(losses), 1)
+
+
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    """A detached CPU copy of ``module``'s state dict (a snapshot later steps cannot change)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class SSKDHeadStage(TeacherStage):
+    """SSKD's stage 1: the teacher's projection head trained on the rotation task, teacher frozen
+    (:func:`pretrain_sskd_teacher_head` with SSD-KD's schedule: steps at 1/2 and 3/4 of the
+    epochs, early stop after 15 epochs without a better validation loss)."""
+
+    name = "sskd_head"
+    kwarg = "teacher_head"
+
+    def train(self, teacher, batches, val_batches, *, epochs):
+        return pretrain_sskd_teacher_head(teacher, batches, epochs=epochs, val_batches=val_batches,
+                                          patience=min(15, epochs), milestones=(epochs // 2, 3 * epochs // 4))
+
+    def placeholder(self, teacher, input_size):
+        from raykd.distill.base import probe_shapes
+
+        dim = probe_shapes(teacher, input_size).embedding_dim
+        return {k: v.contiguous() for k, v in ProjectionHead(dim).state_dict().items()}
 
 
 @register_method("sskd")
@@ -187,7 +252,7 @@ class SSKD(Method):
     """
 
     Params = SSKDParams
-    teacher_stage = "sskd_teacher_head"
+    teacher_stage = SSKDHeadStage
 
     def __init__(
         self,

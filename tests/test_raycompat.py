@@ -1,0 +1,44 @@
+"""The private Ray internals raykd reads (``raykd.raycompat``) still exist in the installed Ray, and
+the adapter stands aside outside a trial and on a Ray it was not written for."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+
+import ray
+
+from raykd import raycompat
+
+
+def test_the_installed_ray_is_the_line_the_adapter_was_written_for():
+    assert raycompat.version_supported(), (ray.__version__, raycompat.WRITTEN_FOR)
+    assert raycompat.version_supported("2.60.0") and raycompat.version_supported("2.60")
+    assert not raycompat.version_supported("2.61.0") and not raycompat.version_supported("2.6.0")
+
+
+def test_the_private_session_fields_it_reads_exist():
+    from ray.train._internal import session
+
+    assert callable(session.get_session)
+    init = inspect.getsource(session._TrainSession)
+    assert "self.result_queue = queue.Queue(1)" in init  # the one-slot queue of the race
+    assert "self._inter_actor_queue" in init
+
+
+def test_outside_a_trial_there_is_nothing_to_wait_for():
+    assert raycompat.trial_session() is None
+    t0 = time.monotonic()
+    assert raycompat.wait_for_trial_reports(timeout_s=5) is True
+    assert time.monotonic() - t0 < 1
+
+
+def test_on_another_ray_it_skips_the_wait_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(ray, "__version__", "9.0.0")
+    monkeypatch.setattr(raycompat, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="raykd.raycompat"):
+        assert raycompat.wait_for_trial_reports(timeout_s=5) is True
+        assert raycompat.wait_for_trial_reports(timeout_s=5) is True
+    assert [r.getMessage() for r in caplog.records].count(
+        caplog.records[0].getMessage()) == 1 and "written for Ray 2.60" in caplog.records[0].getMessage()
