@@ -19,6 +19,11 @@ Two pairs, as in the papers:
     python bench/kd_gain.py --pair cnn --seeds 3          # about 30 minutes on 2 CPUs
     python bench/kd_gain.py --pair vit --seeds 3
     python bench/kd_gain.py --pair cnn --methods kd,dkd --seeds 5 --epochs 30
+    python bench/kd_gain.py --pair cnn --methods kd,dkd --teacher-store 8   # + each from a teacher store
+
+With ``--teacher-store K`` every method that can read teacher outputs from a store
+(``raykd.train.store``: K augmented views of every training image, built once after the teacher)
+also runs from it, as ``<method>+store``, next to the same method with the teacher online.
 
 The defaults are the default search's: the same data (2,000 images, atypical 0.1), teacher budget
 (cosine, lr 1e-3, at most 40 epochs, patience 10) and student budget (15 epochs, lr 3e-3).
@@ -96,6 +101,28 @@ def _cascade(name: str, base: list[str], teacher_dir: Path, depth: int, stop: in
     return val, test, total
 
 
+def _store(student: list[str], teacher_dir: Path, methods: list[str], views: int) -> tuple[Path, list[str]]:
+    """The teacher store of ``views`` views in the student's contract, and the methods that read it."""
+    from raykd.config import RunConfig, load_config
+    from raykd.data.manifest import Manifest
+    from raykd.train.loop import build_run
+    from raykd.train.store import build_store, store_key
+
+    readers, spec = [], None
+    for method in methods:
+        cfg = load_config(RunConfig, None, [*student, f"teacher.checkpoint={teacher_dir}", f"distill.method={method}"])
+        parts = build_run(cfg, Manifest.load(cfg.data.path), probe=True)
+        spec = parts.preprocess
+        if parts.method.stored_outputs() is not None:
+            readers.append(method)
+    t0 = time.perf_counter()
+    key = store_key(cfg.data.path, teacher_dir, cfg.train.recipe, spec, views=views, seed=0)
+    path = build_store(cfg.data.path, teacher_dir, key, cpus_per_actor=1)
+    print(f"teacher store: {views} views per image, {time.perf_counter() - t0:.0f} s, read by {', '.join(readers)}",
+          flush=True)
+    return path, readers
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", choices=sorted(PAIRS), default="cnn", help="teacher/student pair (default: cnn)")
@@ -109,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3, help="student learning rate (default: 3e-3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--out", default="runs/bench-kd-gain", help="output folder (default: runs/bench-kd-gain)")
+    p.add_argument("--teacher-store", type=int, default=None, metavar="K",
+                   help="also run each method that can from a teacher store of K views per image (default: off)")
     args = p.parse_args(argv)
     if args.seeds < 3:
         p.error("--seeds must be at least 3 for a paired comparison")
@@ -136,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     if "cut_blocks" in pair["student"]:  # a cut ViT: its blocks come from the trained teacher
         student.append(f"teacher.checkpoint={teacher_dir}")
     depth = len(pair["student"].get("cut_blocks", []))
+    store = _store(student, teacher_dir, methods, args.teacher_store) if args.teacher_store else None
+    runs = ["baseline", *methods] + ([f"{m}+store" for m in store[1]] if store else [])
     results: list[Outcome] = []
     for seed in range(args.seeds):
-        for method in ["baseline", *methods]:
+        for method in runs:
             name = f"{method}-s{seed}"
             sets = [*student, f"train.seed={seed}", f"data.sampling.seed={seed}"]
-            if method == "cascade":
+            if method.endswith("+store"):
+                sets += [f"teacher.checkpoint={teacher_dir}", f"distill.teacher_store={store[0]}"]
+                val, test, secs = _train(name, [*sets, f"distill.method={method.removesuffix('+store')}"], out)
+            elif method == "cascade":
                 val, test, secs = _cascade(name, sets, teacher_dir, 4, depth, out)
             else:
                 if method not in ("baseline", "fcvit_probs"):

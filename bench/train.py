@@ -1,12 +1,18 @@
-"""Training throughput: the Ray Train worker next to a bare torch loop, and a KD epoch next to a
-baseline epoch, measured side by side in one run.
+"""Training throughput: the training worker next to a bare torch loop, and a KD epoch (online
+teacher, and teacher outputs read from the teacher store) next to a baseline epoch, measured side
+by side in one run.
 
 Both sides train the same model on the same synthetic shards with one torch thread, through the
 same epoch function (``raykd.train.loop.train_epoch``) and the same decode + augment function; the
 bare loop decodes in-process, the Ray worker gets its batches from Ray Data. Images/s is taken
 over the epochs after the first (warm-up) one.
 
-    python bench/train.py [--images 800] [--size 64] [--model raykd_tiny_cnn] [--epochs 3]
+The teacher is saved as an artifact first (random weights: throughput does not depend on them);
+the store holds ``--store-views`` views of every training image (``raykd.train.store``), and its
+build time and size are printed per 1,000 images.
+
+    python bench/train.py [--images 800] [--size 64] [--model mobilenetv2_100] [--teacher resnet50]
+                          [--epochs 3] [--store-views 8]
 """
 
 from __future__ import annotations
@@ -77,12 +83,43 @@ def ray_run(root: Path, name: str, model: str, size: int, epochs: int, batch: in
     return float(np.mean([r["train/images_per_s"] for r in history[1:]]))
 
 
+def save_teacher(root: Path, name: str, data: Path, size: int) -> Path:
+    """A randomly initialised teacher saved as a raykd artifact (what a store is built from)."""
+    import torch
+
+    from raykd.artifact import ArtifactMeta, save_artifact
+    from raykd.data.manifest import Manifest
+    from raykd.data.transforms import spec_from_model
+    from raykd.models import create_model
+
+    m = Manifest.load(data)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=m.num_classes)
+    meta = ArtifactMeta(model_name=name, num_classes=m.num_classes, model_kwargs={}, label_names=list(m.label_names),
+                        malignant=list(m.malignant), preprocess=spec_from_model(model, image_size=size).to_dict())
+    save_artifact(root / "teacher" / "best", model, meta)
+    return root / "teacher"
+
+
+def build_teacher_store(root: Path, teacher: Path, model: str, size: int, views: int) -> tuple[Path, dict]:
+    """The store of ``views`` views for the student's contract; returns it and its record."""
+    from raykd.data.transforms import spec_from_model
+    from raykd.models import create_model
+    from raykd.train.store import build_store, store_key
+
+    spec = spec_from_model(create_model(model, num_classes=8), image_size=size)
+    key = store_key(root / "data", teacher, "light", spec, views=views, seed=0)
+    path = build_store(root / "data", teacher, key, cpus_per_actor=1)
+    return path, json.loads((path / "store.json").read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=800)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--model", default="raykd_tiny_cnn")
-    p.add_argument("--teacher", default="test_resnet")
+    p.add_argument("--model", default="mobilenetv2_100", help="the student (default: the SSD-KD student)")
+    p.add_argument("--teacher", default="resnet50", help="the teacher (default: the SSD-KD teacher)")
+    p.add_argument("--store-views", type=int, default=8, help="views per image in the teacher store")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
@@ -99,18 +136,28 @@ def main() -> None:
         t0 = time.perf_counter()
         bare = bare_loop(root / "data", args.model, args.size, args.epochs, args.batch)
         init_local_ray(num_cpus=os.cpu_count() or 2)
+        teacher = save_teacher(root, args.teacher, root / "data", args.size)
         worker = ray_run(root, "baseline", args.model, args.size, args.epochs, args.batch)
-        kd = ray_run(root, "kd", args.model, args.size, args.epochs, args.batch, f"teacher.name={args.teacher}",
+        kd = ray_run(root, "kd", args.model, args.size, args.epochs, args.batch, f"teacher.checkpoint={teacher}",
                      "distill.method=kd")
+        store, record = build_teacher_store(root, teacher, args.model, args.size, args.store_views)
+        kd_store = ray_run(root, "kd-store", args.model, args.size, args.epochs, args.batch,
+                           f"teacher.checkpoint={teacher}", "distill.method=kd", f"distill.teacher_store={store}")
         ray.shutdown()
     print(f"{args.model} at {args.size}px, batch {args.batch}, {args.epochs} epochs (first one not counted), "
           f"1 torch thread, {time.perf_counter() - t0:.0f} s in all")
     print("| loop | images/s | ratio |")
     print("|---|---|---|")
     print(f"| bare torch loop (decode in-process) | {bare:.1f} | 1.00 |")
-    print(f"| Ray Train worker, baseline (Ray Data input) | {worker:.1f} | {worker / bare:.2f} |")
-    print(f"| Ray Train worker, kd from {args.teacher} | {kd:.1f} | {kd / bare:.2f} |")
-    print(f"KD epoch time / baseline epoch time: {worker / kd:.2f}x")
+    print(f"| training worker, baseline | {worker:.1f} | {worker / bare:.2f} |")
+    print(f"| training worker, kd from {args.teacher}, online teacher | {kd:.1f} | {kd / bare:.2f} |")
+    print(f"| training worker, kd from {args.teacher}, teacher store | {kd_store:.1f} | {kd_store / bare:.2f} |")
+    print(f"KD epoch time / baseline epoch time: online teacher {worker / kd:.2f}x, "
+          f"teacher store {worker / kd_store:.2f}x")
+    per_k = 1000 / record["images"]
+    print(f"teacher store: {record['views']} views x {record['images']} images = {record['teacher_forward_passes']} "
+          f"teacher forward passes; built in {record['build_s']:.1f} s ({record['build_s'] * per_k:.1f} s and "
+          f"{record['bytes'] * per_k / 1e6:.2f} MB per 1,000 images)")
 
 
 if __name__ == "__main__":

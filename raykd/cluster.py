@@ -55,3 +55,39 @@ def init_local_ray(
     kwargs["_system_config"] = {"num_workers_soft_limit": DATA_TASKS_PER_CPU * cpus}
     log.info("starting a local Ray cluster (%s)", kwargs)
     ray.init(**kwargs)
+
+
+def job_working_dir() -> str | None:
+    """The ``working_dir`` of the Ray job this process is the entrypoint of (``ray job submit
+    --working-dir``), or None outside a job or without one. Relative paths in such a job resolve
+    inside its temporary copy of that folder, on the node that runs the entrypoint only."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        env = (json.loads(raw) or {}).get("runtime_env") or {}
+    except ValueError:
+        return None
+    return env.get("working_dir") or None
+
+
+def refuse_relative_in_job(paths: dict[str, str | None], where: str) -> None:
+    """Under ``ray job submit --working-dir``, refuse relative ``paths`` (name -> path) with an
+    error naming each and the fix: they would resolve inside the job's temporary copy on the head,
+    where the other nodes' tasks cannot read them and where nothing outlives the job."""
+    from raykd.config import ConfigError
+
+    working_dir = job_working_dir()
+    if working_dir is None:
+        return
+    relative = {k: v for k, v in paths.items() if v and "://" not in v and not os.path.isabs(os.path.expanduser(v))}
+    if relative:
+        listed = ", ".join(f"{k}={v!r}" for k, v in relative.items())
+        fixes = " ".join(f"--set {k}=/shared/..." for k in relative)
+        raise ConfigError(
+            f"{where}: relative paths in a Ray job with a working_dir ({working_dir}): {listed}. They would "
+            f"resolve inside the job's temporary copy on the node running the entrypoint, which other nodes "
+            f"cannot read and which is deleted with the job; give absolute paths on storage every node "
+            f"reaches, e.g. {fixes}")

@@ -141,6 +141,10 @@ class DistillConfig:
     #: runs the stage into the run folder when this is empty; a search runs it once per teacher in
     #: its stage 1 and sets this for every trial.
     teacher_stage_file: str | None = None
+    #: A teacher store (``raykd.train.store``) to read the teacher's outputs from instead of running
+    #: the teacher (single-process runs of methods that declare the outputs they read). The search
+    #: builds one per teacher and student contract in its stage 1 (``search.teacher_store_views``).
+    teacher_store: str | None = None
 
 
 @dataclass

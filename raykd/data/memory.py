@@ -37,8 +37,10 @@ def encoded_bytes(path: str | Path) -> int:
     return sum(Path(p).stat().st_size for p in Manifest.load(path).shard_paths(path))
 
 
-def read_rows(path: str | Path, split: str, keep_ids: Sequence[str] | None = None) -> tuple[list[bytes], np.ndarray]:
-    """The encoded images and labels of ``split``, sorted by image id (a stable order)."""
+def read_rows(path: str | Path, split: str, keep_ids: Sequence[str] | None = None, *,
+              with_ids: bool = False) -> tuple:
+    """The encoded images and labels of ``split`` (and with ``with_ids`` their image ids), sorted
+    by image id (a stable order)."""
     import pyarrow.dataset as pads
 
     manifest = Manifest.load(path)
@@ -51,8 +53,8 @@ def read_rows(path: str | Path, split: str, keep_ids: Sequence[str] | None = Non
     if keep_ids is not None:
         keep = set(keep_ids)
         rows = [i for i, image_id in enumerate(ids) if image_id in keep]
-        images, labels = [images[i] for i in rows], labels[rows]
-    return images, labels
+        images, labels, ids = [images[i] for i in rows], labels[rows], [ids[i] for i in rows]
+    return (images, labels, ids) if with_ids else (images, labels)
 
 
 class MemorySplit:
@@ -71,7 +73,7 @@ class MemorySplit:
 
     def __init__(self, path: str | Path, split: str, spec: PreprocessSpec, *, train: bool, recipe: str = "light",
                  keep_ids: Sequence[str] | None = None, rates: Sequence[float] | None = None, seed: int = 0) -> None:
-        encoded, self.labels = read_rows(path, split, keep_ids)
+        encoded, self.labels, self.ids = read_rows(path, split, keep_ids, with_ids=True)
         self.decoded = []
         for i, data in enumerate(encoded):
             try:
@@ -81,12 +83,19 @@ class MemorySplit:
         self.spec, self.train, self.recipe, self.seed = spec, train, recipe, seed
         self.rates = None if rates is None else np.asarray(rates, dtype=np.float64)
         self._fixed: np.ndarray | None = None
+        self.store, self.views = None, None
         if not train and self.decoded:
             tf = build_eval_transform(spec, normalize=False)
             self._fixed = to_chw_batch([tf(image=im)["image"] for im in self.decoded])
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def attach_store(self, store, views) -> None:
+        """Train from a teacher store (``raykd.train.store.TeacherStore`` loaded for :attr:`ids`):
+        each pass draws one stored view per image, rebuilds its pixels with ``views`` (a
+        ``ViewMaker``) and adds the teacher's stored outputs on it to the batch (``"teacher"``)."""
+        self.store, self.views = store, views
 
     def batches(self, batch_size: int, *, epoch: int = 0, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """The pass ``epoch`` over the split in batches of uint8 images and int64 labels."""
@@ -101,10 +110,17 @@ class MemorySplit:
             idx = np.repeat(idx, repeat_counts(self.labels, self.rates, rng))
         idx = rng.permutation(idx)
         tf = build_train_transform(self.spec, self.recipe, seed=int(rng.integers(2**31)), normalize=False)
+        views = rng.integers(self.store.views, size=len(idx)) if self.store is not None else None
         stop = len(idx) - (len(idx) % batch_size if drop_last else 0)
         for i in range(0, stop, batch_size):
             rows = idx[i:i + batch_size]
             if len(rows) == 0:
                 break
-            images = to_chw_batch([tf(image=self.decoded[r])["image"] for r in rows])
-            yield {"image": torch.from_numpy(images), "label": torch.from_numpy(self.labels[rows])}
+            if self.store is None:
+                images = to_chw_batch([tf(image=self.decoded[r])["image"] for r in rows])
+                yield {"image": torch.from_numpy(images), "label": torch.from_numpy(self.labels[rows])}
+                continue
+            v = views[i:i + batch_size]
+            images = to_chw_batch([self.views(self.decoded[r], self.ids[r], int(k)) for r, k in zip(rows, v)])
+            yield {"image": torch.from_numpy(images), "label": torch.from_numpy(self.labels[rows]),
+                   "teacher": self.store.outputs(rows, v), "rows": torch.from_numpy(rows), "views": torch.from_numpy(v)}

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -399,10 +400,16 @@ class Method(nn.Module, abc.ABC):
         return images if bridge is None else bridge(images)
 
     def teacher_logits(self, images: Tensor) -> Tensor:
+        stored = getattr(self, "_stored", None)
+        if stored is not None:
+            return stored["logits"]
         with torch.no_grad():
             return self._eval(self.teacher)(self.teacher_inputs(images))
 
     def teacher_features(self, images: Tensor) -> Features:
+        stored = getattr(self, "_stored", None)
+        if stored is not None:  # only what stored_outputs() declared; the rest is not there
+            return Features(logits=stored.get("logits"), embedding=stored.get("embedding"))
         with torch.no_grad():
             return features(self._eval(self.teacher), self.teacher_inputs(images))
 
@@ -447,6 +454,23 @@ class Method(nn.Module, abc.ABC):
         ``None`` (every method but the cascade): the method is one run. Raises ValueError when
         ``parent`` or the ``knobs`` (:attr:`pipeline_knobs`) do not allow it."""
         return None
+
+    def stored_outputs(self) -> frozenset[str] | None:
+        """The teacher outputs this method reads on the batch's own images (``"logits"``,
+        ``"embedding"``), which a teacher store can supply instead of a teacher forward pass;
+        ``None`` (the default) where it needs the online teacher (rotated views, feature maps,
+        hidden states, a teacher that changes)."""
+        return None
+
+    @contextlib.contextmanager
+    def stored_teacher(self, outputs: Mapping[str, Tensor] | None) -> Iterator[None]:
+        """Within this block the teacher's outputs on the batch are ``outputs`` (from a teacher
+        store), and the teacher does not run."""
+        self._stored = outputs
+        try:
+            yield
+        finally:
+            self._stored = None
 
     @abc.abstractmethod
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:

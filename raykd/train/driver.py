@@ -116,6 +116,9 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
     from raykd.train.loop import build_run, set_seed
     from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
 
+    from raykd.cluster import refuse_relative_in_job
+
+    refuse_relative_in_job({"data.path": cfg.data.path, "output_dir": cfg.output_dir}, "run config")
     check_run_weights(cfg)  # pretrained weights: a readable local file, or the hub reachable
     cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
                   output_dir=str(Path(cfg.output_dir).resolve()))
@@ -175,6 +178,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
     RunDir(run_dir).write_summary({
         "best": summary.best, "best_epoch": summary.best_epoch, "epochs": summary.epochs,
         "select_metric": cfg.train.select_metric, "val": summary.val, "test": summary.test,
+        "teacher": out.get("teacher", "online" if cfg.teacher is not None else "none"),
     })
     timing = {"executor": "local" if local else "trainer", **(out.get("timing") or {})}
     timing["wall_s"] = time.perf_counter() - t_start
@@ -199,7 +203,7 @@ def _local_fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, *, on_r
     try:
         set_seed(cfg.train.seed)
         t0 = time.perf_counter()
-        session = LocalSession(cfg, run_dir, parts.preprocess, on_report=on_report)
+        session = LocalSession(cfg, run_dir, parts.preprocess, on_report=on_report, method=parts.method)
         timing = {**timing, "data_s": time.perf_counter() - t0}
         return fit(cfg, run_dir, manifest, parts, session, timing=timing)
     finally:

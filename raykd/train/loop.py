@@ -189,6 +189,7 @@ def train_epoch(
     gradients are dropped (transfer-learning warm-up), which keeps DDP's bucket layout intact.
     """
     model.train()
+    method = getattr(model, "module", model)
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     sums: dict[str, float] = {}
     seen, steps = 0, 0
@@ -196,7 +197,8 @@ def train_epoch(
     for step, batch in enumerate(batches):
         images = batch["image"].to(device, non_blocking=True)
         targets = batch["label"].to(device, non_blocking=True)
-        with autocast(device, amp):
+        stored = batch.get("teacher")  # a teacher store's outputs on these images: no teacher pass
+        with autocast(device, amp), (method.stored_teacher(stored) if stored is not None else nullcontext()):
             out = model(images, targets)
         check_finite(out.loss, out.parts, step=step, epoch=epoch, method=method_name)
         _backward_and_step(out.loss, optimizer, scaler, frozen=frozen, grad_clip=grad_clip)
@@ -248,7 +250,10 @@ def device_batches(batches: Iterable[dict[str, torch.Tensor]], spec: PreprocessS
     normalize = normalizer(spec, device)
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
-        yield {"image": normalize(images), "label": batch["label"].to(device, non_blocking=True)}
+        out = {"image": normalize(images), "label": batch["label"].to(device, non_blocking=True)}
+        if "teacher" in batch:
+            out["teacher"] = {k: v.to(device, non_blocking=True) for k, v in batch["teacher"].items()}
+        yield out
 
 
 @torch.no_grad()

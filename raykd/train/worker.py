@@ -135,7 +135,7 @@ class LocalSession(Session):
     group to start, no pipeline per epoch. Checkpoints go to ``run_dir/checkpoint`` (atomic), and
     ``on_report`` (a Tune trial's ``tune.report``) gets every epoch's metrics."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, preprocess, *, on_report=None) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, preprocess, *, on_report=None, method=None) -> None:
         from raykd.data.hardness import sampling_plan
         from raykd.data.memory import MemorySplit
 
@@ -150,6 +150,11 @@ class LocalSession(Session):
             "val": MemorySplit(cfg.data.path, "val", preprocess, train=False),
             "test": MemorySplit(cfg.data.path, "test", preprocess, train=False),
         }
+        self.teacher = _teacher_mode(cfg, method)
+        if self.teacher == "store":
+            from raykd.train.store import open_store
+
+            open_store(cfg, preprocess, self.splits["train"])
 
     def restore(self):
         path = RunDir(self.run_dir).checkpoint_dir
@@ -162,6 +167,16 @@ class LocalSession(Session):
 
     def batches(self, split, *, epoch, batch_size, train):
         return self.splits[split].batches(batch_size, epoch=epoch, drop_last=train)
+
+
+def _teacher_mode(cfg: RunConfig, method) -> str:
+    """Where a run's teacher outputs come from: ``none`` (no teacher), ``store`` (a teacher store
+    the method can read: ``distill.teacher_store`` and :meth:`Method.stored_outputs`), ``online``."""
+    if method is None or method.teacher is None:
+        return "none"
+    if cfg.distill.teacher_store and method.stored_outputs() is not None:
+        return "store"
+    return "online"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -190,7 +205,7 @@ def fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, session: Sessi
     for epoch in range(loop.restore(), cfg.train.epochs):
         if loop.epoch(epoch):
             break
-    return loop.finish()
+    return {**loop.finish(), "teacher": getattr(session, "teacher", "none" if parts.teacher is None else "online")}
 
 
 class _Loop:

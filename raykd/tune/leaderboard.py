@@ -48,6 +48,7 @@ class Row:
     error: str | None = None
     run_dir: str | None = None
     paper: bool = False  # the method's paper setting (the first trial of each method)
+    teacher_mode: str | None = None  # where the teacher's outputs came from: none | online | store
 
     def value(self, metric: str) -> float | None:
         v = self.val.get(metric)
@@ -140,7 +141,7 @@ class Leaderboard:
         if self.metric not in cols:
             cols.insert(0, self.metric)
         head = ["#", "trial", "method", "student", *[f"val {c}" for c in cols], "params", "ms/img",
-                "status", "hyperparameters"]
+                "teacher", "status", "hyperparameters"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for rank, r in enumerate(self.ranked(), 1):
             vals = [_fmt(r.val.get(c)) for c in cols]
@@ -148,7 +149,7 @@ class Leaderboard:
             hp = ", ".join(f"{k}={_fmt(v)}" for k, v in r.hparams.items())
             method = f"{r.method} (paper)" if r.paper else r.method
             lines.append("| " + " | ".join([str(rank), r.run, method, r.student, *vals, _count(r.params),
-                                            _fmt(r.latency_ms, 2), status, hp]) + " |")
+                                            _fmt(r.latency_ms, 2), r.teacher_mode or "-", status, hp]) + " |")
         out = "\n".join(lines)
         for trial_id, steps in self.cascades.items():
             out += "\n\n" + cascade_markdown(trial_id, steps, self.metric)
@@ -267,7 +268,7 @@ def _run_row(base: dict[str, Any], run_dir: Path, metric: str, failed: bool, err
         val, epochs = _best_row(run_dir, metric)
         status = "failed" if failed else "stopped"
     return Row(**base, status=status, val=val, epochs=epochs, error=error if status == "failed" else None,
-               run_dir=str(run_dir))
+               run_dir=str(run_dir), teacher_mode=(summary or {}).get("teacher"))
 
 
 def _measure(row: Row, reps: int) -> None:

@@ -23,7 +23,7 @@ from raykd.tune.spec import MethodSpec, SearchSpace, set_dotted
 log = logging.getLogger(__name__)
 
 __all__ = ["ResolvedTrial", "TeacherTooWeakError", "TrialPlan", "absolute_paths", "check_combinations",
-           "check_teacher", "is_paper_setting", "pipeline_knobs", "run_teacher_stages", "stage_key", "train_teachers",
+           "build_teacher_stores", "check_teacher", "is_paper_setting", "pipeline_knobs", "run_teacher_stages", "stage_key", "train_teachers",
            "teacher_run_config"]
 
 TEACHERS_DIR = "teachers"
@@ -175,6 +175,42 @@ def run_teacher_stages(space: SearchSpace, experiment_dir: Path, teachers: dict[
     return out
 
 
+def build_teacher_stores(space: SearchSpace, experiment_dir: Path, teachers: dict[str, str]) -> dict[tuple, str]:
+    """Stage 1, last: with ``search.teacher_store_views`` K, one teacher store per (teacher,
+    student) pair that a distilling method trains (K views of every training image, one Ray Data
+    job each; ``raykd.train.store``), shared by every trial of every method; returns
+    (teacher, student) -> store folder. Pairs with the same student contract share a store."""
+    from raykd.data.manifest import Manifest
+    from raykd.train.loop import build_run
+    from raykd.train.store import build_store, store_key
+
+    views = space.search.teacher_store_views
+    if not views:
+        return {}
+    manifest = Manifest.load(space.base_config.data.path)
+    out: dict[tuple, str] = {}
+    for label, spec in space.methods.items():
+        cls = METHODS.get(spec.method)
+        if spec.teacher is None or cls.student_from_teacher or cls.teacher_stage is not None:
+            continue
+        for sid in spec.students:
+            if (spec.teacher, sid) in out:
+                continue
+            cfg = build_run_config(space, _probe_trial(spec, sid), name="store", output_dir=experiment_dir,
+                                   teacher_path=teachers[spec.teacher])
+            spec_view = build_run(cfg, manifest, probe=True).preprocess
+            key = store_key(cfg.data.path, teachers[spec.teacher], cfg.train.recipe, spec_view, views=views,
+                            seed=space.search.seed)
+            out[(spec.teacher, sid)] = str(build_store(cfg.data.path, teachers[spec.teacher], key,
+                                                       cpus_per_actor=cfg.scaling.cpus_per_worker,
+                                                       use_gpu=cfg.scaling.use_gpu))
+            images = sum(manifest.counts("train"))
+            log.info("stage 1: teacher store of %r for %s: %d teacher forward passes = %d views x %d training "
+                     "images, for every trial and epoch (online: trials x epochs x images)", spec.teacher, sid,
+                     views * images, views, images)
+    return out
+
+
 def stage_key(cfg: RunConfig, teacher: str) -> tuple:
     """What makes a teacher stage's output: the teacher, the stage and its epochs."""
     return (teacher, METHODS.get(cfg.distill.method).teacher_stage.name, cfg.distill.stage_epochs)
@@ -190,11 +226,12 @@ class TrialPlan:
     """
 
     def __init__(self, space: SearchSpace, experiment_dir: Path, teachers: dict[str, str],
-                 stages: dict[tuple, str] | None = None) -> None:
+                 stages: dict[tuple, str] | None = None, stores: dict[tuple, str] | None = None) -> None:
         self.space = space
         self.experiment_dir = Path(experiment_dir)
         self.teachers = dict(teachers)
         self.stages = dict(stages or {})  # stage_key -> the stage's saved output
+        self.stores = dict(stores or {})  # (teacher, student) -> teacher store
 
     @property
     def runs_dir(self) -> Path:
@@ -231,6 +268,9 @@ class TrialPlan:
             stage_file = self.stages.get(stage_key(cfg, r.teacher))
             if stage_file and not cfg.distill.teacher_stage_file:
                 cfg = replace(cfg, distill=replace(cfg.distill, teacher_stage_file=stage_file))
+        store = self.stores.get((r.teacher, r.student))
+        if store and not cfg.distill.teacher_store:  # read where the built method can (LocalSession)
+            cfg = replace(cfg, distill=replace(cfg.distill, teacher_store=store))
         return cfg
 
 

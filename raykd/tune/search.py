@@ -30,6 +30,7 @@ from raykd.config import ConfigError
 from raykd.tune.plan import (  # noqa: F401 - is_paper_setting: part of this module's API
     TrialPlan,
     absolute_paths,
+    build_teacher_stores,
     check_combinations,
     is_paper_setting,
     run_teacher_stages,
@@ -69,6 +70,11 @@ class SearchOutcome:
 
 def prepare_search(space: SearchSpace) -> SearchSpace:
     """Everything that can fail before Ray starts: absolute paths, the dataset, method/student fit."""
+    from raykd.cluster import refuse_relative_in_job
+
+    paths = {"base.data.path": space.base_config.data.path, "output_dir": space.output_dir}
+    paths.update({f"teachers.{k}.checkpoint": t.checkpoint for k, t in space.teachers.items()})
+    refuse_relative_in_job(paths, space.source)
     space = absolute_paths(space)
     return check_combinations(space)
 
@@ -278,9 +284,10 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
     t0 = time.perf_counter()
     teachers = train_teachers(space, experiment_dir)  # stage 1: the teachers, then their stages
     stages = run_teacher_stages(space, experiment_dir, teachers)
+    stores = build_teacher_stores(space, experiment_dir, teachers)
     stage_s["stage 1 (teachers)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = TrialPlan(space, experiment_dir, teachers, stages)
+    plan = TrialPlan(space, experiment_dir, teachers, stages, stores)
     records = _stage_2(plan, resources, resume=resume, tracking=tracking, verbose=verbose)
     log.info("stage 2 done: %d trials, %d failed", len(records), sum(r.status == "ERROR" for r in records))
     stage_s[STAGE_2] = time.perf_counter() - t0

@@ -5,11 +5,13 @@ from the shards in a Ray task, and every trial reads its saved output."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
+from raykd.data.manifest import Manifest
 from raykd.data.synth import make_synthetic
 from raykd.tune.plan import TeacherTooWeakError, absolute_paths, chance_level, train_teachers
 from raykd.tune.space import load_space
@@ -112,3 +114,25 @@ def test_a_stage_streams_the_shards_a_batch_at_a_time(tmp_path, monkeypatch):
     first = next(iter(batches))
     assert first.shape == (8, 3, 32, 32) and len(decoded) <= 8 < sum(manifest.counts("train"))
     assert sum(b.shape[0] for b in batches) == sum(manifest.counts("train"))  # re-iterable: every epoch
+
+
+def test_stage_one_builds_one_teacher_store_per_teacher_and_student_for_every_trial(ray_cluster, tmp_path, caplog):
+    import logging
+
+    from raykd.tune.plan import TrialPlan, build_teacher_stores
+
+    space, exp = space_with_trained_teacher(tmp_path, best=0.6, methods={"kd": {}, "dkd": {}, "fitnet": {}})
+    space = replace(space, search=replace(space.search, teacher_store_views=2))
+    save_teacher_artifact(exp / "teachers" / "cnn", tmp_path / "data")
+    teachers = train_teachers(space, exp)
+    with caplog.at_level(logging.INFO, logger="raykd.tune.plan"):
+        stores = build_teacher_stores(space, exp, teachers)
+    (store,) = stores.values()  # kd, dkd and fitnet share the one store of (cnn, the student)
+    images = sum(Manifest.load(tmp_path / "data").counts("train"))
+    record = json.loads((Path(store) / "store.json").read_text())
+    assert record["teacher_forward_passes"] == 2 * images
+    assert any(f"{2 * images} teacher forward passes = 2 views x {images} training images" in r.getMessage()
+               for r in caplog.records)
+    plan = TrialPlan(space, exp, teachers, {}, stores)
+    assert {plan.run_config({"method": m}, f"t-{m}").distill.teacher_store for m in ("kd", "dkd", "fitnet")} == {store}
+    assert build_teacher_stores(space, exp, teachers) == stores  # a resumed search reuses it

@@ -49,6 +49,9 @@ class CascadeStep(SkinDistilViT):
 
     Params = CascadeParams
     student_from_teacher = True
+
+    def stored_outputs(self):
+        return None  # every step distils from another teacher (the previous step)
     pipeline_knobs = ("min_blocks",)
 
     @classmethod

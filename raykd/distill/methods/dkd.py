@@ -45,6 +45,9 @@ class DKD(Method):
         w = self.params.warmup_epochs
         return 1.0 if w == 0 else min((self.epoch + 1) / w, 1.0)
 
+    def stored_outputs(self):
+        return frozenset({"logits"})
+
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:
         p = self.params
         s = self.student(images)

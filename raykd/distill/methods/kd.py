@@ -30,6 +30,9 @@ class KD(Method):
 
     Params = KDParams
 
+    def stored_outputs(self):
+        return frozenset({"logits"})
+
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:
         p = self.params
         s = self.student(images)

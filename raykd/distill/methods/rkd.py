@@ -32,6 +32,9 @@ class RKD(Method):
 
     Params = RKDParams
 
+    def stored_outputs(self):
+        return frozenset({"embedding"})
+
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:
         p = self.params
         fs, ft = self.student_features(images), self.teacher_features(images)

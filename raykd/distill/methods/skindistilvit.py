@@ -70,6 +70,9 @@ class SkinDistilViT(Method):
                 )
             self.adapters["hidden"] = nn.Linear(s[2], t[2])
 
+    def stored_outputs(self):
+        return None if self.params.w_hidden else frozenset({"logits"})  # hidden states: online
+
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:
         p = self.params
         if p.w_hidden:

@@ -54,6 +54,9 @@ class DKDCombo(Method):
         if self.params.w_crkd:
             make_map_adapter(self, self.params.adapter)
 
+    def stored_outputs(self):
+        return None if self.params.w_crkd else frozenset({"logits", "embedding"})  # CRKD: feature maps
+
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:
         p = self.params
         fs, ft = self.student_features(images), self.teacher_features(images)
