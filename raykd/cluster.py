@@ -91,3 +91,54 @@ def refuse_relative_in_job(paths: dict[str, str | None], where: str) -> None:
             f"resolve inside the job's temporary copy on the node running the entrypoint, which other nodes "
             f"cannot read and which is deleted with the job; give absolute paths on storage every node "
             f"reaches, e.g. {fixes}")
+
+
+def _probe_storage(read: dict[str, str], write: dict[str, str]) -> list[str]:
+    """On one node: what of ``read`` (dataset folders) it cannot read and of ``write`` it cannot write."""
+    import uuid
+    from pathlib import Path
+
+    problems = []
+    for name, path in read.items():
+        if not (Path(path) / "manifest.json").is_file():
+            problems.append(f"cannot read {name}={path} (no manifest.json there)")
+    for name, path in write.items():
+        probe = Path(path) / f".raykd-write-check-{uuid.uuid4().hex}"
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            problems.append(f"cannot write {name}={path} ({e.strerror or e})")
+    return problems
+
+
+def check_storage_on_every_node(read: dict[str, str], write: dict[str, str], where: str,
+                                timeout_s: float = 120.0) -> None:
+    """Before any trial: from every alive node of the cluster, the datasets of ``read`` can be read
+    and the folders of ``write`` written (a zero-CPU task pinned to each node). Raises ConfigError
+    naming each node and path that fails; a single-node cluster has nothing to check beyond the
+    driver's own checks."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raykd.config import ConfigError
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_storage)
+    refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(read, write) for n in nodes}
+    addresses = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
+    failures = []
+    for node_id, ref in refs.items():
+        try:
+            problems = ray.get(ref, timeout=timeout_s)
+        except Exception as e:  # noqa: BLE001 - a node that cannot run the check is a failure too
+            problems = [f"the check did not run ({type(e).__name__})"]
+        failures += [f"node {addresses[node_id]} ({node_id[:12]}): {p}" for p in problems]
+    if failures:
+        raise ConfigError(f"{where}: storage is not reachable from every node of the cluster; put data and "
+                          "output on storage all nodes mount (NFS, s3://, gs://):\n  " + "\n  ".join(failures))
+    log.info("storage checked from %d nodes: data readable, output writable", len(nodes))

@@ -264,7 +264,7 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
 
     import ray
 
-    from raykd.cluster import init_local_ray
+    from raykd.cluster import check_storage_on_every_node, init_local_ray
     from raykd.tune.findings import STAGE_2, collect_findings
     from raykd.tune.leaderboard import build_leaderboard
     from raykd.tune.publish import publish
@@ -279,6 +279,8 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
     init_local_ray(space.address)
     resources = ray.cluster_resources()
     log.info("Ray cluster resources: %s", {k: v for k, v in resources.items() if not k.startswith("node")})
+    check_storage_on_every_node({"base.data.path": space.base_config.data.path}, {"output_dir": str(experiment_dir)},
+                                space.source)  # before any trial: a node that cannot reach them fails here
     stage_s["Ray start"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
