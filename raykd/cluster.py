@@ -93,8 +93,9 @@ def refuse_relative_in_job(paths: dict[str, str | None], where: str) -> None:
             f"reaches, e.g. {fixes}")
 
 
-def _probe_storage(read: dict[str, str], write: dict[str, str]) -> list[str]:
-    """On one node: what of ``read`` (dataset folders) it cannot read and of ``write`` it cannot write."""
+def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str) -> list[str]:
+    """On one node: what of ``read`` (dataset folders) it cannot read, and of ``write`` it cannot
+    write or does not share with the driver (the driver's ``marker`` file is not there)."""
     import uuid
     from pathlib import Path
 
@@ -103,9 +104,11 @@ def _probe_storage(read: dict[str, str], write: dict[str, str]) -> list[str]:
         if not (Path(path) / "manifest.json").is_file():
             problems.append(f"cannot read {name}={path} (no manifest.json there)")
     for name, path in write.items():
+        if not (Path(path) / marker).is_file():
+            problems.append(f"does not see the driver's files in {name}={path} (not storage shared with the driver)")
+            continue
         probe = Path(path) / f".raykd-write-check-{uuid.uuid4().hex}"
         try:
-            probe.parent.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
@@ -116,7 +119,8 @@ def _probe_storage(read: dict[str, str], write: dict[str, str]) -> list[str]:
 def check_storage_on_every_node(read: dict[str, str], write: dict[str, str], where: str,
                                 timeout_s: float = 120.0) -> None:
     """Before any trial: from every alive node of the cluster, the datasets of ``read`` can be read
-    and the folders of ``write`` written (a zero-CPU task pinned to each node). Raises ConfigError
+    and the folders of ``write`` are shared with the driver and writable (a zero-CPU task pinned to
+    each node looks for a file the driver just wrote there, then writes its own). Raises ConfigError
     naming each node and path that fails; a single-node cluster has nothing to check beyond the
     driver's own checks."""
     import ray
@@ -127,17 +131,28 @@ def check_storage_on_every_node(read: dict[str, str], write: dict[str, str], whe
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
         return
+    import uuid
+    from pathlib import Path
+
+    marker = f".raykd-shared-check-{uuid.uuid4().hex}"
+    for path in write.values():  # what every node must see: a file the driver wrote
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / marker).write_text("written by the driver")
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_storage)
     refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(read, write) for n in nodes}
+            .remote(read, write, marker) for n in nodes}
     addresses = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
     failures = []
-    for node_id, ref in refs.items():
-        try:
-            problems = ray.get(ref, timeout=timeout_s)
-        except Exception as e:  # noqa: BLE001 - a node that cannot run the check is a failure too
-            problems = [f"the check did not run ({type(e).__name__})"]
-        failures += [f"node {addresses[node_id]} ({node_id[:12]}): {p}" for p in problems]
+    try:
+        for node_id, ref in refs.items():
+            try:
+                problems = ray.get(ref, timeout=timeout_s)
+            except Exception as e:  # noqa: BLE001 - a node that cannot run the check is a failure too
+                problems = [f"the check did not run ({type(e).__name__})"]
+            failures += [f"node {addresses[node_id]} ({node_id[:12]}): {p}" for p in problems]
+    finally:
+        for path in write.values():
+            (Path(path) / marker).unlink(missing_ok=True)
     if failures:
         raise ConfigError(f"{where}: storage is not reachable from every node of the cluster; put data and "
                           "output on storage all nodes mount (NFS, s3://, gs://):\n  " + "\n  ".join(failures))

@@ -1,9 +1,11 @@
 """A real 2-node Ray cluster on this machine (``ray start --head`` plus a second raylet joined with
-``ray start --address``): a search whose data one node cannot see fails before any trial starts,
-naming the node and the path.
+``ray start --address``): a search whose data and output folder one node cannot see fails before
+any trial starts, naming the node and the paths.
 
-The second raylet runs in its own mount namespace with an empty tmpfs over the dataset folder, so
-it really cannot read it (root and ``unshare`` needed; skipped otherwise).
+The second raylet runs in its own mount namespace with an empty tmpfs over the dataset folder and
+over the output folder, so it really cannot read the one nor share the other (a node's local disk
+would be writable but not shared: the check looks for a file the driver wrote). Root and
+``unshare`` are needed; skipped otherwise.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def two_nodes(tmp_path):
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}", "--num-cpus=1", '--resources={"node_a": 1, "trial_slot": 4}',
             "--include-dashboard=false", f"--ray-client-server-port={PORT + 1}",
             f"--dashboard-agent-listen-port={PORT + 2}", f"--temp-dir={temp}", "--disable-usage-stats"]
-    join = (f"mount -t tmpfs none {data} && exec {RAY} start --address={tag} --node-ip-address=127.0.0.1 --num-cpus=1 "
+    out = tmp_path / "out"
+    out.mkdir()
+    join = (f"mount -t tmpfs none {data} && mount -t tmpfs none {out} && exec {RAY} start --address={tag} --node-ip-address=127.0.0.1 --num-cpus=1 "
             f"""--resources='{{"node_b": 1}}' --dashboard-agent-listen-port={PORT + 3} --disable-usage-stats""")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": ""}
     try:
@@ -69,14 +73,14 @@ def two_nodes(tmp_path):
             assert res.returncode == 0, res.stderr[-2000:]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # both raylets registered
-            out = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{tag}', logging_level='ERROR'); "
+            alive = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{tag}', logging_level='ERROR'); "
                                   "print(sum(n['Alive'] for n in ray.nodes()))"], capture_output=True, text=True, env=env)
-            if out.stdout.strip().endswith("2"):
+            if alive.stdout.strip().endswith("2"):
                 break
             time.sleep(1)
         else:
             pytest.fail("the second node did not join")
-        yield tag, data, tmp_path, env
+        yield tag, data, out, env
     finally:
         _kill_cluster(tag)
         _kill_cluster(str(temp))
@@ -84,8 +88,7 @@ def two_nodes(tmp_path):
 
 
 def test_a_search_whose_data_a_node_cannot_read_fails_before_any_trial_naming_node_and_path(two_nodes):
-    address, data, tmp, env = two_nodes
-    out = tmp / "out"
+    address, data, out, env = two_nodes
     res = subprocess.run(
         [sys.executable, "-m", "raykd.tune", "--space", str(ROOT / "search_spaces" / "smoke.yaml"),
          "--address", address, "--set", f"output_dir={out}", "--set", f"base.data.path={data}"],
@@ -94,5 +97,6 @@ def test_a_search_whose_data_a_node_cannot_read_fails_before_any_trial_naming_no
     assert res.returncode == 2
     assert "storage is not reachable from every node" in res.stderr
     assert f"cannot read base.data.path={data} (no manifest.json there)" in res.stderr
-    assert res.stderr.count("cannot read base.data.path") == 1  # the head node reads it
+    assert f"does not see the driver's files in output_dir={out}/tune-smoke (not storage shared" in res.stderr
+    assert res.stderr.count("cannot read base.data.path") == 1  # the head node reads it and shares the output
     assert not (out / "tune-smoke" / "runs").exists() and not (out / "tune-smoke" / "teachers").exists()
