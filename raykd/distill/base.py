@@ -303,6 +303,8 @@ class Method(nn.Module, abc.ABC):
     #: The student is made from the teacher (the cascade cuts blocks off it): a search gives the
     #: method no students of its own.
     student_from_teacher: ClassVar[bool] = False
+    #: The method trains as several runs in sequence (:meth:`pipeline`), not as one.
+    multi_run: ClassVar[bool] = False
     #: Knobs of a search's method entry besides ``params`` that :meth:`pipeline` takes (``min_blocks``).
     pipeline_knobs: ClassVar[tuple[str, ...]] = ()
     #: True for methods that train an FCViT's per-block heads (``fcvit``, ``fcvit_probs``).

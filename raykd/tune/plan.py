@@ -191,7 +191,7 @@ def build_teacher_stores(space: SearchSpace, experiment_dir: Path, teachers: dic
     out: dict[tuple, str] = {}
     for label, spec in space.methods.items():
         cls = METHODS.get(spec.method)
-        if spec.teacher is None or cls.student_from_teacher or cls.teacher_stage is not None:
+        if spec.teacher is None or cls.multi_run or cls.teacher_stage is not None:
             continue
         for sid in spec.students:
             if (spec.teacher, sid) in out:
@@ -355,7 +355,7 @@ def _check_all(space: SearchSpace, manifest) -> SearchSpace:
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"{space.source}: teachers.{name}: {e}") from None
     for label, spec in space.methods.items():
-        if METHODS.get(spec.method).student_from_teacher:
+        if METHODS.get(spec.method).multi_run:
             _check_pipeline(space, spec, manifest)
             methods[label] = spec
             continue

@@ -163,7 +163,7 @@ def _trial_main(config: dict[str, Any], plan) -> None:
     resolved = plan.resolve(config)
     cfg = plan.run_config(config, trial_id)
     trial_dir = TrialDir(plan.runs_dir / trial_id)
-    staged = METHODS.get(resolved.method).pipeline_knobs or METHODS.get(resolved.method).student_from_teacher
+    staged = METHODS.get(resolved.method).multi_run
     trial_dir.write_trial({
         "trial_id": trial_id, "label": resolved.label, "method": resolved.method, "student": resolved.student,
         "teacher": resolved.teacher, "config": config, "params": resolved.params,

@@ -49,6 +49,7 @@ class CascadeStep(SkinDistilViT):
 
     Params = CascadeParams
     student_from_teacher = True
+    multi_run = True
 
     def stored_outputs(self):
         return None  # every step distils from another teacher (the previous step)
