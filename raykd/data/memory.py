@@ -83,7 +83,7 @@ class MemorySplit:
         self.spec, self.train, self.recipe, self.seed = spec, train, recipe, seed
         self.rates = None if rates is None else np.asarray(rates, dtype=np.float64)
         self._fixed: np.ndarray | None = None
-        self.store, self.views = None, None
+        self.store, self.view_maker = None, None
         if not train and self.decoded:
             tf = build_eval_transform(spec, normalize=False)
             self._fixed = to_chw_batch([tf(image=im)["image"] for im in self.decoded])
@@ -95,7 +95,7 @@ class MemorySplit:
         """Train from a teacher store (``raykd.train.store.TeacherStore`` loaded for :attr:`ids`):
         each pass draws one stored view per image, rebuilds its pixels with ``views`` (a
         ``ViewMaker``) and adds the teacher's stored outputs on it to the batch (``"teacher"``)."""
-        self.store, self.views = store, views
+        self.store, self.view_maker = store, views
 
     def batches(self, batch_size: int, *, epoch: int = 0, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """The pass ``epoch`` over the split in batches of uint8 images and int64 labels."""
@@ -110,7 +110,7 @@ class MemorySplit:
             idx = np.repeat(idx, repeat_counts(self.labels, self.rates, rng))
         idx = rng.permutation(idx)
         tf = build_train_transform(self.spec, self.recipe, seed=int(rng.integers(2**31)), normalize=False)
-        views = rng.integers(self.store.views, size=len(idx)) if self.store is not None else None
+        view_of = rng.integers(self.store.views, size=len(idx)) if self.store is not None else None
         stop = len(idx) - (len(idx) % batch_size if drop_last else 0)
         for i in range(0, stop, batch_size):
             rows = idx[i:i + batch_size]
@@ -120,7 +120,7 @@ class MemorySplit:
                 images = to_chw_batch([tf(image=self.decoded[r])["image"] for r in rows])
                 yield {"image": torch.from_numpy(images), "label": torch.from_numpy(self.labels[rows])}
                 continue
-            v = views[i:i + batch_size]
-            images = to_chw_batch([self.views(self.decoded[r], self.ids[r], int(k)) for r, k in zip(rows, v)])
+            v = view_of[i:i + batch_size]
+            images = to_chw_batch([self.view_maker(self.decoded[r], self.ids[r], int(k)) for r, k in zip(rows, v)])
             yield {"image": torch.from_numpy(images), "label": torch.from_numpy(self.labels[rows]),
                    "teacher": self.store.outputs(rows, v), "rows": torch.from_numpy(rows), "views": torch.from_numpy(v)}

@@ -339,6 +339,7 @@ class Method(nn.Module, abc.ABC):
         self.adapters = nn.ModuleDict()
         self.epoch = 0
         self._frozen: dict[str, nn.Module] = {}
+        self._stored: Mapping[str, Tensor] | None = None  # a teacher store's outputs (stored_teacher)
         self._student_name, self._teacher_name = model_name(student), model_name(teacher)
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
@@ -402,14 +403,14 @@ class Method(nn.Module, abc.ABC):
         return images if bridge is None else bridge(images)
 
     def teacher_logits(self, images: Tensor) -> Tensor:
-        stored = getattr(self, "_stored", None)
+        stored = self._stored
         if stored is not None:
             return stored["logits"]
         with torch.no_grad():
             return self._eval(self.teacher)(self.teacher_inputs(images))
 
     def teacher_features(self, images: Tensor) -> Features:
-        stored = getattr(self, "_stored", None)
+        stored = self._stored
         if stored is not None:  # only what stored_outputs() declared; the rest is not there
             return Features(logits=stored.get("logits"), embedding=stored.get("embedding"))
         with torch.no_grad():

@@ -113,10 +113,9 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
     one and the config names no output of it, and build the run (which checks that the method
     fits); returns the resolved config, manifest, built run parts, run folder."""
     from raykd.models.weights import check_run_weights
+    from raykd.cluster import refuse_relative_in_job
     from raykd.train.loop import build_run, set_seed
     from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
-
-    from raykd.cluster import refuse_relative_in_job
 
     refuse_relative_in_job({"data.path": cfg.data.path, "output_dir": cfg.output_dir}, "run config")
     check_run_weights(cfg)  # pretrained weights: a readable local file, or the hub reachable
@@ -127,13 +126,12 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
         if m is not None and m.checkpoint:
             setattr(cfg, role, replace(m, checkpoint=str(Path(m.checkpoint).resolve())))
     manifest = ensure_dataset(cfg.data)
-    run_dir = RunDir.of(cfg)
     if needs_teacher_stage(cfg):
         build_run(cfg, manifest, probe=True)  # a misfit fails now, not after the stage
-        cfg = run_teacher_stage(cfg, run_dir.stage_file(stage_file_name(cfg)))
+        cfg = run_teacher_stage(cfg, RunDir.of(cfg).stage_file(stage_file_name(cfg)))
     set_seed(cfg.train.seed)  # the models' initial weights: the same run gives the same models
     parts = build_run(cfg, manifest)  # raises ValueError when the method does not fit
-    run_dir = run_dir.path
+    run_dir = RunDir.of(cfg).path
     return cfg, manifest, parts, run_dir
 
 
@@ -159,7 +157,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
     cfg, manifest, parts, run_dir = prepare(cfg)
     build_s = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, RunDir(run_dir).config_file)
+    rd = RunDir(run_dir)
+    dump_yaml(cfg, rd.config_file)
     if on_built is not None:
         on_built(parts)
     local = uses_local(cfg)
@@ -169,22 +168,22 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
         out = _local_task(cfg, run_dir, build_s)
     else:
         out = _trainer_fit(cfg, manifest, parts.preprocess, run_dir, callbacks)
-    history = RunDir(run_dir).read_metrics()
+    history = rd.read_metrics()
     best_row = next((r for r in history if r["epoch"] == out.get("best_epoch")), {})
     summary = TrainResult(
         run_dir=run_dir, best=out.get("best"), best_epoch=out.get("best_epoch"), epochs=len(history),
         val={k[4:]: v for k, v in best_row.items() if k.startswith("val/")}, test=out.get("test", {}),
     )
-    RunDir(run_dir).write_summary({
+    rd.write_summary({
         "best": summary.best, "best_epoch": summary.best_epoch, "epochs": summary.epochs,
         "select_metric": cfg.train.select_metric, "val": summary.val, "test": summary.test,
-        "teacher": out.get("teacher", "online" if cfg.teacher is not None else "none"),
+        "teacher": out.get("teacher"),  # fit() says where the teacher's outputs came from
     })
     timing = {"executor": "local" if local else "trainer", **(out.get("timing") or {})}
     timing["wall_s"] = time.perf_counter() - t_start
     steps = sum(timing.get(k, 0.0) for k in ("train_s", "eval_s"))
     timing["compute_share"] = steps / timing["wall_s"] if timing["wall_s"] > 0 else 0.0
-    RunDir(run_dir).write_timing(timing)
+    rd.write_timing(timing)
     return summary
 
 

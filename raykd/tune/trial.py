@@ -50,13 +50,12 @@ class TrialReporter(TuneReportCallback):
         super().__init__()
         self.extra = extra  # filled in by the run once its models are built (see _train)
         self.metric = metric
+        self.reports = 0  # how many reports went through (a resumed run may have none left)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         metrics = [_augment(metrics[0], self.extra, self.metric), *metrics[1:]]
         super().after_report(run_context, metrics, checkpoint)
         self.reports += 1
-
-    reports = 0
 
 
 def _replay(run_dir: Path, extra: dict[str, Any], metric: str, report=None) -> None:
