@@ -63,6 +63,10 @@ class ArtifactMeta:
         version: Run name or trial id.
         metrics: Validation metrics at save time.
         dataset: Dataset folder the model was trained on.
+        temperature: Temperature the logits are divided by before the softmax (fitted on the
+            validation split at export, :mod:`raykd.export.calibrate`; 1.0 = uncalibrated).
+        decision: The cancer-vs-benign operating point chosen at export: ``{"threshold": t,
+            "target_sensitivity": s, ...}`` on the malignant probability; empty when none.
     """
 
     model_name: str
@@ -74,6 +78,8 @@ class ArtifactMeta:
     version: str = ""
     metrics: dict = field(default_factory=dict)
     dataset: str | None = None
+    temperature: float = 1.0
+    decision: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.label_names) != self.num_classes:
@@ -86,6 +92,8 @@ class ArtifactMeta:
             raise ValueError(
                 f"ArtifactMeta: malignant names {unknown} are not in label_names {self.label_names}"
             )
+        if not self.temperature > 0:
+            raise ValueError(f"ArtifactMeta: temperature must be > 0, got {self.temperature}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -106,7 +106,7 @@ class TorchPredictor:
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            return softmax(self.model(x).float().cpu().numpy())
+            return softmax(self.model(x).float().cpu().numpy() / self.meta.temperature)
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict_batch(preprocess_images(images, self.transform))
@@ -143,7 +143,7 @@ class OnnxPredictor:
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         logits = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return softmax(logits)
+        return softmax(logits / self.meta.temperature)
 
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict_batch(preprocess_images(images, self.transform))
