@@ -184,6 +184,18 @@ class ScalingConfig:
     #: ``local`` (one process, the dataset held in memory: no worker group or pipeline to start) or
     #: ``auto`` (local for a single-worker run on a small dataset, see raykd.train.driver).
     executor: Literal["auto", "trainer", "local"] = "auto"
+    #: Elastic Ray Train runs: when set below ``num_workers``, the worker group runs with as many
+    #: workers as the cluster can host between ``min_workers`` and ``num_workers`` (a lost node
+    #: shrinks it, a new one grows it back); None keeps the group at ``num_workers``.
+    min_workers: int | None = field(default=None, metadata=_range(1, 4096))
+    #: Where Ray Train places its workers: ``pack`` (fewest nodes) or ``spread`` (one per node
+    #: where possible, so a lost node costs the fewest workers).
+    placement: Literal["pack", "spread"] = "pack"
+
+    def validate(self, where: str) -> None:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ConfigError(f"{where}: scaling.min_workers ({self.min_workers}) must be <= "
+                              f"scaling.num_workers ({self.num_workers})")
 
 
 @dataclass
@@ -200,6 +212,9 @@ class TrainConfig:
     select_metric: str = "bma"
     #: Worker-group restarts from the last checkpoint before the run fails.
     max_failures: int = field(default=1, metadata=_range(-1, 1000))
+    #: How long a Ray Train worker group may wait for its resources (at start, or after a node is
+    #: lost) before the run stops with an error naming what is missing; never a silent hang.
+    resource_wait_s: float = field(default=600.0, metadata=_range(1.0, 86_400.0))
     seed: int = 0
     #: Shuffle buffer (rows) of the training iterator.
     shuffle_buffer: int = field(default=256, metadata=_range(0, 1_000_000))

@@ -73,6 +73,18 @@ def wait_for_trial_reports(timeout_s: float = 60.0) -> bool:
 _warned = False
 
 
+def free_resources_per_node() -> dict[str, dict[str, float]]:
+    """Each alive node's free resources, by node id (Ray's DeveloperAPI ``ray._private.state``);
+    empty when this Ray cannot tell (the caller only uses it to word an error)."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        return dict(available_resources_per_node())
+    except Exception:  # noqa: BLE001 - an error message must not fail over its detail
+        log.debug("could not read free resources per node", exc_info=True)
+        return {}
+
+
 def _warn_version() -> None:
     global _warned
     if not _warned:

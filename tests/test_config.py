@@ -59,3 +59,14 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(DataConfig, None, ["synth.seed=7"])
     dump_yaml(cfg, tmp_path / "resolved.yaml")
     assert load_config(DataConfig, tmp_path / "resolved.yaml") == cfg
+
+
+def test_elastic_scaling_needs_min_workers_at_most_num_workers():
+    from raykd.config import RunConfig
+
+    cfg = load_config(RunConfig, None, ["scaling.num_workers=4", "scaling.min_workers=2", "scaling.placement=spread"])
+    assert (cfg.scaling.min_workers, cfg.scaling.placement) == (2, "spread")
+    with pytest.raises(ConfigError, match=r"scaling.min_workers \(5\) must be <= scaling.num_workers \(4\)"):
+        load_config(RunConfig, None, ["scaling.num_workers=4", "scaling.min_workers=5"])
+    with pytest.raises(ConfigError, match="scaling.placement"):
+        load_config(RunConfig, None, ["scaling.placement=everywhere"])

@@ -10,7 +10,9 @@ would be writable but not shared: the check looks for a file the driver wrote). 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -51,40 +53,55 @@ def _kill_cluster(tag: str) -> None:
                 pass
 
 
+def _start_two_nodes(tmp_path: Path, data: Path, out: Path, *, hide: bool, env_extra: dict | None = None):
+    """Start the head (node_a) and a second raylet (node_b), 1 CPU each; with ``hide`` the second
+    runs in its own mount namespace with empty tmpfs over ``data`` and ``out``. Returns the address,
+    the environment to talk to it and the temp dir; stop it with :func:`_kill_cluster`."""
+    temp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    tag = f"127.0.0.1:{PORT}"
+    head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}", "--num-cpus=1",
+            '--resources={"node_a": 1, "trial_slot": 4}',
+            f"--ray-client-server-port={PORT + 1}", f"--dashboard-port={PORT + 4}",
+            f"--dashboard-agent-listen-port={PORT + 2}", f"--temp-dir={temp}", "--disable-usage-stats"]
+    if hide:
+        head.insert(5, "--include-dashboard=false")
+    join = (f"exec {RAY} start --address={tag} --node-ip-address=127.0.0.1 --num-cpus=1 "
+            f"""--resources='{{"node_b": 1, "trial_slot": 4}}' --dashboard-agent-listen-port={PORT + 3} """
+            "--disable-usage-stats")
+    second = ["unshare", "-m", "bash", "-c", f"mount -t tmpfs none {data} && mount -t tmpfs none {out} && {join}"] \
+        if hide else ["bash", "-c", join]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": "",
+           **(env_extra or {})}
+    for cmd in (head, second):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # both raylets registered
+        alive = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{tag}', logging_level='ERROR'); "
+                              "print(sum(n['Alive'] for n in ray.nodes()))"], capture_output=True, text=True, env=env)
+        if alive.stdout.strip().endswith("2"):
+            return tag, env, temp
+        time.sleep(1)
+    pytest.fail("the second node did not join")
+
+
 @pytest.fixture
 def two_nodes(tmp_path):
     if not _can_unshare():
         pytest.skip("needs root and unshare -m to hide the data from the second node")
     data = tmp_path / "data"
     make_synthetic(data, num_images=60, image_size=32, seed=0)
-    temp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    tag = f"127.0.0.1:{PORT}"
-    head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}", "--num-cpus=1", '--resources={"node_a": 1, "trial_slot": 4}',
-            "--include-dashboard=false", f"--ray-client-server-port={PORT + 1}",
-            f"--dashboard-agent-listen-port={PORT + 2}", f"--temp-dir={temp}", "--disable-usage-stats"]
     out = tmp_path / "out"
     out.mkdir()
-    join = (f"mount -t tmpfs none {data} && mount -t tmpfs none {out} && exec {RAY} start --address={tag} --node-ip-address=127.0.0.1 --num-cpus=1 "
-            f"""--resources='{{"node_b": 1}}' --dashboard-agent-listen-port={PORT + 3} --disable-usage-stats""")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": ""}
+    temp = None
     try:
-        for cmd in (head, ["unshare", "-m", "bash", "-c", join]):
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-            assert res.returncode == 0, res.stderr[-2000:]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # both raylets registered
-            alive = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{tag}', logging_level='ERROR'); "
-                                  "print(sum(n['Alive'] for n in ray.nodes()))"], capture_output=True, text=True, env=env)
-            if alive.stdout.strip().endswith("2"):
-                break
-            time.sleep(1)
-        else:
-            pytest.fail("the second node did not join")
+        tag, env, temp = _start_two_nodes(tmp_path, data, out, hide=True)
         yield tag, data, out, env
     finally:
-        _kill_cluster(tag)
-        _kill_cluster(str(temp))
-        shutil.rmtree(temp, ignore_errors=True)
+        _kill_cluster(f"127.0.0.1:{PORT}")
+        if temp is not None:
+            _kill_cluster(str(temp))
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_search_whose_data_a_node_cannot_read_fails_before_any_trial_naming_node_and_path(two_nodes):
@@ -100,3 +117,117 @@ def test_a_search_whose_data_a_node_cannot_read_fails_before_any_trial_naming_no
     assert f"does not see the driver's files in output_dir={out}/tune-smoke (not storage shared" in res.stderr
     assert res.stderr.count("cannot read base.data.path") == 1  # the head node reads it and shares the output
     assert not (out / "tune-smoke" / "runs").exists() and not (out / "tune-smoke" / "teachers").exists()
+
+
+def _raylet_pid(resource: str) -> int:
+    """The pid of the raylet started with ``resource`` (never killed by name: other clusters may run)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"/raylet") and any(resource.encode() in a for a in argv):
+            return int(pid)
+    raise AssertionError(f"no raylet with resource {resource}")
+
+
+def _node_names(address: str, env: dict) -> dict[str, str]:
+    """Node id -> "node_a" / "node_b", from each node's custom resource (dead nodes included)."""
+    script = (f"import json, ray; ray.init(address='{address}', logging_level='ERROR'); "
+              "print(json.dumps({n['NodeID']: next(k for k in ('node_a', 'node_b') if k in n['Resources'] "
+              "or not n['Alive'] and k == 'node_b') for n in ray.nodes()}))")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def shared_two_nodes(tmp_path_factory):
+    """Two nodes that both see the data and the output (module-scoped: the search runs on it, then
+    the kill test, which must stay last, takes node_b away)."""
+    root = tmp_path_factory.mktemp("twonodes")
+    data, out = root / "data", root / "out"
+    make_synthetic(data, num_images=240, image_size=32, seed=0)
+    out.mkdir()
+    temp = None
+    try:
+        address, env, temp = _start_two_nodes(root, data, out, hide=False, env_extra={
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",  # a group that cannot be placed is retried sooner
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",  # a lost node is seen in ~3 s
+        })
+        yield address, data, out, env, _node_names(address, env)
+    finally:
+        _kill_cluster(f"127.0.0.1:{PORT}")
+        if temp is not None:
+            _kill_cluster(str(temp))
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_search_on_two_nodes_places_its_trials_on_both(shared_two_nodes, capsys):
+    address, data, out, env, names = shared_two_nodes
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-m", "raykd.tune", "--space", str(ROOT / "search_spaces" / "smoke.yaml"), "--address", address,
+         "--set", f"output_dir={out}", "--set", f"base.data.path={data}", "--set", "base.train.epochs=2"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    print(res.stderr[-3000:])
+    assert res.returncode == 0, res.stderr[-4000:]
+    trials = [json.loads(p.read_text()) for p in sorted((out / "tune-smoke" / "runs").glob("*/trial.json"))]
+    placed = [names[t["node"]] for t in trials]
+    with capsys.disabled():
+        print(f"\nsearch on 2 nodes: {len(trials)} trials in {time.monotonic() - t0:.0f} s, on {placed}")
+    assert len(trials) == 4 and set(placed) == {"node_a", "node_b"}
+
+
+def test_a_lost_node_shrinks_the_ddp_run_which_finishes_from_its_checkpoint(shared_two_nodes, tmp_path, capsys):
+    """2 DDP workers, one per node; node_b's raylet is SIGKILLed after the first checkpoint. The
+    run restarts elastically with 1 worker on node_a (its 0.25 spare CPU left to Ray Data), resumes
+    from the checkpoint and records every epoch once."""
+    address, data, out, env, names = shared_two_nodes
+    epochs = 4
+    cfg = tmp_path / "twonode.yaml"
+    cfg.write_text(
+        f"name: twonode\noutput_dir: {out}\ndata: {{path: {data}}}\n"
+        "student: {name: raykd_tiny_cnn, image_size: 32}\ndistill: {method: baseline}\n"
+        "optim: {name: adamw, lr: 3.0e-3}\n"
+        "scaling: {num_workers: 2, min_workers: 1, cpus_per_worker: 0.75, placement: spread, executor: trainer}\n"
+        f"train: {{epochs: {epochs}, batch_size: 16, recipe: light, max_failures: 3, resource_wait_s: 120}}\n")
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "raykd.train", "--config", str(cfg), "--address", address],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        run = out / "twonode"
+        deadline = time.monotonic() + 300
+        while not any(run.glob("checkpoint_*")):
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s\n" + log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        metrics = json.loads((run / "metrics.json").read_text())
+        killed_after = len(metrics)
+        os.kill(_raylet_pid("node_b"), signal.SIGKILL)
+        kill = f"SIGKILL node_b's raylet after epoch {killed_after} was checkpointed"
+        rc = proc.wait(timeout=400)
+    text = log_path.read_text()
+    assert rc == 0, text[-4000:]
+    history = json.loads((run / "metrics.json").read_text())
+    workers = json.loads((run / "workers.json").read_text())
+    resumed = sorted(set(re.findall(r"resuming twonode from epoch \d+ \(best [^)]*\)", text)))
+    with capsys.disabled():  # the story of the run, in CI's output too
+        print("\n2-node kill test:")
+        for i, w in enumerate(workers):
+            print(f"  worker group {i + 1}: {w['world_size']} worker(s), ranks on {[names[n] for n in w['nodes']]}")
+            if i == 0:
+                print(f"  {kill}")
+        print(f"  {'; '.join(resumed)}")
+        print(f"  epochs recorded: {[(r['epoch'], r['world_size']) for r in history]} (epoch, workers)")
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))  # continuous, each epoch once
+    first, last = workers[0], workers[-1]
+    assert sorted(names[n] for n in first["nodes"]) == ["node_a", "node_b"]  # one worker per node
+    assert last["world_size"] == 1 and [names[n] for n in last["nodes"]] == ["node_a"]
+    assert history[0]["world_size"] == 2 and history[-1]["world_size"] == 1
+    resumed_from = [int(r.split()[4]) for r in resumed]
+    assert resumed_from and min(resumed_from) >= killed_after  # at most the epoch in flight is lost
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == epochs and summary["test"]

@@ -58,6 +58,7 @@ class RunDir:
     SUMMARY: ClassVar[str] = "summary.json"
     TIMING: ClassVar[str] = "timing.json"
     CHECKPOINT: ClassVar[str] = "checkpoint"
+    WORKERS: ClassVar[str] = "workers.json"
     STAGES: ClassVar[str] = "stages"
     CRASH_MARKER: ClassVar[str] = ".crash_injected"
 
@@ -111,6 +112,17 @@ class RunDir:
     @property
     def crash_marker(self) -> Path:
         return self.path / self.CRASH_MARKER
+
+    @property
+    def workers_file(self) -> Path:
+        """Where each (re)start of a Ray Train worker group recorded its size and nodes."""
+        return self.path / self.WORKERS
+
+    def read_workers(self) -> list[dict[str, Any]]:
+        return _read_json(self.workers_file) or []
+
+    def append_workers(self, row: dict[str, Any]) -> None:
+        _write_json(self.workers_file, [*self.read_workers(), row])
 
     def stage_file(self, stage: str) -> Path:
         """Where a teacher-side stage's output for this run's teacher is kept."""

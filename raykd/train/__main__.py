@@ -29,14 +29,14 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         print(list_methods())
         return 0
     configure(verbose=args.verbose)
+    from raykd.train.driver import ClusterResourcesError, run_train
+
     try:
         cfg = load_config(RunConfig, args.config, args.overrides + ([f"address={args.address}"] if args.address else []))
-        from raykd.train.driver import run_train
-
         log_to_file(RunDir.of(cfg).path)
 
         result = run_train(cfg, resume=args.resume)
-    except (ConfigError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileExistsError, FileNotFoundError, ClusterResourcesError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"run_dir": str(result.run_dir), "best": result.best, "best_epoch": result.best_epoch,

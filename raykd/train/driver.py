@@ -7,6 +7,8 @@ student/teacher pair, a missing dataset) fails here, before any Ray worker start
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -273,26 +275,93 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
     datasets.update(eval_datasets(cfg.data.path, manifest, "test", preprocess, workers, cfg.train.eval_batch_size))
     data_s = time.perf_counter() - t0
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
+    resources = worker_resources(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+            num_workers=_worker_count(cfg), use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy="SPREAD" if cfg.scaling.placement == "spread" else "PACK",
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures, controller_failure_limit=_start_retries(cfg)),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.ControllerError as exc:
+        if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
+            raise
+        raise ClusterResourcesError(missing_resources_message(cfg)) from None
     out = dict(result.return_value or {})
     out.setdefault("timing", {})["data_s"] = data_s
     return out
+
+
+class ClusterResourcesError(RuntimeError):
+    """A Ray Train worker group could not get its resources within ``train.resource_wait_s``."""
+
+
+def worker_resources(cfg: RunConfig) -> dict[str, float]:
+    """One Ray Train worker's resources."""
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return resources
+
+
+def _worker_count(cfg: RunConfig) -> int | tuple[int, int]:
+    """``num_workers``, or Train's elastic ``(min, max)`` when ``scaling.min_workers`` is below it."""
+    low, high = cfg.scaling.min_workers, cfg.scaling.num_workers
+    return (low, high) if low is not None and low < high else high
+
+
+def _start_timeout_s() -> float:
+    """How long Ray Train waits for one worker group's placement group before it retries."""
+    from ray.train.v2._internal.constants import (
+        DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
+        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
+    )
+
+    return float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+
+
+def _start_retries(cfg: RunConfig) -> int:
+    """Train's ``controller_failure_limit``: start attempts after the first that fit in
+    ``train.resource_wait_s`` (Ray's default, -1, retries a worker group that cannot be placed
+    forever: the silent hang after a lost node)."""
+    return max(0, math.ceil(cfg.train.resource_wait_s / _start_timeout_s()) - 1)
+
+
+def missing_resources_message(cfg: RunConfig) -> str:
+    """What the run asked for, next to what each alive node has free."""
+    import ray
+
+    need = worker_resources(cfg)
+    low = cfg.scaling.min_workers or cfg.scaling.num_workers
+    want = f"{cfg.scaling.num_workers} workers" if low == cfg.scaling.num_workers else \
+        f"{low} to {cfg.scaling.num_workers} workers"
+    from raykd.raycompat import free_resources_per_node
+
+    nodes = []
+    free = free_resources_per_node()
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        avail = free.get(node["NodeID"], {})
+        have = ", ".join(f"{k} {avail.get(k, 0.0):g} free of {node['Resources'].get(k, 0.0):g}" for k in need)
+        nodes.append(f"node {node['NodeID'][:8]} ({node.get('NodeManagerAddress', '?')}): {have}")
+    return (
+        f"run {cfg.name}: the cluster could not host {want} x {need} for "
+        f"{cfg.train.resource_wait_s:g} s (train.resource_wait_s). Alive nodes: "
+        + ("; ".join(nodes) or "none")
+        + ". Add nodes, lower scaling.num_workers or scaling.cpus_per_worker, or set scaling.min_workers "
+        "so the run continues with fewer workers."
+    )

@@ -11,6 +11,7 @@ rebuilt into the typed :class:`raykd.config.RunConfig` here.
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 import math
 import os
@@ -71,6 +72,10 @@ class Session(abc.ABC):
     def prepare(self, method: torch.nn.Module) -> torch.nn.Module:
         return method.to(self.device)
 
+    def placement(self) -> dict[str, Any] | None:
+        """The worker group's size and each rank's node, on rank 0 (None: one process, not recorded)."""
+        return None
+
     @abc.abstractmethod
     def restore(self) -> dict[str, Any] | None:
         """The last checkpoint's state, or None for a fresh run."""
@@ -96,6 +101,20 @@ class TrainSession(Session):
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.shuffle = cfg.train.shuffle_buffer or None
+        # The driver cut val/test into num_workers slices; an elastic group running with fewer
+        # workers deals them out round-robin, so every row is still scored once.
+        self.eval_slices = [k for k in range(max(1, cfg.scaling.num_workers)) if k % self.world == self.rank]
+
+    def placement(self) -> dict[str, Any] | None:
+        """Every rank's node (rank 0 gets the list; the others None): logged at each group start."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [node]
+        if dist.is_available() and dist.is_initialized() and self.world > 1:
+            nodes = [None] * self.world
+            dist.all_gather_object(nodes, node)
+        return {"world_size": self.world, "nodes": nodes} if self.rank == 0 else None
 
     def prepare(self, method):
         import ray.train.torch
@@ -123,11 +142,13 @@ class TrainSession(Session):
     def batches(self, split, *, epoch, batch_size, train):
         import ray.train
 
-        shard = ray.train.get_dataset_shard(split if train else f"{split}_{self.rank}")
         if train:  # drop_last: a trailing batch of one breaks BatchNorm; equal shards keep ranks in step
+            shard = ray.train.get_dataset_shard(split)
             return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=self.shuffle,
                                             drop_last=True)
-        return shard.iter_torch_batches(batch_size=batch_size)
+        return itertools.chain.from_iterable(
+            ray.train.get_dataset_shard(f"{split}_{k}").iter_torch_batches(batch_size=batch_size)
+            for k in self.eval_slices)
 
 
 class LocalSession(Session):
@@ -232,6 +253,7 @@ class _Loop:
 
     def restore(self) -> int:
         """Continue from the session's last checkpoint; returns the first epoch to run."""
+        self._record_placement()
         state = self.session.restore()
         if state is None:
             return 0
@@ -244,6 +266,18 @@ class _Loop:
         if self.rank == 0:
             log.info("resuming %s from epoch %d (best %s=%s)", self.cfg.name, state["epoch"], self.select, self.best)
         return state["epoch"]
+
+    def _record_placement(self) -> None:
+        """Log and keep (``workers.json``) where this start of the worker group runs: after a lost
+        node the restarted group's size and nodes show what the run continued on."""
+        placement = self.session.placement()
+        if placement is None:
+            return
+        nodes = placement["nodes"]
+        log.info("%s: %d worker(s); %s", self.cfg.name, placement["world_size"],
+                 ", ".join(f"rank {r} on node {n[:8]}" for r, n in enumerate(nodes)))
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
+        self.run_dir.append_workers({**placement, "time": time.time()})
 
     def stream(self, split: str, epoch: int, train: bool):
         """uint8 batches of ``split``, normalised on the device."""
@@ -281,7 +315,8 @@ class _Loop:
         val_seconds = time.perf_counter() - t_val
         self.timing["eval_s"] += val_seconds
         t_report = time.perf_counter()
-        row = {"epoch": epoch + 1, **stats, **{f"val/{k}": v for k, v in val.items()}, "val/seconds": val_seconds}
+        row = {"epoch": epoch + 1, **stats, **{f"val/{k}": v for k, v in val.items()}, "val/seconds": val_seconds,
+               "world_size": self.world}
         self._record(epoch, row, val, cm)
         self.session.report({**row, "best": self.best, "best_epoch": self.best_epoch}, self._state(epoch))
         self.timing["report_s"] += time.perf_counter() - t_report

@@ -163,7 +163,10 @@ def _trial_main(config: dict[str, Any], plan) -> None:
     cfg = plan.run_config(config, trial_id)
     trial_dir = TrialDir(plan.runs_dir / trial_id)
     staged = METHODS.get(resolved.method).multi_run
+    import ray
+
     trial_dir.write_trial({
+        "node": ray.get_runtime_context().get_node_id(),  # where this trial's driver (and a local run) ran
         "trial_id": trial_id, "label": resolved.label, "method": resolved.method, "student": resolved.student,
         "teacher": resolved.teacher, "config": config, "params": resolved.params,
         "settings": resolved.settings, "pipeline": bool(staged),

@@ -1,6 +1,7 @@
 """Ray Train runs on a real local cluster with 2 DDP workers (gloo) over synthetic shards."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from sklearn.metrics import (
 from raykd.config import ConfigError, RunConfig, load_config
 from raykd.data.manifest import Manifest
 from raykd.data.synth import make_synthetic
-from raykd.train.driver import prepare, run_train
+from raykd.train.driver import ClusterResourcesError, prepare, run_train
 
 EPOCHS = 4
 
@@ -126,3 +127,19 @@ def test_bad_configs_fail_before_any_worker_starts(synth):
                         "distill.params.temperature=-1"))
     with pytest.raises(ConfigError, match="train.epochz"):
         run_cfg(synth, "key", "train.epochz=3")
+
+
+def test_a_worker_group_the_cluster_cannot_host_stops_after_the_bounded_wait_naming_what_is_missing(
+        ray_cluster, synth, monkeypatch):
+    # 2 workers x 1.5 CPU on a 2-CPU cluster: Ray would retry the placement forever; the run stops
+    # after train.resource_wait_s with what it asked for and what each node has free.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "2")
+    cfg = run_cfg(synth, "too-big", "scaling.cpus_per_worker=1.5", "scaling.executor=trainer",
+                  "train.resource_wait_s=4", "train.epochs=1")
+    t0 = time.monotonic()
+    with pytest.raises(ClusterResourcesError) as info:
+        run_train(cfg)
+    message = str(info.value)
+    assert "could not host 2 workers x {'CPU': 1.5} for 4 s (train.resource_wait_s)" in message
+    assert "CPU 2 free of 2" in message and "scaling.min_workers" in message
+    assert time.monotonic() - t0 < 90
