@@ -85,6 +85,18 @@ def free_resources_per_node() -> dict[str, dict[str, float]]:
         return {}
 
 
+def autoscaler_max_resources() -> dict[str, float]:
+    """The most of each resource the cluster's autoscaler may bring up (its node groups' max
+    counts, from the cluster config the autoscaler publishes in the GCS); empty without one."""
+    try:
+        from ray._private.state import state
+
+        return {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()}
+    except Exception:  # noqa: BLE001 - no autoscaler (or another Ray): the live resources decide
+        log.debug("could not read the autoscaler's maximum resources", exc_info=True)
+        return {}
+
+
 def _warn_version() -> None:
     global _warned
     if not _warned:

@@ -53,10 +53,12 @@ def _kill_cluster(tag: str) -> None:
                 pass
 
 
-def _start_two_nodes(tmp_path: Path, data: Path, out: Path, *, hide: bool, env_extra: dict | None = None):
+def _start_two_nodes(tmp_path: Path, data: Path, out: Path, *, hide: bool, env_extra: dict | None = None,
+                     join: bool = True):
     """Start the head (node_a) and a second raylet (node_b), 1 CPU each; with ``hide`` the second
     runs in its own mount namespace with empty tmpfs over ``data`` and ``out``. Returns the address,
-    the environment to talk to it and the temp dir; stop it with :func:`_kill_cluster`."""
+    the environment to talk to it, the temp dir and a function that joins the second node (already
+    called unless ``join`` is False); stop it all with :func:`_kill_cluster`."""
     temp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     tag = f"127.0.0.1:{PORT}"
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}", "--num-cpus=1",
@@ -65,24 +67,36 @@ def _start_two_nodes(tmp_path: Path, data: Path, out: Path, *, hide: bool, env_e
             f"--dashboard-agent-listen-port={PORT + 2}", f"--temp-dir={temp}", "--disable-usage-stats"]
     if hide:
         head.insert(5, "--include-dashboard=false")
-    join = (f"exec {RAY} start --address={tag} --node-ip-address=127.0.0.1 --num-cpus=1 "
-            f"""--resources='{{"node_b": 1, "trial_slot": 4}}' --dashboard-agent-listen-port={PORT + 3} """
-            "--disable-usage-stats")
-    second = ["unshare", "-m", "bash", "-c", f"mount -t tmpfs none {data} && mount -t tmpfs none {out} && {join}"] \
-        if hide else ["bash", "-c", join]
+    second = (f"exec {RAY} start --address={tag} --node-ip-address=127.0.0.1 --num-cpus=1 "
+              f"""--resources='{{"node_b": 1, "trial_slot": 4}}' --dashboard-agent-listen-port={PORT + 3} """
+              "--disable-usage-stats")
+    if hide:
+        second = ["unshare", "-m", "bash", "-c", f"mount -t tmpfs none {data} && mount -t tmpfs none {out} && {second}"]
+    else:
+        second = ["bash", "-c", second]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": "",
            **(env_extra or {})}
-    for cmd in (head, second):
+
+    def run(cmd: list[str]) -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
         assert res.returncode == 0, res.stderr[-2000:]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # both raylets registered
-        alive = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{tag}', logging_level='ERROR'); "
+
+    def alive() -> int:
+        res = subprocess.run([sys.executable, "-c", f"import ray; ray.init(address='{tag}', logging_level='ERROR'); "
                               "print(sum(n['Alive'] for n in ray.nodes()))"], capture_output=True, text=True, env=env)
-        if alive.stdout.strip().endswith("2"):
-            return tag, env, temp
-        time.sleep(1)
-    pytest.fail("the second node did not join")
+        return int(res.stdout.strip().splitlines()[-1]) if res.stdout.strip() else 0
+
+    def join_second() -> None:
+        run(second)
+        deadline = time.monotonic() + 60
+        while alive() < 2:  # both raylets registered
+            assert time.monotonic() < deadline, "the second node did not join"
+            time.sleep(1)
+
+    run(head)
+    if join:
+        join_second()
+    return tag, env, temp, join_second
 
 
 @pytest.fixture
@@ -95,7 +109,7 @@ def two_nodes(tmp_path):
     out.mkdir()
     temp = None
     try:
-        tag, env, temp = _start_two_nodes(tmp_path, data, out, hide=True)
+        tag, env, temp, _ = _start_two_nodes(tmp_path, data, out, hide=True)
         yield tag, data, out, env
     finally:
         _kill_cluster(f"127.0.0.1:{PORT}")
@@ -152,12 +166,12 @@ def shared_two_nodes(tmp_path_factory):
     out.mkdir()
     temp = None
     try:
-        address, env, temp = _start_two_nodes(root, data, out, hide=False, env_extra={
+        address, env, temp, join_second = _start_two_nodes(root, data, out, hide=False, join=False, env_extra={
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",  # a group that cannot be placed is retried sooner
             "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",  # a lost node is seen in ~3 s
         })
-        yield address, data, out, env, _node_names(address, env)
+        yield address, data, out, env, join_second
     finally:
         _kill_cluster(f"127.0.0.1:{PORT}")
         if temp is not None:
@@ -165,27 +179,43 @@ def shared_two_nodes(tmp_path_factory):
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_a_search_on_two_nodes_places_its_trials_on_both(shared_two_nodes, capsys):
-    address, data, out, env, names = shared_two_nodes
+def test_a_node_that_joins_mid_search_gets_trials(shared_two_nodes, capsys):
+    """The search starts on the head alone (1 CPU: 2 trials of 0.5 CPU at once); node_b joins once
+    the first trial runs, the search's concurrency follows the cluster and trials run on both."""
+    address, data, out, env, join_second = shared_two_nodes
     t0 = time.monotonic()
-    res = subprocess.run(
-        [sys.executable, "-m", "raykd.tune", "--space", str(ROOT / "search_spaces" / "smoke.yaml"), "--address", address,
-         "--set", f"output_dir={out}", "--set", f"base.data.path={data}", "--set", "base.train.epochs=2"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    print(res.stderr[-3000:])
-    assert res.returncode == 0, res.stderr[-4000:]
-    trials = [json.loads(p.read_text()) for p in sorted((out / "tune-smoke" / "runs").glob("*/trial.json"))]
+    runs = out / "tune-smoke" / "runs"
+    with (out / "search.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "raykd.tune", "--space", str(ROOT / "search_spaces" / "smoke.yaml"),
+             "--address", address, "--set", f"output_dir={out}", "--set", f"base.data.path={data}",
+             "--set", "base.train.epochs=2"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        while not any(runs.glob("*/trial.json")):
+            assert proc.poll() is None, (out / "search.log").read_text()[-4000:]
+            assert time.monotonic() - t0 < 400, "no trial started within 400 s"
+            time.sleep(0.5)
+        join_second()
+        joined_s = time.monotonic() - t0
+        rc = proc.wait(timeout=600)
+    text = (out / "search.log").read_text()
+    assert rc == 0, text[-4000:]
+    names = _node_names(address, env)
+    trials = [json.loads(p.read_text()) for p in sorted(runs.glob("*/trial.json"))]
     placed = [names[t["node"]] for t in trials]
     with capsys.disabled():
-        print(f"\nsearch on 2 nodes: {len(trials)} trials in {time.monotonic() - t0:.0f} s, on {placed}")
+        print(f"\nsearch: node_b joined at {joined_s:.0f} s; {len(trials)} trials in "
+              f"{time.monotonic() - t0:.0f} s, on {placed}")
+        print("  " + "".join(line for line in text.splitlines(keepends=True) if "fits" in line).strip())
     assert len(trials) == 4 and set(placed) == {"node_a", "node_b"}
+    assert "the cluster now fits 4 trials at once (was 2)" in text
 
 
 def test_a_lost_node_shrinks_the_ddp_run_which_finishes_from_its_checkpoint(shared_two_nodes, tmp_path, capsys):
     """2 DDP workers, one per node; node_b's raylet is SIGKILLed after the first checkpoint. The
     run restarts elastically with 1 worker on node_a (its 0.25 spare CPU left to Ray Data), resumes
     from the checkpoint and records every epoch once."""
-    address, data, out, env, names = shared_two_nodes
+    address, data, out, env, _ = shared_two_nodes
+    names = _node_names(address, env)
     epochs = 4
     cfg = tmp_path / "twonode.yaml"
     cfg.write_text(

@@ -42,3 +42,16 @@ def test_on_another_ray_it_skips_the_wait_and_says_so(monkeypatch, caplog):
         assert raycompat.wait_for_trial_reports(timeout_s=5) is True
     assert [r.getMessage() for r in caplog.records].count(
         caplog.records[0].getMessage()) == 1 and "written for Ray 2.60" in caplog.records[0].getMessage()
+
+
+def test_cluster_resource_readers_exist_and_answer_on_a_local_cluster(ray_cluster):
+    from ray._private.state import available_resources_per_node, state
+
+    assert callable(available_resources_per_node) and callable(state.get_max_resources_from_cluster_config)
+    free = raycompat.free_resources_per_node()
+    assert free and all("CPU" in r for r in free.values())  # one entry per alive node
+    assert raycompat.autoscaler_max_resources() == {}  # a local cluster has no autoscaler config
+
+    from raykd.tune.search import cluster_capacity
+
+    assert cluster_capacity()["CPU"] == ray.cluster_resources()["CPU"]

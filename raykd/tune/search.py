@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,41 @@ def trial_concurrency(space: SearchSpace, resources: dict[str, float]) -> int:
     if TRIAL_SLOT in resources:
         n = min(n, int(resources[TRIAL_SLOT]))
     return max(1, n)
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The resources trials can count on now: the alive nodes' totals, raised to the autoscaler's
+    maximum where the cluster has one (its pending trials are what make it scale up)."""
+    import ray
+
+    from raykd.raycompat import autoscaler_max_resources
+
+    live = {k: float(v) for k, v in ray.cluster_resources().items()}
+    for key, most in autoscaler_max_resources().items():
+        live[key] = max(live.get(key, 0.0), most)
+    return live
+
+
+def _follow_the_cluster(searcher, space: SearchSpace, start: int, *, every_s: float = 5.0):
+    """``searcher`` behind a concurrency limit that is recomputed from :func:`cluster_capacity`
+    while the search runs (at most every ``every_s`` seconds): a node that joins mid-search, or
+    an autoscaler allowed to add nodes, gets trials; a fixed ``budget.max_concurrent`` stays fixed."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    class FollowTheCluster(ConcurrencyLimiter):
+        def suggest(self, trial_id: str):
+            now = time.monotonic()
+            if space.budget.max_concurrent is None and now - self.checked_at >= every_s:
+                self.checked_at = now
+                fit = trial_concurrency(space, cluster_capacity())
+                if fit != self.max_concurrent:
+                    log.info("stage 2: the cluster now fits %d trials at once (was %d)", fit, self.max_concurrent)
+                    self.max_concurrent = fit
+            return super().suggest(trial_id)
+
+    limiter = FollowTheCluster(searcher, max_concurrent=start)
+    limiter.checked_at = time.monotonic()
+    return limiter
 
 
 def _trial_resources(space: SearchSpace, resources: dict[str, float]):
@@ -260,10 +296,6 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
         verbose: Tune's status tables and trial result tables on the console (else only raykd's
             one line per trial).
     """
-    import time
-
-    import ray
-
     from raykd.cluster import check_storage_on_every_node, init_local_ray
     from raykd.tune.findings import STAGE_2, collect_findings
     from raykd.tune.leaderboard import build_leaderboard
@@ -277,7 +309,7 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
     stage_s: dict[str, float] = {}
     t0 = time.perf_counter()
     init_local_ray(space.address)
-    resources = ray.cluster_resources()
+    resources = cluster_capacity()
     log.info("Ray cluster resources: %s", {k: v for k, v in resources.items() if not k.startswith("node")})
     check_storage_on_every_node({"base.data.path": space.base_config.data.path}, {"output_dir": str(experiment_dir)},
                                 space.source)  # before any trial: a node that cannot reach them fails here
@@ -382,15 +414,15 @@ def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: 
             time_attr="training_iteration", metric=objective_key(space.search.metric),
             mode=metric_mode(space.search.metric), max_t=epochs - 1, grace_period=grace,
             reduction_factor=b.reduction_factor, stop_last_trials=False)
-    log.info("stage 2: %d trials over %d methods (%s), %d at once, sampler %s (seed %d), ASHA %s, study %s",
+    log.info("stage 2: %d trials over %d methods (%s), %d at once for now, sampler %s (seed %d), ASHA %s, study %s",
              b.num_samples, len(space.methods), ", ".join(space.methods), concurrency, space.search.sampler,
              space.search.seed, "on" if scheduler else "off",
              space.search.storage or experiment_dir / STUDY_FILE)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=_searcher(space, experiment_dir), scheduler=scheduler, num_samples=b.num_samples,
-            max_concurrent_trials=concurrency, time_budget_s=b.time_budget_s,
+            search_alg=_follow_the_cluster(_searcher(space, experiment_dir), space, concurrency),
+            scheduler=scheduler, num_samples=b.num_samples, time_budget_s=b.time_budget_s,
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(
