@@ -21,6 +21,10 @@ Two pairs, as in the papers:
     python bench/kd_gain.py --pair cnn --methods kd,dkd --seeds 5 --epochs 30
     python bench/kd_gain.py --pair cnn --methods kd,dkd --teacher-store 8   # + each from a teacher store
 
+Each student's best model is also calibrated as the export calibrates it (``raykd.export``: a
+temperature fitted on the validation logits); its test ECE (15 bins) before and after goes into the
+table and ``kd_gain.json``, so a method that distils sharper, over-confident students shows it.
+
 With ``--teacher-store K`` every method that can read teacher outputs from a store
 (``raykd.train.store``: K augmented views of every training image, built once after the teacher)
 also runs from it, as ``<method>+store``, next to the same method with the teacher online.
@@ -61,6 +65,30 @@ class Outcome:
     val: float
     test: float
     seconds: float
+    #: Test ECE (15 bins) of the best model before / after temperature scaling fitted on val.
+    ece_before: float | None = None
+    ece_after: float | None = None
+    temperature: float | None = None
+
+
+def calibration(run_dir: Path, data: Path, *, batch_size: int = 256) -> dict[str, float]:
+    """Test ECE of a run's best model before and after a temperature fitted on its validation logits.
+
+    The model is scored with the serving predictor (``TorchPredictor``, the evaluation transform)
+    exactly as ``raykd.export`` scores it; nothing is written to the run folder.
+    """
+    from raykd.artifact import load_artifact
+    from raykd.artifact.predict import TorchPredictor
+    from raykd.export.calibrate import CalibrationScores, fit_temperature
+    from raykd.export.run import score_split
+
+    model, meta = load_artifact(run_dir)
+    predictor = TorchPredictor(model, meta, device="cpu")
+    val = score_split(predictor, data, "val", batch_size=batch_size)
+    test = score_split(predictor, data, "test", batch_size=batch_size)
+    t = fit_temperature(val.logits, val.labels)
+    scores = CalibrationScores.of(test.logits, test.labels, t)
+    return {"temperature": t, "ece_before": scores.ece_before, "ece_after": scores.ece_after}
 
 
 def _sets(d: dict, prefix: str) -> list[str]:
@@ -90,7 +118,9 @@ def _train(name: str, sets: list[str], out: Path) -> tuple[float, float, float]:
 
 
 def _cascade(name: str, base: list[str], teacher_dir: Path, depth: int, stop: int, out: Path) -> tuple:
-    """SkinDistilViT's cascade: cut one block at a time, each step distilled from the step above."""
+    """SkinDistilViT's cascade: cut one block at a time, each step distilled from the step above.
+
+    The last step's run is ``out / f"{name}-d{stop}"``."""
     parent, total = teacher_dir, 0.0
     for k in range(depth - 1, stop - 1, -1):
         step = f"{name}-d{k}"
@@ -177,12 +207,17 @@ def main(argv: list[str] | None = None) -> int:
                 val, test, secs = _train(name, [*sets, f"distill.method={method.removesuffix('+store')}"], out)
             elif method == "cascade":
                 val, test, secs = _cascade(name, sets, teacher_dir, 4, depth, out)
+                name = f"{name}-d{depth}"  # the cascade's last step is the student
             else:
                 if method not in ("baseline", "fcvit_probs"):
                     sets.append(f"teacher.checkpoint={teacher_dir}")
                 val, test, secs = _train(name, [*sets, f"distill.method={method}"], out)
-            results.append(Outcome(method, seed, val, test, secs))
-            print(f"  seed {seed} {method:14s} val bma {val:.4f}  test bma {test:.4f}  ({secs:.0f} s)", flush=True)
+            cal = calibration(out / name, data)
+            results.append(Outcome(method, seed, val, test, secs, cal["ece_before"], cal["ece_after"],
+                                   cal["temperature"]))
+            print(f"  seed {seed} {method:14s} val bma {val:.4f}  test bma {test:.4f}  test ECE "
+                  f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f} (T {cal['temperature']:.2f})  ({secs:.0f} s)",
+                  flush=True)
 
     print(table(results, args, pair))
     (out / "kd_gain.json").write_text(json.dumps([r.__dict__ for r in results], indent=2))
@@ -196,24 +231,35 @@ def table(results: list[Outcome], args, pair) -> str:
     base = {r.seed: r.test for r in results if r.method == "baseline"}
     lines = [f"\nkd_gain: pair {args.pair} ({pair['teacher']['name']} -> {pair['student'].get('name', 'cut ViT')}), "
              f"{args.images} synthetic 32-px images (atypical {args.atypical:g}), {args.epochs} epochs, seeds {args.seeds}; "
-             "test BMA",
-             "| method | test BMA mean ± sd | gain vs baseline | paired diff mean ± sd | wins | paired t p |",
-             "|---|---|---|---|---|---|"]
+             "test BMA; test ECE (15 bins) before -> after a temperature fitted on val, mean over seeds",
+             ("| method | test BMA mean ± sd | gain vs baseline | paired diff mean ± sd | wins | paired t p "
+              "| test ECE before -> after |"),
+             "|---|---|---|---|---|---|---|"]
     order = list(dict.fromkeys(r.method for r in results))
     base_mean = statistics.mean(base.values())
     for m in order:
         vals = {r.seed: r.test for r in results if r.method == m}
         mean, sd = statistics.mean(vals.values()), statistics.stdev(vals.values())
+        ece = ece_cell([r for r in results if r.method == m])
         if m == "baseline":
-            lines.append(f"| baseline | {mean:.4f} ± {sd:.4f} | - | - | - | - |")
+            lines.append(f"| baseline | {mean:.4f} ± {sd:.4f} | - | - | - | - | {ece} |")
             continue
         diffs = [vals[s] - base[s] for s in vals if s in base]
         p = stats.ttest_rel([vals[s] for s in vals if s in base], [base[s] for s in vals if s in base]).pvalue
         wins = sum(d > 0 for d in diffs)
         lines.append(f"| {m} | {mean:.4f} ± {sd:.4f} | {100 * (mean - base_mean):+.1f} pts | "
                      f"{100 * statistics.mean(diffs):+.1f} ± {100 * statistics.stdev(diffs):.1f} pts | "
-                     f"{wins}/{len(diffs)} | {p:.3f} |")
+                     f"{wins}/{len(diffs)} | {p:.3f} | {ece} |")
     return "\n".join(lines)
+
+
+def ece_cell(runs: list[Outcome]) -> str:
+    """``before -> after`` test ECE, each the mean over the runs that have it."""
+    before = [r.ece_before for r in runs if r.ece_before is not None]
+    after = [r.ece_after for r in runs if r.ece_after is not None]
+    if not before or not after:
+        return "-"
+    return f"{statistics.mean(before):.4f} -> {statistics.mean(after):.4f}"
 
 
 if __name__ == "__main__":

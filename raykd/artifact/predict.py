@@ -111,6 +111,15 @@ class TorchPredictor:
     def predict(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.predict_batch(preprocess_images(images, self.transform))
 
+    def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """``(N, C)`` float32 raw logits (before the temperature): what calibration is fitted on."""
+        import torch
+
+        batch = preprocess_images(images, self.transform)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            return self.model(x).float().cpu().numpy()
+
 
 class OnnxPredictor:
     """An ONNX model on ONNX Runtime's CPU provider; the file carries its preprocessing contract.

@@ -2,7 +2,9 @@
 
 Exports the run's best model to ONNX next to it, checks ONNX Runtime against torch on real
 validation images (fails above ``--tolerance``), and with ``--fp16`` / ``--int8`` writes and
-measures the smaller variants. Prints a table and writes ``export_report.json``.
+measures the smaller variants. Before the ONNX file is written, fits a temperature and the
+cancer-vs-benign threshold on the validation split (``--no-calibrate`` skips both). Prints a table
+and writes ``export_report.json``, ``reliability.png`` and the model card (``model_card.json``/``.md``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import sys
 
 from raykd.cli import HelpFormatter
+from raykd.export.calibrate import DEFAULT_TARGET_SENSITIVITY
 from raykd.export.onnx import ExportError
 from raykd.export.run import DEFAULT_TOLERANCE, ParityError, run_export
 
@@ -36,6 +39,10 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
                    help="use only the first N images of the split (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="keep the model's temperature and decision as they are (default: fit both on val)")
+    p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
+                   help="validation sensitivity the cancer-vs-benign threshold must reach, in (0, 1]")
     return p.parse_args(argv)
 
 
@@ -46,7 +53,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         report = run_export(
             args.model, data=args.data, out=args.out, split=args.split, fp16=args.fp16,
             int8=args.int8, tolerance=args.tolerance, max_images=args.max_images,
-            batch_size=args.batch_size, opset=args.opset,
+            batch_size=args.batch_size, opset=args.opset, calibrate=args.calibrate,
+            target_sensitivity=args.target_sensitivity,
         )
     except (FileNotFoundError, ValueError) as exc:  # a wrong folder, file or option: the user's to fix
         print(f"error: {exc}", file=sys.stderr)
@@ -57,6 +65,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     print(report.table())
     for v in report.variants:
         print(f"{v.name}: {v.path}")
+    if report.card:
+        print(f"model card: {report.card}")
     return 0
 
 

@@ -8,6 +8,16 @@ worse than no model. The fp16 (paper 004, section 3.7) and int8 variants are rep
 file size and their change in balanced multi-class accuracy (BMA) on the validation split, so the
 size/accuracy trade-off is a measured number rather than an assumption.
 
+Before the ONNX file is written, the torch model scores the whole validation split (and the test
+split when the dataset has one) and, unless ``calibrate=False``, the export fits a temperature on
+the validation logits and chooses the cancer-vs-benign threshold that reaches
+``target_sensitivity`` there (:mod:`raykd.export.calibrate`). Both go into the artifact's
+``meta.json`` (``temperature``, ``decision``) and hence into the ONNX metadata, so torch and ONNX
+Runtime serve the same calibrated probabilities and the parity check compares them. ECE and Brier
+before/after go into the report, a reliability diagram into ``reliability.png`` and, once parity
+holds, a model card (:mod:`raykd.export.card`) into ``model_card.json`` / ``model_card.md`` beside
+the model.
+
 Validation rows are read straight from ``DATASET/shards/*.parquet`` with pyarrow (no Ray needed).
 """
 
@@ -25,14 +35,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from raykd.artifact import find_artifact, load_artifact
+from raykd.artifact import BEST_DIR, WEIGHTS_NAME, count_params, find_artifact, load_artifact
+from raykd.export.calibrate import DEFAULT_BINS, DEFAULT_TARGET_SENSITIVITY
 from raykd.export.onnx import FP16_NAME, INT8_NAME, ONNX_NAME, convert_fp16, export_onnx, quantize_int8
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportReport", "VariantReport", "ParityError", "load_split_images", "run_export"]
+__all__ = ["ExportReport", "ParityError", "ScoredSplit", "VariantReport", "load_split_images", "run_export",
+           "score_split", "split_size"]
 
 REPORT_NAME = "export_report.json"
+RELIABILITY_NAME = "reliability.png"
+DECISION_RULE = ("malignant when P(malignant) >= threshold, P(malignant) being the sum of the served "
+                 "(temperature-scaled) probabilities of the malignant classes")
 DEFAULT_TOLERANCE = 1e-4
 
 
@@ -67,9 +82,24 @@ class ExportReport:
     torch_size_bytes: int
     torch_images_per_s: float
     variants: list[VariantReport] = field(default_factory=list)
+    #: ``{"temperature", "fitted", "bins", "val": CalibrationScores, "test": ... | None}``; None
+    #: when the export did not calibrate.
+    calibration: dict | None = None
+    #: The cancer-vs-benign operating point written to ``meta.decision`` (empty: none).
+    decision: dict = field(default_factory=dict)
+    #: Single-image CPU latency (median ms, one thread) of ``torch`` and ``onnx``.
+    latency_ms: dict = field(default_factory=dict)
+    card: str | None = None
+    reliability: str | None = None
+    #: Served probabilities and labels of each fully scored split (``val``, ``test``), for plots;
+    #: not written to ``export_report.json``.
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False,
+                                                                 compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("predictions")
+        return out
 
     def table(self) -> str:
         """A plain-text table (one row per backend) for the CLI."""
@@ -84,6 +114,19 @@ class ExportReport:
         for v in self.variants:
             rows.append(fmt.format(v.name, num(v.size_bytes / 1e6, ".2f"), num(v.max_abs_diff, ".2e"),
                                    num(v.bma, ".4f"), num(v.bma_change, "+.4f"), num(v.images_per_s, ".1f")))
+        if self.calibration:
+            c = self.calibration
+            for split in ("val", "test"):
+                if c.get(split):
+                    s = c[split]
+                    rows.append(f"{split}: ECE {s['ece_before']:.4f} -> {s['ece_after']:.4f}, Brier "
+                                f"{s['brier_before']:.4f} -> {s['brier_after']:.4f} at temperature "
+                                f"{c['temperature']:.3f}")
+        if self.decision:
+            d = self.decision
+            rows.append(f"decision: malignant when P(malignant) >= {d['threshold']:.4g} (target sensitivity "
+                        f"{d['target_sensitivity']}; val sensitivity {num(d.get('val_sensitivity'), '.3f')}, "
+                        f"specificity {num(d.get('val_specificity'), '.3f')})")
         return "\n".join(rows)
 
 
@@ -112,6 +155,53 @@ def load_split_images(
     return table.column("image").to_pylist(), np.asarray(table.column("label").to_numpy(), dtype=np.int64)
 
 
+def split_size(dataset: str | os.PathLike, split: str) -> int:
+    """Number of rows of ``split`` in ``dataset/shards/*.parquet`` (0 when the split is empty)."""
+    import pyarrow.dataset as pads
+
+    files = sorted((Path(dataset) / "shards").glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"no shards/*.parquet under {dataset}: pass --data with a raykd dataset folder "
+            "(made by `python -m raykd.data`)"
+        )
+    ds = pads.dataset([str(f) for f in files], format="parquet")
+    return ds.count_rows(filter=pads.field("split") == split)
+
+
+@dataclass
+class ScoredSplit:
+    """Raw logits (before any temperature) of a whole split, its labels and the scoring time."""
+
+    split: str
+    logits: np.ndarray
+    labels: np.ndarray
+    #: Seconds spent in preprocessing and the forward pass (decoding excluded, as for the variants).
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.labels) / max(self.seconds, 1e-9)
+
+
+def score_split(predictor, dataset: str | os.PathLike, split: str, *, batch_size: int = 32,
+                limit: int | None = None) -> ScoredSplit:
+    """Logits of every image of ``split`` through ``predictor.logits`` (a :class:`TorchPredictor`).
+
+    Images are decoded one batch at a time, so a large split never sits decoded in memory.
+    """
+    from raykd.data.transforms import decode_image
+
+    blobs, labels = load_split_images(dataset, split, limit=limit)
+    out, seconds = [], 0.0
+    for i in range(0, len(blobs), batch_size):
+        images = [decode_image(b) for b in blobs[i : i + batch_size]]
+        t0 = time.perf_counter()
+        out.append(predictor.logits(images))
+        seconds += time.perf_counter() - t0
+    return ScoredSplit(split=split, logits=np.concatenate(out), labels=labels, seconds=seconds)
+
+
 def _predict_all(predictor, images: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, float]:
     """Probabilities for every image, batch by batch, and the throughput in images/s."""
     t0 = time.perf_counter()
@@ -138,8 +228,12 @@ def run_export(
     max_images: int | None = None,
     batch_size: int = 32,
     opset: int = 17,
+    calibrate: bool = True,
+    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
+    run_metrics: dict[str, dict] | None = None,
+    latency_reps: int = 20,
 ) -> ExportReport:
-    """Export the artifact of ``checkpoint`` to ONNX, check parity, build and measure variants.
+    """Calibrate the artifact of ``checkpoint``, export it to ONNX, check parity, write its card.
 
     Args:
         checkpoint: Run folder (holding ``best/``) or artifact folder.
@@ -149,9 +243,18 @@ def run_export(
         fp16: Also write ``model.fp16.onnx``.
         int8: Also write ``model.int8.onnx`` (dynamic quantisation).
         tolerance: Largest allowed |p_onnx - p_torch| for the fp32 export.
-        max_images: Use only the first N images of the split (default: all).
+        max_images: Use only the first N images of the split for the parity check (default: all).
+            Calibration and the model card always use whole splits.
         batch_size: Images per forward pass.
         opset: ONNX opset.
+        calibrate: Fit the temperature and choose the cancer-vs-benign threshold on the validation
+            split and write them into ``meta.json`` (False: keep the artifact's meta as it is).
+        target_sensitivity: Validation sensitivity the threshold must reach, in ``(0, 1]``.
+        run_metrics: The run's own ``{"val": {...}, "test": {...}}`` metrics for the model card's
+            headline numbers (the search passes its leaderboard row's, so card and leaderboard
+            agree); default: the run folder's ``summary.json`` when there is one, else the
+            export's own scoring.
+        latency_reps: Batch-1 forward passes timed for the card's latency.
 
     Returns:
         The report (also written to ``out/export_report.json``).
@@ -159,33 +262,71 @@ def run_export(
     Raises:
         ParityError: when the fp32 ONNX model disagrees with torch beyond ``tolerance``.
     """
-    from raykd.artifact.predict import TorchPredictor
+    from raykd.artifact.predict import TorchPredictor, softmax
 
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity} "
+                         "(--target-sensitivity / export.target_sensitivity)")
     artifact, model, meta, dataset = _open_artifact(checkpoint, data)
     out_dir = Path(out) if out else artifact
     out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = TorchPredictor(model, meta, device="cpu")
 
     variants = [name for name, wanted in (("onnx", True), ("fp16", fp16), ("int8", int8)) if wanted]
-    steps = 2 + 2 * len(variants)  # read images, torch reference, then write and check each variant
+    # score, calibrate, read images, torch reference, write and check each variant, latency, card
+    steps = 6 + 2 * len(variants)
     with tqdm(total=steps, desc=f"export {meta.model_name}", unit="step", disable=None) as bar:
+        with _step(bar, "score val and test"):
+            present = [name for name in ("val", "test") if split_size(dataset, name)]
+            if calibrate and "val" not in present:
+                raise ValueError(f"{dataset} has no val split to fit the temperature and threshold on: pass "
+                                 "--no-calibrate, or --data with a dataset that has one")
+            scored = {name: score_split(predictor, dataset, name, batch_size=batch_size)
+                      for name in present or [split]}
+        with _step(bar, "calibrate"):
+            calibration, reliability = None, None
+            if calibrate:
+                calibration = _calibrate(meta, scored, target_sensitivity)
+                reliability = _reliability(meta, scored, calibration, out_dir / RELIABILITY_NAME)
+                _write_meta(artifact, meta)  # before the ONNX file, which embeds the meta
+            else:
+                log.info("calibration skipped: serving temperature %.3g and decision %s as in %s",
+                         meta.temperature, meta.decision or "none", artifact)
         with _step(bar, f"read {split} images"):
             images, labels = _decoded_split(dataset, split, max_images)
         with _step(bar, "torch reference"):
-            ref, torch_ips = _predict_all(TorchPredictor(model, meta, device="cpu"), images, batch_size)
+            if split in scored:  # the rows of _decoded_split are the first rows of the scored split
+                ref = softmax(scored[split].logits[: len(images)] / meta.temperature)
+                torch_ips = scored[split].images_per_s
+            else:
+                ref, torch_ips = _predict_all(predictor, images, batch_size)
             torch_bma = _bma(ref, labels, meta)
         report = ExportReport(
             artifact=str(artifact), model_name=meta.model_name, dataset=str(dataset), split=split,
             num_images=len(images), tolerance=tolerance, torch_bma=torch_bma,
-            torch_size_bytes=(artifact / "model.safetensors").stat().st_size, torch_images_per_s=torch_ips,
+            torch_size_bytes=(artifact / WEIGHTS_NAME).stat().st_size, torch_images_per_s=torch_ips,
+            calibration=calibration, decision=dict(meta.decision),
+            reliability=str(reliability) if reliability else None,
+            predictions={name: (softmax(sc.logits / meta.temperature), sc.labels) for name, sc in scored.items()},
         )
         paths = _write_variants(model, meta, out_dir, variants, opset=opset, bar=bar)
         for name, path in paths.items():
             with _step(bar, f"parity {name}"):
                 variant = _measure_variant(name, path, images, labels, ref, torch_bma, meta, batch_size)
             report.variants.append(variant)
-    (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
-    _check_parity(report, out_dir)
+        _save_report(report, out_dir)
+        _check_parity(report, out_dir)
+        with _step(bar, "latency"):
+            report.latency_ms = _latency(model, meta, paths["onnx"], latency_reps)
+        with _step(bar, "model card"):
+            report.card = str(_write_model_card(report, meta, artifact, out_dir, dataset, scored, paths,
+                                                run_metrics))
+    _save_report(report, out_dir)
     return report
+
+
+def _save_report(report: ExportReport, out_dir: Path) -> None:
+    (out_dir / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2))
 
 
 @contextlib.contextmanager
@@ -260,3 +401,147 @@ def _check_parity(report: ExportReport, out_dir: Path) -> None:
             f"tolerance {tolerance:.1g} on {n} {report.split} images (report: {out_dir / REPORT_NAME}). "
             "Raise --tolerance only if the difference is understood."
         )
+
+
+def _calibrate(meta, scored: dict[str, ScoredSplit], target_sensitivity: float) -> dict:
+    """Fit ``meta.temperature`` on the validation logits, set ``meta.decision``; ECE/Brier before/after."""
+    from raykd.export.calibrate import CalibrationScores, fit_temperature
+
+    val = scored["val"]
+    meta.temperature = fit_temperature(val.logits, val.labels)
+    meta.decision = _decision(meta, scored, target_sensitivity)
+    out = {"temperature": meta.temperature, "fitted": True, "bins": DEFAULT_BINS, "val": None, "test": None}
+    for name, s in scored.items():
+        out[name] = CalibrationScores.of(s.logits, s.labels, meta.temperature, DEFAULT_BINS).to_dict()
+        log.info("%s split (%d images): ECE %.4f -> %.4f, Brier %.4f -> %.4f at temperature %.3f", name,
+                 len(s.labels), out[name]["ece_before"], out[name]["ece_after"], out[name]["brier_before"],
+                 out[name]["brier_after"], meta.temperature)
+    return out
+
+
+def _decision(meta, scored: dict[str, ScoredSplit], target_sensitivity: float) -> dict:
+    """The cancer-vs-benign threshold reaching ``target_sensitivity`` on validation, or ``{}``.
+
+    The malignant probability is computed exactly as a server computes it from the predictors'
+    float32 probabilities, so a validation image on the threshold is flagged there too.
+    """
+    from raykd.artifact.predict import softmax
+    from raykd.export.calibrate import choose_threshold, operating_point
+
+    malignant = meta.malignant_indices()
+    if not malignant:
+        log.info("%s has no malignant class among its labels %s: no cancer-vs-benign decision point",
+                 meta.model_name, meta.label_names)
+        return {}
+
+    def malignant_prob(s: ScoredSplit) -> tuple[np.ndarray, np.ndarray]:
+        probs = softmax(s.logits / meta.temperature)
+        return probs[:, malignant].sum(axis=1), np.isin(s.labels, malignant)
+
+    p, y = malignant_prob(scored["val"])
+    if not y.any():
+        log.warning("the validation split holds no malignant (%s) image: no cancer-vs-benign decision point",
+                    ", ".join(meta.malignant))
+        return {}
+    threshold = choose_threshold(p, y, target_sensitivity)
+    decision = {"threshold": threshold, "target_sensitivity": float(target_sensitivity), "rule": DECISION_RULE,
+                "malignant": list(meta.malignant)}
+    for name, s in scored.items():
+        p, y = malignant_prob(s)
+        op = operating_point(p, y, threshold)
+        decision.update({f"{name}_sensitivity": op["sensitivity"], f"{name}_specificity": op["specificity"],
+                         f"{name}_images": len(y)})
+    log.info("decision: malignant when P(malignant) >= %.4g; val sensitivity %s, specificity %s (target %.3g)",
+             threshold, decision["val_sensitivity"], decision["val_specificity"], target_sensitivity)
+    return decision
+
+
+def _reliability(meta, scored: dict[str, ScoredSplit], calibration: dict, path: Path) -> Path:
+    """Reliability diagram before/after the temperature, on the test split (held out) or else val."""
+    from raykd.export.calibrate import reliability_diagram, softmax_t
+
+    s = scored.get("test") or scored["val"]
+    return reliability_diagram(softmax_t(s.logits, 1.0), softmax_t(s.logits, calibration["temperature"]), s.labels,
+                               path, bins=calibration["bins"],
+                               title=f"{meta.model_name} {meta.version}: {s.split} split, T = "
+                                     f"{calibration['temperature']:.3f}")
+
+
+def _write_meta(artifact: Path, meta) -> None:
+    """Rewrite ``artifact/meta.json`` atomically in :func:`~raykd.artifact.save_artifact`'s format.
+
+    Only the meta changes (temperature and decision); the weights file is left untouched.
+    """
+    from raykd.artifact.format import FORMAT_VERSION, META_NAME
+
+    path = artifact / META_NAME
+    tmp = path.with_name(f".{META_NAME}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, **meta.to_dict()}, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _latency(model, meta, onnx_path: Path, reps: int) -> dict[str, float]:
+    """Median single-image CPU milliseconds on one thread: torch (as the leaderboard measures it) and ONNX."""
+    import statistics
+
+    from raykd.artifact.predict import OnnxPredictor
+    from raykd.data.transforms import PreprocessSpec
+    from raykd.tune.measure import measure_latency
+
+    size = PreprocessSpec.from_dict(meta.preprocess).image_size
+    torch_ms = measure_latency(model, size, reps=reps)
+    onnx = OnnxPredictor(onnx_path, threads=1)
+    x = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+    for _ in range(3):
+        onnx.predict_batch(x)
+    times = []
+    for _ in range(max(1, reps)):
+        t0 = time.perf_counter()
+        onnx.predict_batch(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"torch": torch_ms, "onnx": statistics.median(times)}
+
+
+def _run_folder(artifact: Path) -> Path | None:
+    """The run folder holding ``artifact`` as its ``best/`` (it has a saved config), or None."""
+    from raykd.artifact.rundir import RunDir
+
+    parent = artifact.resolve().parent
+    return parent if artifact.name == BEST_DIR and RunDir(parent).config_file.is_file() else None
+
+
+def _write_model_card(report: ExportReport, meta, artifact: Path, out_dir: Path, dataset,
+                      scored: dict[str, ScoredSplit], paths: dict[str, Path],
+                      run_metrics: dict[str, dict] | None) -> Path:
+    """Build the model card from this export's measurements and write it beside the model.
+
+    The headline numbers are the run's own (``run_metrics``, else ``summary.json``), the ones the
+    leaderboard shows; the served numbers and the per-class table come from the scoring above.
+    """
+    from raykd.artifact.rundir import RunDir
+    from raykd.export.card import build_card, performance_section, write_card
+    from raykd.metrics import compute_from_arrays, per_class_table
+
+    split = "test" if "test" in scored else next(iter(scored))
+    probs, labels = report.predictions[split]
+    served = compute_from_arrays(probs, labels, meta.label_names, meta.malignant)
+    n = meta.num_classes
+    cm = np.bincount(labels * n + probs.argmax(axis=1), minlength=n * n).reshape(n, n)
+    run_dir = _run_folder(artifact)
+    if run_metrics is None and run_dir is not None:
+        run_metrics = RunDir(run_dir).read_summary()
+    perf = performance_section((run_metrics or {}).get(split), served, per_class_table(cm, meta.label_names), split)
+    headline, own = perf["bma"], perf["served"]["bma"]
+    if headline is not None and own is not None and abs(headline - own) > 0.01:
+        log.warning("the run scored %s BMA %.4f, this export %.4f on the same split: check that --data is the "
+                    "dataset the run was trained on", split, headline, own)
+    files = {WEIGHTS_NAME: artifact / WEIGHTS_NAME, **{p.name: p for p in paths.values()}}
+    card = build_card(meta=meta, dataset=dataset, performance=perf, calibration=report.calibration,
+                      latency_ms=report.latency_ms, files=files, run_dir=run_dir,
+                      split_sizes={name: len(s.labels) for name, s in scored.items()},
+                      params=count_params(artifact))
+    json_path, _ = write_card(out_dir, card)
+    if out_dir.resolve() != artifact.resolve():  # the Serve app reads the card from the artifact folder
+        write_card(artifact, card)
+    log.info("model card: %s", json_path)
+    return json_path

@@ -1,4 +1,5 @@
-"""Confusion-matrix figure and the per-epoch report files of a run folder.
+"""Confusion-matrix figure and the per-epoch report files of a run folder; the search's per-class
+ROC curves and its accuracy-vs-latency (Pareto) plot.
 
 With eight imbalanced classes a single score hides which lesions are confused (MEL vs NV, BKL vs
 AK, ...), so each run keeps a row-normalised confusion matrix (the diagonal is the per-class
@@ -19,7 +20,7 @@ import numpy as np
 
 from raykd.metrics.classification import per_class_table
 
-__all__ = ["plot_confusion_matrix", "write_report"]
+__all__ = ["plot_confusion_matrix", "plot_pareto", "plot_roc_curves", "write_report"]
 
 _logger = logging.getLogger(__name__)
 
@@ -126,3 +127,119 @@ def write_report(
     }
     paths["metrics"].write_text(json.dumps(summary, indent=2))
     return paths
+
+
+def plot_roc_curves(
+    probs: np.ndarray,
+    targets: np.ndarray,
+    label_names: Sequence[str],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """Writes one-vs-rest ROC curves, one per class, into one PNG (the AUROC of each in the legend).
+
+    A class whose one-vs-rest problem is undefined (no positive or no negative target) has no
+    curve and is named in the legend as such, the same classes :func:`compute_from_arrays` leaves
+    out of ``auroc_macro``.
+
+    Args:
+        probs: ``(N, C)`` probabilities.
+        targets: ``(N,)`` integer labels.
+        label_names: the ``C`` class names.
+        path: output ``.png``; parent folders are created.
+        title: figure title.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    p = np.asarray(probs, dtype=np.float64)
+    t = np.asarray(targets).astype(np.int64)
+    names = list(label_names)
+    if p.ndim != 2 or p.shape != (t.shape[0], len(names)):
+        raise ValueError(f"probs must be (N, {len(names)}) with N = {t.shape[0]} targets, got {p.shape}.")
+    fig = Figure(figsize=(6, 5.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for k, name in enumerate(names):
+        y = t == k
+        if y.all() or not y.any():
+            ax.plot([], [], " ", label=f"{name}: undefined ({int(y.sum())} of {len(y)} positive)")
+            continue
+        fpr, tpr, _ = roc_curve(y, p[:, k])
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y, p[:, k]):.3f}, n={int(y.sum())})")
+    ax.plot([0, 1], [0, 1], "--", color="0.6", linewidth=1)
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(loc="lower right", fontsize=7)
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 100) -> Path:
+    """Lay out ``fig`` and write it as a PNG at ``path`` (its folder made if missing)."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
+def plot_pareto(
+    latency_ms: Sequence[float],
+    scores: Sequence[float],
+    names: Sequence[str],
+    highlight: Sequence[bool],
+    path: str | Path,
+    metric: str = "bma",
+    title: str = "",
+    front: Sequence[bool] | None = None,
+) -> Path:
+    """Writes the accuracy-vs-latency scatter of a search: every model, the highlighted ones named.
+
+    The highlighted points (the published family: the winner and, in multi-objective mode, the
+    Pareto front) are joined in latency order, so the trade-off a user picks from reads as one
+    line; ``front`` marks the models no other beats on both axes, drawn as a dashed line even when
+    the search optimised the metric alone.
+
+    Args:
+        latency_ms: CPU milliseconds per image of each model.
+        scores: its validation ``metric``.
+        names: its run name.
+        highlight: whether it belongs to the published family.
+        path: output ``.png``.
+        metric: name of the score for the axis label.
+        title: figure title.
+        front: whether it is on the metric-vs-latency Pareto front (None: no front line).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pts = list(zip(latency_ms, scores, names, highlight, strict=True))
+    if not pts:
+        raise ValueError("plot_pareto needs at least one model with a latency and a score.")
+    fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rest = [(x, y) for x, y, _, h in pts if not h]
+    fam = sorted((x, y, n) for x, y, n, h in pts if h)
+    if rest:
+        ax.scatter([x for x, _ in rest], [y for _, y in rest], color="0.6", s=18, label="other trials")
+    if front is not None:
+        on_front = sorted((x, y) for (x, y, _, _), f in zip(pts, front, strict=True) if f)
+        ax.plot([x for x, _ in on_front], [y for _, y in on_front], "--", color="0.3", linewidth=1,
+                drawstyle="steps-post", label=f"Pareto front (val {metric} vs latency)")
+    if fam:
+        ax.plot([x for x, _, _ in fam], [y for _, y, _ in fam], "o-", color="tab:red", label="published family")
+        for x, y, n in fam:
+            ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("CPU latency (ms per image, batch 1, one thread)")
+    ax.set_ylabel(f"val {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    return save_figure(fig, path, dpi=120)

@@ -6,7 +6,10 @@ student, the searched hyperparameters, the validation metrics of the best epoch 
 parameter count, the weight size and the CPU latency (batch 1, one thread, measured here one model
 at a time so that the numbers are comparable), the status (``ok``; ``stopped`` when ASHA ended the
 trial early; ``failed`` with its error) and the run folder. Rows are ranked by the validation
-metric; test metrics are shown only for the models stage 3 publishes, each scored once.
+metric; test metrics are shown only for the models stage 3 publishes, each scored once, and so
+are the calibration columns (``temperature``, ``ece_before``/``ece_after``,
+``brier_before``/``brier_after`` on ``calibration_split``: the test split, else val), which the
+export of those models measures (:mod:`raykd.export.calibrate`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Leaderboard", "Row", "build_leaderboard", "pareto_front"]
 
 VAL_COLUMNS = ("bma", "accuracy", "f1_weighted", "auroc_macro", "mcc")
+#: The calibration columns of a published row (Row.calibration keys), in order.
+CALIBRATION_COLUMNS = ("calibration_split", "temperature", "ece_before", "ece_after", "brier_before", "brier_after")
 
 
 @dataclass
@@ -49,6 +54,8 @@ class Row:
     run_dir: str | None = None
     paper: bool = False  # the method's paper setting (the first trial of each method)
     teacher_mode: str | None = None  # where the teacher's outputs came from: none | online | store
+    #: Published rows only: CALIBRATION_COLUMNS measured by the export (empty for the others).
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def value(self, metric: str) -> float | None:
         v = self.val.get(metric)
@@ -123,7 +130,7 @@ class Leaderboard:
         paths["json"].write_text(json.dumps(doc, indent=2, default=_json))
         flat = [_flatten(r) for r in recs]
         keys: list[str] = []
-        for prefix in ("", "val_", "cost", "hp_", "test_", "end"):
+        for prefix in ("", "val_", "cost", "hp_", "test_", "calib", "end"):
             for row in flat:
                 keys += [k for k in row if k not in keys and _group(k) == prefix]
         with paths["csv"].open("w", newline="") as fh:
@@ -140,16 +147,19 @@ class Leaderboard:
         cols = [c for c in VAL_COLUMNS if any(c in r.val for r in self.rows)]
         if self.metric not in cols:
             cols.insert(0, self.metric)
+        calib = any(r.calibration for r in self.rows)
+        calib_head = ["ECE before", "ECE after", "Brier before", "Brier after"] if calib else []
         head = ["#", "trial", "method", "student", *[f"val {c}" for c in cols], "params", "ms/img",
-                "teacher", "status", "hyperparameters"]
+                *calib_head, "teacher", "status", "hyperparameters"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for rank, r in enumerate(self.ranked(), 1):
             vals = [_fmt(r.val.get(c)) for c in cols]
             status = r.status if r.status != "failed" else f"failed: {_short(r.error)}"
             hp = ", ".join(f"{k}={_fmt(v)}" for k, v in r.hparams.items())
             method = f"{r.method} (paper)" if r.paper else r.method
+            cal = [_fmt(r.calibration.get(k)) for k in CALIBRATION_COLUMNS[2:]] if calib else []
             lines.append("| " + " | ".join([str(rank), r.run, method, r.student, *vals, _count(r.params),
-                                            _fmt(r.latency_ms, 2), r.teacher_mode or "-", status, hp]) + " |")
+                                            _fmt(r.latency_ms, 2), *cal, r.teacher_mode or "-", status, hp]) + " |")
         out = "\n".join(lines)
         for trial_id, steps in self.cascades.items():
             out += "\n\n" + cascade_markdown(trial_id, steps, self.metric)
@@ -197,6 +207,7 @@ def _flatten(rec: dict[str, Any]) -> dict[str, Any]:
     out.update({k: rec[k] for k in ("params", "size_mb", "latency_ms", "epochs", "depth")})
     out.update({f"hp_{k}": v for k, v in rec["hparams"].items()})
     out.update({f"test_{k}": v for k, v in rec["test"].items()})
+    out.update({k: rec["calibration"][k] for k in CALIBRATION_COLUMNS if k in rec["calibration"]})
     out.update({"error": rec["error"], "run_dir": rec["run_dir"]})
     return out
 
@@ -207,6 +218,8 @@ def _group(key: str) -> str:
         return "cost"
     if key in ("error", "run_dir"):
         return "end"
+    if key in CALIBRATION_COLUMNS:
+        return "calib"
     return next((p for p in ("val_", "hp_", "test_") if key.startswith(p)), "")
 
 

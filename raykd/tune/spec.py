@@ -219,6 +219,11 @@ class ExportConfig:
     max_images: int | None = field(default=64, metadata={"range": (1, None)})
     #: Batch-1 forward passes timed per model for the leaderboard's CPU latency.
     latency_reps: int = field(default=20, metadata={"range": (1, 100_000)})
+    #: Fit a temperature and choose the cancer-vs-benign threshold on the validation split
+    #: (:mod:`raykd.export.calibrate`) before the ONNX file is written.
+    calibrate: bool = True
+    #: Validation sensitivity the cancer-vs-benign threshold must reach.
+    target_sensitivity: float = field(default=0.95, metadata={"range": (0.01, 1.0)})
 
 
 @dataclass(frozen=True)
