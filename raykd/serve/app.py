@@ -1,11 +1,37 @@
 """The Ray Serve application: a FastAPI ingress over batched predictors of one model family.
 
 Routes:
-    ``POST /predict[?model=NAME]`` - body: a JPEG/PNG image as raw bytes or a multipart upload.
-        Answers ``{"model", "version", "backend", "probabilities": {label: p}, "top_class",
-        "top_probability", "malignant_probability"}``; the malignant probability is the sum over
-        the artifact's malignant labels (SkinDistilViT's cancer-vs-benign view, seed 000 section 5.4).
-    ``GET /models`` - the family: name, version, parameters, size, validation BMA, latency.
+    ``POST /predict[?model=NAME | ?max_latency_ms=MS&max_size_mb=MB][&tta=flip]`` - body: a
+        JPEG/PNG image as raw bytes or a multipart upload. Answers ``{"model", "version",
+        "backend", "probabilities": {label: p}, "top_class", "top_probability",
+        "malignant_probability", "malignant_decision", "decision_threshold", "tta", "budget"}``.
+        The malignant probability is the sum over the artifact's malignant labels (SkinDistilViT's
+        cancer-vs-benign view, seed 000 section 5.4). ``malignant_decision`` is
+        ``malignant_probability >= decision_threshold``, the operating point chosen at export
+        (``meta.decision["threshold"]``); both are ``null`` for a model without one.
+        **Budgets**: without ``model=``, ``max_latency_ms`` and/or ``max_size_mb`` (10^6 bytes)
+        pick the member with the best validation BMA within them (:meth:`Family.within_budget`;
+        latency = the one recorded at export/search, else this replica's measurement); ``budget``
+        echoes them (``null`` without). None fits: 422 naming the budget and the fastest and
+        smallest models on offer; ``model=`` with a budget: 400. **TTA**: ``tta=flip`` averages
+        the probabilities of the image and its horizontal and vertical flips (any backend,
+        :func:`raykd.serve.predictor.predict_tta`; about 3x the compute); default ``none``.
+    ``POST /explain[?model=NAME][&target=LABEL]`` - same body, checks and key as ``/predict``.
+        Answers ``image/png``: the heatmap of the explained class (default the top class) over the
+        image at the model's input size (:mod:`raykd.serve.explain`: Grad-CAM for CNNs,
+        gradient-weighted attention rollout for ViTs). The prediction travels in headers:
+        ``X-Model``, ``X-Top-Class``, ``X-Top-Probability``, ``X-Malignant-Probability``,
+        ``X-Probabilities`` (JSON), ``X-Explained-Class``, ``X-Explanation-Method``, and
+        ``X-Malignant-Decision`` / ``X-Decision-Threshold`` when the model has an operating point
+        (label names that are not ASCII are percent-encoded). Explanations need the torch model:
+        it is the served one (backend torch) or, for a member served through ONNX Runtime, loaded
+        on CPU from its artifact folder on first use; an ONNX-only member answers 409.
+    ``GET /models`` - the family: name, version, parameters, size, validation BMA, latency, and
+        ``budget``: the figures budgets are checked against (``latency_ms``, ``latency_from``
+        ``"export"`` or ``"measured"``, ``size_mb``).
+    ``GET /models/{name}/card[?format=md]`` - the member's ``model_card.json`` (or
+        ``model_card.md`` as ``text/markdown``) from its artifact folder (or its ONNX file's
+        folder); 404 naming the file when it has none.
     ``GET /healthz`` - liveness (the one route that never needs the API key).
 
 When ``RAYKD_API_KEY`` is set in the replica's environment every other route needs
@@ -29,17 +55,22 @@ registry=FILE`` and ``serve deploy deploy/serve_config.yaml``; ``build_app`` tak
 # time (Serve checks that build_app's parameter is a pydantic model class).
 
 import asyncio
+import json
 import logging
 import os
-from typing import Literal
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import quote
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
-from raykd.serve.family import Family, family_from_paths, load_family
+from raykd.serve.family import BYTES_PER_MB, Family, FamilyEntry, family_from_paths, load_family
 from raykd.serve.guard import (
     ApiKeyMiddleware,
     InternalErrorMiddleware,
@@ -60,7 +91,12 @@ from raykd.serve.intake import (
     read_body,
 )
 
+if TYPE_CHECKING:
+    from raykd.artifact.format import ArtifactMeta
+
 log = logging.getLogger(__name__)
+
+CARD_FILES = {"json": "model_card.json", "md": "model_card.md"}
 
 __all__ = ["ServeArgs", "ModelServer", "build_app", "bind_app", "resolve_family"]
 
@@ -125,6 +161,38 @@ fastapi_app.add_middleware(InternalErrorMiddleware, request_id=_request_id)
 fastapi_app.add_middleware(ApiKeyMiddleware)
 
 
+def _number(name: str, raw: str | None, unit: str) -> float | None:
+    """A budget query parameter as a float, or a 422 naming it."""
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise RequestError(422, f"{name} must be a number of {unit}, got {raw!r}") from None
+
+
+def _decision(meta: "ArtifactMeta", malignant: float) -> dict:
+    """The cancer-vs-benign decision at the export's operating point, or nulls without one."""
+    threshold = (meta.decision or {}).get("threshold")
+    if not isinstance(threshold, int | float) or isinstance(threshold, bool):
+        return {"malignant_decision": None, "decision_threshold": None}
+    return {"malignant_decision": bool(malignant >= threshold), "decision_threshold": float(threshold)}
+
+
+def _header_text(text: str) -> str:
+    """A header-safe value: ASCII text as is, anything else percent-encoded (UTF-8)."""
+    return text if text.isascii() and text.isprintable() else quote(text, safe="")
+
+
+def _entry_folder(entry: FamilyEntry) -> Path:
+    """Where a member's side files (model card) live: its artifact folder, else its ONNX file's."""
+    if entry.artifact:
+        from raykd.artifact import find_artifact
+
+        return find_artifact(entry.artifact)
+    return Path(entry.onnx).parent
+
+
 def _file_size(path: str | None) -> int:
     if not path:
         return 0
@@ -152,7 +220,11 @@ class ModelServer:
         self.limits = Limits(self.args.max_body_bytes, self.args.max_image_pixels)
         self.predictors = {}
         self.measured_ms: dict[str, float] = {}
+        self._explain_models: dict = {}  # torch models loaded for /explain next to ONNX predictors
+        self._explain_lock = threading.Lock()
         for entry in self.family.models:
+            if not entry.size_bytes:  # budgets and /models need it
+                entry.size_bytes = _file_size(entry.onnx or entry.artifact)
             predictor = load_predictor(entry, backend=self.args.backend, device=self.args.device,
                                        cache_dir=self.args.onnx_cache_dir)
             self.predictors[entry.name] = predictor
@@ -163,12 +235,14 @@ class ModelServer:
         self._batch.set_max_batch_size(self.args.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
-    def _run(self, names: list[str], blobs: list[bytes]) -> list:
-        """Run one batch: decode every image, then one forward pass per model named in it.
+    def _run(self, names: list[str], blobs: list[bytes], ttas: list[str]) -> list:
+        """Run one batch: decode every image, then one forward pass per model (and TTA) named in it.
 
         Returns, in request order, ``(probabilities, backend that answered)`` or the
         :class:`RequestError` of an image that would not decode (the others still get answers).
         """
+        from raykd.serve.predictor import predict_tta
+
         out: list = [None] * len(names)
         images = {}
         for i, data in enumerate(blobs):
@@ -176,13 +250,13 @@ class ModelServer:
                 images[i] = decode(data)
             except RequestError as exc:
                 out[i] = exc
-        for name in dict.fromkeys(names):
+        for name, tta in dict.fromkeys(zip(names, ttas, strict=True)):
             predictor = self.predictors[name]
-            idx = [i for i, n in enumerate(names) if n == name and i in images]
+            idx = [i for i, key in enumerate(zip(names, ttas)) if key == (name, tta) and i in images]
             if not idx:
                 continue
             fallbacks = getattr(predictor, "fallbacks", 0)
-            probs = predictor.predict([images[i] for i in idx])
+            probs = predict_tta(predictor, [images[i] for i in idx], tta)
             fell_back = getattr(predictor, "fallbacks", 0) > fallbacks
             backend = "onnx (fallback)" if fell_back else predictor.backend
             for row, i in enumerate(idx):
@@ -190,10 +264,31 @@ class ModelServer:
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batch(self, names: list[str], blobs: list[bytes]) -> list:
+    async def _batch(self, names: list[str], blobs: list[bytes], ttas: list[str]) -> list:
         self.batches += 1
         self.batched_requests += len(names)
-        return await asyncio.to_thread(self._run, names, blobs)
+        return await asyncio.to_thread(self._run, names, blobs, ttas)
+
+    def _entry(self, name: str | None) -> FamilyEntry:
+        try:
+            return self.family.get(name)
+        except KeyError as exc:
+            raise RequestError(404, str(exc.args[0])) from None
+
+    async def _image_bytes(self, request: Request) -> bytes:
+        """The checked image bytes of a request (checks 1-5 of :mod:`raykd.serve.intake`)."""
+        content_type = request.headers.get("content-type")
+        check_content_type(content_type)  # before reading any of the body
+        body = await read_body(request.headers.get("content-length"), request.stream(), self.limits)
+        data = await extract_image_bytes(content_type, body, self.limits)
+        precheck(data, self.limits)  # header only: cheap enough for the event loop
+        return data
+
+    def _budget_figures(self, entry: FamilyEntry) -> dict:
+        latency = self.family.budget_latency_ms(entry, self.measured_ms)
+        return {"latency_ms": None if latency is None else round(latency, 3),
+                "latency_from": "export" if entry.latency_ms is not None else "measured",
+                "size_mb": round(entry.size_bytes / BYTES_PER_MB, 6) if entry.size_bytes else None}
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict:
@@ -209,34 +304,48 @@ class ModelServer:
                 "version": entry.version,
                 "backend": predictor.backend,
                 "params": entry.params or getattr(predictor, "params", 0),
-                "size_bytes": entry.size_bytes or _file_size(entry.onnx or entry.artifact),
+                "size_bytes": entry.size_bytes,
                 "val_bma": entry.val_bma,
                 "latency_ms": entry.latency_ms,
                 "measured_latency_ms": round(self.measured_ms[entry.name], 3),
                 "fallbacks": getattr(predictor, "fallbacks", 0),
                 "label_names": predictor.meta.label_names,
                 "malignant": predictor.meta.malignant,
+                "budget": self._budget_figures(entry),
             })
         batching = {"max_batch_size": self.args.max_batch_size, "batches": self.batches,
                     "requests": self.batched_requests}
         return {"winner": self.family.winner, "models": rows, "batching": batching}
 
-    @fastapi_app.post("/predict")
-    async def predict(self, request: Request, model: str | None = None):
+    def _choose(self, model: str | None, max_latency_ms: str | None, max_size_mb: str | None) -> tuple:
+        """The entry a /predict request names or affords, and the budget it gave (or None)."""
+        budget = {"max_latency_ms": _number("max_latency_ms", max_latency_ms, "milliseconds"),
+                  "max_size_mb": _number("max_size_mb", max_size_mb, "megabytes (10^6 bytes)")}
+        if all(v is None for v in budget.values()):
+            return self._entry(model), None
+        if model is not None:
+            raise RequestError(400, "give either model=NAME or a budget (max_latency_ms, max_size_mb), "
+                                    "not both: a budget chooses the model")
         try:
-            try:
-                entry = self.family.get(model)
-            except KeyError as exc:
-                raise RequestError(404, str(exc.args[0])) from None
-            content_type = request.headers.get("content-type")
-            check_content_type(content_type)  # before reading any of the body
-            body = await read_body(request.headers.get("content-length"), request.stream(), self.limits)
-            data = await extract_image_bytes(content_type, body, self.limits)
-            precheck(data, self.limits)  # header only: cheap enough for the event loop
+            entry = self.family.within_budget(**budget, measured_latency_ms=self.measured_ms)
+        except ValueError as exc:  # BudgetError included: both say what to send instead
+            raise RequestError(422, str(exc)) from None
+        return entry, {k: v for k, v in budget.items() if v is not None}
+
+    @fastapi_app.post("/predict")
+    async def predict(self, request: Request, model: str | None = None, max_latency_ms: str | None = None,
+                      max_size_mb: str | None = None, tta: str = "none"):
+        from raykd.serve.predictor import TTA_MODES
+
+        try:
+            entry, budget = self._choose(model, max_latency_ms, max_size_mb)
+            if tta not in TTA_MODES:
+                raise RequestError(422, f"tta={tta!r}: use one of {list(TTA_MODES)}")
+            data = await self._image_bytes(request)
         except RequestError as exc:
             return error_response(exc.status, exc.message)
         try:
-            result = await within(self._batch(entry.name, data), self.args.request_timeout_s)
+            result = await within(self._batch(entry.name, data, tta), self.args.request_timeout_s)
         except PredictionTimeout as exc:
             log.warning("prediction with %s timed out after %g s (request %s)", entry.name,
                         exc.timeout_s, _request_id())
@@ -250,6 +359,7 @@ class ModelServer:
         probs, backend = result
         meta = self.predictors[entry.name].meta
         top = int(np.argmax(probs))
+        malignant = float(sum(probs[i] for i in meta.malignant_indices()))
         return {
             "model": entry.name,
             "version": entry.version or meta.version,
@@ -257,8 +367,106 @@ class ModelServer:
             "probabilities": {name: float(p) for name, p in zip(meta.label_names, probs)},
             "top_class": meta.label_names[top],
             "top_probability": float(probs[top]),
-            "malignant_probability": float(sum(probs[i] for i in meta.malignant_indices())),
+            "malignant_probability": malignant,
+            **_decision(meta, malignant),
+            "tta": tta,
+            "budget": budget,
         }
+
+    @fastapi_app.get("/models/{name}/card")
+    async def model_card(self, name: str, fmt: str = Query("json", alias="format")):
+        try:
+            entry = self._entry(name)
+            if fmt not in CARD_FILES:
+                raise RequestError(400, f"format={fmt!r}: use 'json' (model_card.json) or 'md' (model_card.md)")
+            path = _entry_folder(entry) / CARD_FILES[fmt]
+            if not path.is_file():
+                raise RequestError(404, f"model {name!r} has no model card ({CARD_FILES[fmt]} is not next to "
+                                        "its weights); `python -m raykd.export` writes one")
+        except RequestError as exc:
+            return error_response(exc.status, exc.message)
+        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+        if fmt == "md":
+            return Response(text, media_type="text/markdown; charset=utf-8")
+        try:
+            return JSONResponse(json.loads(text))
+        except json.JSONDecodeError:
+            log.error("model card %s of %s is not valid JSON", path, name)
+            return error_response(500, f"the model card of {name!r} is not valid JSON; re-export the model")
+
+    def _torch_model_for(self, entry: FamilyEntry):
+        """The torch model explaining ``entry``: the served one, else loaded on CPU from its
+        artifact (once; in a worker thread, since loading takes a moment)."""
+        from raykd.serve.predictor import torch_model
+
+        model = torch_model(self.predictors[entry.name])
+        if model is not None:
+            return model
+        with self._explain_lock:
+            if entry.name not in self._explain_models:
+                from raykd.artifact import load_artifact
+
+                self._explain_models[entry.name] = load_artifact(entry.artifact, device="cpu")[0]
+                log.info("loaded the torch model of %s on CPU for explanations", entry.name)
+            return self._explain_models[entry.name]
+
+    def _explain(self, entry: FamilyEntry, data: bytes, target: int | None) -> tuple:
+        from raykd.serve.explain import encode_png, explain, overlay
+
+        image = decode(data)
+        meta = self.predictors[entry.name].meta
+        result = explain(self._torch_model_for(entry), meta, image, target=target)
+        return result, encode_png(overlay(result.view, result.heatmap))
+
+    @fastapi_app.post("/explain")
+    async def explain(self, request: Request, model: str | None = None, target: str | None = None):
+        from raykd.serve.predictor import torch_model
+
+        try:
+            entry = self._entry(model)
+            meta = self.predictors[entry.name].meta
+            if torch_model(self.predictors[entry.name]) is None and not entry.artifact:
+                raise RequestError(409, f"model {entry.name!r} is served from an ONNX file only; explanations "
+                                        "need the torch model: serve it with backend=torch, or backend=auto "
+                                        "with its artifact folder")
+            if target is not None and target not in meta.label_names:
+                raise RequestError(422, f"target={target!r} is not one of the model's classes {meta.label_names}")
+            target_index = None if target is None else meta.label_names.index(target)
+            data = await self._image_bytes(request)
+        except RequestError as exc:
+            return error_response(exc.status, exc.message)
+        try:
+            result, png = await within(asyncio.to_thread(self._explain, entry, data, target_index),
+                                       self.args.request_timeout_s)
+        except PredictionTimeout as exc:
+            log.warning("explanation with %s timed out after %g s (request %s)", entry.name,
+                        exc.timeout_s, _request_id())
+            return error_response(503, str(exc), headers={"Retry-After": "1"})
+        except RequestError as exc:  # the image would not decode
+            return error_response(exc.status, exc.message)
+        except Exception:  # a model fault must not kill the replica
+            rid = _request_id()
+            log.exception("explanation with %s failed (request %s)", entry.name, rid)
+            return internal_error(rid)
+        probs = result.probabilities
+        top = int(np.argmax(probs))
+        malignant = float(sum(probs[i] for i in meta.malignant_indices()))
+        decision = _decision(meta, malignant)
+        headers = {
+            "X-Model": _header_text(entry.name),
+            "X-Top-Class": _header_text(meta.label_names[top]),
+            "X-Top-Probability": f"{float(probs[top]):.6f}",
+            "X-Malignant-Probability": f"{malignant:.6f}",
+            "X-Probabilities": json.dumps({n: round(float(p), 6) for n, p in zip(meta.label_names, probs)},
+                                          ensure_ascii=True),
+            "X-Explained-Class": _header_text(meta.label_names[result.target]),
+            "X-Explanation-Method": result.method,
+            "Cache-Control": "no-store",  # a patient's image: no shared caches
+        }
+        if decision["decision_threshold"] is not None:
+            headers["X-Malignant-Decision"] = "true" if decision["malignant_decision"] else "false"
+            headers["X-Decision-Threshold"] = f"{decision['decision_threshold']:g}"
+        return Response(png, media_type="image/png", headers=headers)
 
 
 def build_app(args: ServeArgs) -> Application:

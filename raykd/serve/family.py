@@ -12,20 +12,32 @@ directly. File format (JSON)::
 
 Relative paths are resolved against the folder of the family file, so an experiment folder can be
 moved or mounted elsewhere (a KubeRay pod) without rewriting it.
+
+:meth:`Family.within_budget` picks the member a client can afford: the best validation BMA among
+the models within a latency and/or size budget (``/predict?max_latency_ms=...&max_size_mb=...``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from raykd.registry import did_you_mean
 
-__all__ = ["FamilyEntry", "Family", "write_family", "load_family", "family_from_paths"]
+__all__ = ["BYTES_PER_MB", "BudgetError", "Family", "FamilyEntry", "family_from_paths", "load_family",
+           "write_family"]
+
+#: Size budgets are in decimal megabytes (10^6 bytes), as download sizes are quoted.
+BYTES_PER_MB = 1_000_000
+
+
+class BudgetError(ValueError):
+    """No member of the family fits a latency/size budget (the Serve app answers 422)."""
 
 
 @dataclass
@@ -100,6 +112,77 @@ class Family:
         hint = did_you_mean(name, self.names, cutoff=0.4)
         raise KeyError(f"unknown model {name!r}.{hint} Served: {self.names}")
 
+    def budget_latency_ms(self, entry: FamilyEntry,
+                          measured_latency_ms: Mapping[str, float] | None = None) -> float | None:
+        """The latency a budget is checked against: the one recorded at export/search
+        (``entry.latency_ms``, measured on the machine that ranked the family), else the serving
+        replica's own measurement (``measured_latency_ms[name]``), else None (unknown)."""
+        if entry.latency_ms is not None:
+            return float(entry.latency_ms)
+        if measured_latency_ms and entry.name in measured_latency_ms:
+            return float(measured_latency_ms[entry.name])
+        return None
+
+    def within_budget(self, *, max_latency_ms: float | None = None, max_size_mb: float | None = None,
+                      measured_latency_ms: Mapping[str, float] | None = None) -> FamilyEntry:
+        """The member with the best validation BMA whose latency and size are within budget.
+
+        A client trades accuracy for speed or size (seed 000 table 3) without knowing the family:
+        it states what it can afford and gets the most accurate model that fits.
+
+        Args:
+            max_latency_ms: Largest single-image latency in milliseconds (see
+                :meth:`budget_latency_ms` for which latency); None = no latency budget.
+            max_size_mb: Largest weights file in MB (10^6 bytes, ``entry.size_bytes``); None = no
+                size budget.
+            measured_latency_ms: The replica's measured latency per model name, used for members
+                without a recorded latency.
+
+        Returns:
+            The chosen entry. Ties on BMA go to the lower latency, then the smaller size, then the
+            earlier member of the family; members without a BMA rank below every member with one.
+            A member whose latency (or size) is unknown never fits a latency (or size) budget.
+
+        Raises:
+            ValueError: no budget given, or a budget that is not a positive finite number.
+            BudgetError: no member fits; the message names the budget and the fastest and
+                smallest models on offer.
+        """
+        budgets = {"max_latency_ms": max_latency_ms, "max_size_mb": max_size_mb}
+        given = {k: float(v) for k, v in budgets.items() if v is not None}
+        if not given:
+            raise ValueError("within_budget needs max_latency_ms and/or max_size_mb")
+        for key, value in given.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a positive number, got {value:g}")
+        rows = []
+        for index, entry in enumerate(self.models):
+            latency = self.budget_latency_ms(entry, measured_latency_ms)
+            size_mb = entry.size_bytes / BYTES_PER_MB if entry.size_bytes else None
+            fits = _within(latency, given.get("max_latency_ms")) and _within(size_mb, given.get("max_size_mb"))
+            rows.append((entry, latency, size_mb, index, fits))
+        fitting = [r for r in rows if r[4]]
+        if fitting:
+            def rank(row: tuple) -> tuple:
+                entry, latency, size_mb, index, _ = row
+                return (entry.val_bma is None, -(entry.val_bma or 0.0), latency if latency is not None
+                        else math.inf, size_mb if size_mb is not None else math.inf, index)
+
+            return min(fitting, key=rank)[0]
+        budget = " and ".join(f"{k}={v:g}" for k, v in given.items())
+        offers = []
+        timed = [(r[1], r[0].name) for r in rows if r[1] is not None]
+        sized = [(r[2], r[0].name) for r in rows if r[2] is not None]
+        if timed:
+            ms, name = min(timed)
+            offers.append(f"the fastest model on offer takes {round(ms, 3):g} ms ({name})")
+        if sized:
+            mb, name = min(sized)
+            offers.append(f"the smallest is {round(mb, 3):g} MB ({name})")
+        offer = "; ".join(offers) or "no model has a known latency or size"
+        raise BudgetError(f"no model fits the budget {budget}: {offer}; raise the budget, or name a model "
+                          "with ?model=")
+
     def to_dict(self) -> dict:
         return {"winner": self.winner, "models": [dataclasses.asdict(m) for m in self.models]}
 
@@ -110,6 +193,11 @@ class Family:
         models = [FamilyEntry.from_dict(m, source=source) for m in data["models"]]
         winner = data.get("winner") or (models[0].name if models else "")
         return cls(winner=winner, models=models)
+
+
+def _within(value: float | None, limit: float | None) -> bool:
+    """No limit, or a known value at most the limit (an unknown figure cannot be promised)."""
+    return limit is None or (value is not None and value <= limit)
 
 
 def _relative_to(path: str | None, folder: Path) -> str | None:

@@ -9,6 +9,11 @@ Backend choice (:func:`load_predictor`): on a machine with a CUDA device the tor
 the GPU and an ONNX Runtime CPU predictor is kept as fallback (built lazily, exporting the artifact
 when no ONNX file was given); without a GPU the ONNX Runtime CPU path serves directly, which on CPU
 is the faster one (``bench/inference.py``).
+
+Test-time augmentation (:func:`predict_tta`) wraps any predictor: ``"flip"`` averages the
+probabilities of each image and its horizontal and vertical mirror images (three forward passes'
+worth of work in one batch). A lesion has no preferred orientation (training augments with
+flips and 90-degree rotations), so the mirrors are equally valid views.
 """
 
 from __future__ import annotations
@@ -49,9 +54,14 @@ __all__ = [
     "load_predictor",
     "measure_latency_ms",
     "plan_backend",
+    "predict_tta",
+    "torch_model",
+    "TTA_MODES",
 ]
 
 BACKENDS = ("auto", "torch", "onnx")
+#: Test-time augmentations :func:`predict_tta` knows: ``"none"`` and ``"flip"``.
+TTA_MODES = ("none", "flip")
 
 
 class FallbackPredictor:
@@ -182,3 +192,41 @@ def measure_latency_ms(predictor: Predictor, *, repeats: int = 3) -> float:
         predictor.predict([image])
         times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
+
+
+def _views(image: np.ndarray, tta: str) -> list[np.ndarray]:
+    if tta == "flip":
+        return [image, np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(image[::-1])]
+    return [image]
+
+
+def predict_tta(predictor: Predictor, images: Sequence[np.ndarray], tta: str = "none") -> np.ndarray:
+    """``predictor.predict`` averaged over test-time views of each image (any backend).
+
+    Args:
+        predictor: Any predictor (torch, ONNX Runtime, or the fallback pair).
+        images: Decoded RGB uint8 HWC images.
+        tta: ``"none"`` (one view) or ``"flip"`` (the image and its horizontal and vertical
+            flips; the flips are taken before the evaluation crop and resize, which treat both
+            orientations alike).
+
+    Returns:
+        ``(N, C)`` probabilities: the mean of the views' probabilities (probabilities, not logits,
+        so each view's calibrated answer counts equally).
+    """
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta {tta!r}: use one of {TTA_MODES}")
+    if tta == "none":
+        return predictor.predict(images)
+    views = [_views(img, tta) for img in images]
+    per_image = len(views[0])
+    probs = predictor.predict([v for group in views for v in group])
+    return probs.reshape(len(images), per_image, -1).mean(axis=1).astype(np.float32)
+
+
+def torch_model(predictor: Predictor):
+    """The torch model behind ``predictor`` (a :class:`TorchPredictor` or the torch primary of a
+    :class:`FallbackPredictor`), or None for ONNX Runtime: explanations need gradients."""
+    if isinstance(predictor, FallbackPredictor):
+        predictor = predictor.primary
+    return getattr(predictor, "model", None) if isinstance(predictor, TorchPredictor) else None
