@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, NamedTuple
 
@@ -263,9 +263,17 @@ class TeacherStage(abc.ABC):
 
     @abc.abstractmethod
     def train(self, teacher: nn.Module, batches: Iterable[Tensor], val_batches: Iterable[Tensor] | None, *,
-              epochs: int) -> dict[str, Tensor]:
+              epochs: int, prepare: Callable[[nn.Module], nn.Module] | None = None,
+              reduce: Callable[[float], float] | None = None) -> dict[str, Tensor]:
         """The stage's output (a state dict) from the frozen ``teacher`` and re-iterable batches of
-        normalised images in the teacher's own input contract."""
+        normalised images in the teacher's own input contract.
+
+        The two hooks let the same code run as one rank of a data-parallel run
+        (:func:`raykd.train.stages.run_teacher_stage`) and in a single process (both ``None``):
+        ``prepare`` wraps the trainable module (DDP, so gradients are averaged over ranks) and
+        ``reduce`` averages a scalar over ranks, so that every rank takes the same decisions
+        (early stopping, best epoch) from whole-split numbers. Every rank gets batch iterables of
+        the same length; the returned state never carries a wrapper's ``module.`` prefix."""
 
     @abc.abstractmethod
     def placeholder(self, teacher: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Tensor]:

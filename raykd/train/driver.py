@@ -294,15 +294,23 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+    result = fit_bounded(trainer, cfg)
+    out = dict(result.return_value or {})
+    out.setdefault("timing", {})["data_s"] = data_s
+    return out
+
+
+def fit_bounded(trainer, cfg: RunConfig):
+    """``trainer.fit()``; a worker group that got no resources within ``train.resource_wait_s``
+    (Train's controller gave up placing it) becomes a :class:`ClusterResourcesError` naming them."""
+    import ray.train
+
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.ControllerError as exc:
         if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
             raise
         raise ClusterResourcesError(missing_resources_message(cfg)) from None
-    out = dict(result.return_value or {})
-    out.setdefault("timing", {})["data_s"] = data_s
-    return out
 
 
 class ClusterResourcesError(RuntimeError):

@@ -1,8 +1,10 @@
 """Teacher-side stages (:class:`raykd.distill.base.TeacherStage`): run once per teacher, before any
-run distils from it, as a Ray task with the run's CPUs (or GPU), never on the driver.
+run distils from it, as a Ray Train run (``TorchTrainer``, DDP over ``scaling.num_workers``
+workers with the run's CPUs or GPUs), never on the driver.
 
-The stage streams the dataset's Parquet shards batch by batch (:class:`ShardBatches`: one record
-batch decoded at a time, every epoch), so no split is ever decoded whole. Its output is written
+Each worker streams its own disjoint share of the training split's Parquet shards batch by batch
+(:class:`ShardBatches` with its rank: one record batch decoded at a time, every epoch), so no
+split is ever decoded whole, and every rank steps the same number of times. Its output is written
 atomically to a safetensors file and reused when it is already there, so a resumed run or search
 never trains it twice. ``raykd train`` runs it into the run folder; a search runs it in its stage 1,
 once per (teacher, stage, epochs), and every trial of every method that needs it reads the file.
@@ -10,13 +12,17 @@ once per (teacher, stage, epochs), and every trial of every method that needs it
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from raykd.config import RunConfig, to_dict
 from raykd.data.manifest import Manifest
@@ -24,35 +30,59 @@ from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_i
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardBatches", "needs_teacher_stage", "run_teacher_stage", "stage_file_name"]
+__all__ = ["ShardBatches", "needs_teacher_stage", "run_teacher_stage", "stage_file_name", "stage_record",
+           "stage_workers"]
 
 
 class ShardBatches:
     """Re-iterable batches of one split's evaluation-transformed images, read from its Parquet
-    shards one record batch at a time (normalised NCHW float tensors in ``spec``'s contract)."""
+    shards one record batch at a time (normalised NCHW float tensors in ``spec``'s contract).
 
-    def __init__(self, path: str | Path, split: str, spec: PreprocessSpec, batch_size: int = 32) -> None:
+    With ``world`` > 1 this is rank ``rank``'s share: the split's rows in scan order (deterministic:
+    the manifest's shard order, pyarrow's ordered scan) dealt out round-robin, row ``i`` to rank
+    ``i % world``, so the ranks' shares are disjoint and together the whole split; a rank decodes
+    only its own rows. Every rank yields the same number of batches, :attr:`steps`, worked out
+    from the manifest's counts, because DDP blocks a rank that steps once more than the others:
+    the shares differ by at most one row, and a rank whose extra row would open one more batch puts
+    it into its last batch instead (which then holds up to ``batch_size + 1`` images). That holds
+    whenever the split has at least ``world`` rows; below that some ranks have nothing to read.
+    """
+
+    def __init__(self, path: str | Path, split: str, spec: PreprocessSpec, batch_size: int = 32, *,
+                 rank: int = 0, world: int = 1) -> None:
         import pyarrow.dataset as pads
 
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"ShardBatches: rank {rank} of world {world} is not a rank (0 <= rank < world)")
         self.path, self.split, self.batch_size = str(path), split, batch_size
+        self.rank, self.world = rank, world
         self.transform = build_eval_transform(spec)
         manifest = Manifest.load(path)
         self._dataset = pads.dataset(manifest.shard_paths(path), format="parquet")
         self._filter = pads.field("split") == split
-        self.rows = sum(manifest.counts(split))
+        #: Rows of the whole split, and of this rank's share.
+        self.total_rows = sum(manifest.counts(split))
+        self.rows = len(range(rank, self.total_rows, world))
+        least = self.total_rows // world  # the smallest share
+        #: Batches per pass, the same on every rank (while the split has >= world rows).
+        self.steps = -(-least // batch_size) if least else min(self.rows, 1)
 
     def __len__(self) -> int:
-        return -(-self.rows // self.batch_size)
+        return self.steps
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        scanner = self._dataset.scanner(columns=["image"], filter=self._filter, batch_size=self.batch_size)
+        scanner = self._dataset.scanner(columns=["image"], filter=self._filter,
+                                        batch_size=self.batch_size * self.world)
         pending: list = []
+        emitted, seen = 0, 0  # batches yielded; rows of the split scanned so far (all ranks')
         for record_batch in scanner.to_batches():
-            for blob in record_batch.column("image").to_pylist():
-                pending.append(self.transform(image=decode_image(blob))["image"])
-                if len(pending) == self.batch_size:
+            column = record_batch.column("image")
+            for j in range((self.rank - seen) % self.world, len(column), self.world):
+                pending.append(self.transform(image=decode_image(column[j].as_py()))["image"])
+                if len(pending) == self.batch_size and emitted < self.steps - 1:
                     yield torch.from_numpy(to_chw_batch(pending))
-                    pending = []
+                    emitted, pending = emitted + 1, []
+            seen += len(column)
         if pending:
             yield torch.from_numpy(to_chw_batch(pending))
 
@@ -72,52 +102,206 @@ def stage_file_name(cfg: RunConfig) -> str:
     return f"{METHODS.get(cfg.distill.method).teacher_stage.name}-e{cfg.distill.stage_epochs}"
 
 
-def _stage_task(cfg_dict: dict, out_file: str) -> str:
-    """The Ray task body: build the teacher, stream the shards, train the stage, save."""
-    from safetensors.torch import save_file
-
-    from raykd.config import from_dict
+def _train_stage(cfg: RunConfig, out: Path, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
+                 prepare: Callable[[nn.Module], nn.Module] | None = None,
+                 reduce: Callable[[float], float] | None = None,
+                 gather: Callable[[Any], list[Any]] | None = None) -> dict[str, Any]:
+    """One rank of the stage: build the teacher, stream this rank's share of the shards, train,
+    and (rank 0) save. Returns the run's record (rows and batches per rank, world size), which
+    rank 0 also writes into the file's safetensors metadata. ``gather`` collects one object from
+    every rank (default: this rank's alone)."""
     from raykd.distill import METHODS
     from raykd.train.loop import build_model, set_seed, teacher_stage_spec
 
-    cfg = from_dict(RunConfig, cfg_dict, where="teacher stage")
-    set_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # the same teacher and initial head on every rank
     manifest = Manifest.load(cfg.data.path)
     teacher = build_model(cfg.teacher, manifest.num_classes)
+    if device is not None:
+        teacher.to(device)  # the stage trains where its teacher is
     spec = teacher_stage_spec(cfg, teacher)
     stage = METHODS.get(cfg.distill.method).teacher_stage()
-    train = ShardBatches(cfg.data.path, "train", spec, cfg.train.batch_size)
-    val = ShardBatches(cfg.data.path, "val", spec, cfg.train.eval_batch_size)
-    state = stage.train(teacher, train, val if val.rows else None, epochs=cfg.distill.stage_epochs)
-    out = Path(out_file)
+    train = ShardBatches(cfg.data.path, "train", spec, cfg.train.batch_size, rank=rank, world=world)
+    val = ShardBatches(cfg.data.path, "val", spec, cfg.train.eval_batch_size, rank=rank, world=world)
+    # Decided from the whole split, not this rank's share, so every rank validates (and reduces) alike.
+    state = stage.train(teacher, train, val if val.total_rows else None, epochs=cfg.distill.stage_epochs,
+                        prepare=prepare, reduce=reduce)
+    mine = {"rank": rank, "rows": train.rows, "batches": train.steps}
+    shares = sorted(gather(mine) if gather is not None else [mine], key=lambda s: s["rank"])
+    record = {"stage": stage.name, "epochs": cfg.distill.stage_epochs, "world_size": world,
+              "rows_per_rank": [s["rows"] for s in shares], "batches_per_rank": [s["batches"] for s in shares],
+              "file": str(out)}
+    if rank == 0:
+        _save_atomically(state, out, record)
+    return record
+
+
+def _save_atomically(state: dict[str, torch.Tensor], out: Path, record: dict[str, Any]) -> None:
+    """``state`` as safetensors at ``out`` (a temporary file renamed over it: a reader never sees
+    half a file), with ``record`` as JSON values in the file's metadata (how it was made)."""
+    from safetensors.torch import save_file
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in record.items()})
     os.replace(tmp, out)
+
+
+def stage_record(path: str | Path) -> dict[str, Any]:
+    """How a saved stage output was made (:func:`_train_stage`'s record: world size, training rows
+    and batches per rank, epochs), from the safetensors metadata; empty for a file without one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {k: json.loads(v) for k, v in meta.items()}
+
+
+def _stage_task(cfg_dict: dict, out_file: str) -> str:
+    """The stage in this process, as one rank of one: build, stream the shards, train, save."""
+    from raykd.config import from_dict
+
+    cfg = from_dict(RunConfig, cfg_dict, where="teacher stage")
+    out = Path(out_file)
+    _train_stage(cfg, out)
     return str(out)
 
 
+def _stage_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """The Ray Train worker function: this rank's share of the training rows, the head wrapped for
+    DDP by ``prepare_model`` (gloo on CPU), losses averaged over ranks with ``all_reduce``."""
+    import math
+
+    import ray.train
+    import ray.train.torch
+
+    from raykd.config import from_dict
+
+    cfg = from_dict(RunConfig, config["run"], where="teacher stage")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
+    return _train_stage(cfg, Path(config["out"]), rank=rank, world=world, device=device,
+                        prepare=ray.train.torch.prepare_model, reduce=_mean_over_ranks(device),
+                        gather=_gather_over_ranks)
+
+
+def _mean_over_ranks(device: torch.device) -> Callable[[float], float]:
+    """``reduce`` for :meth:`TeacherStage.train`: the mean of a float over the process group (the
+    identity without one). The tensor lives on ``device``: NCCL reduces only CUDA tensors."""
+    import torch.distributed as dist
+
+    def reduce(value: float) -> float:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item()) / dist.get_world_size()
+
+    return reduce
+
+
+def _gather_over_ranks(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (the identity list without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def stage_workers(cfg: RunConfig, capacity: dict[str, float]) -> int:
+    """How many Ray Train workers the stage gets: ``scaling.num_workers`` (at least 1), capped at
+    what ``capacity`` (the cluster's CPUs/GPUs) can host at ``scaling.cpus_per_worker`` /
+    ``gpus_per_worker`` each, so that a config sized for a bigger cluster still runs here (the
+    stage is short; fewer workers only make it slower). The workers read Parquet with pyarrow
+    themselves, so they need no CPU left over for a Ray Data pipeline.
+
+    Raises:
+        ValueError: when not even one worker fits, naming the keys to change.
+    """
+    sc = cfg.scaling
+    want = max(1, sc.num_workers)
+    fits = want
+    if sc.cpus_per_worker > 0:
+        fits = min(fits, math.floor(capacity.get("CPU", 0.0) / sc.cpus_per_worker + 1e-9))
+    if sc.use_gpu and sc.gpus_per_worker > 0:
+        fits = min(fits, math.floor(capacity.get("GPU", 0.0) / sc.gpus_per_worker + 1e-9))
+    if fits < 1:
+        raise ValueError(
+            f"teacher stage: one worker needs {sc.cpus_per_worker:g} CPU"
+            + (f" and {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")
+            + f" (scaling.cpus_per_worker / scaling.gpus_per_worker), the cluster has {capacity.get('CPU', 0.0):g}"
+            f" CPU and {capacity.get('GPU', 0.0):g} GPU: lower them, or set scaling.use_gpu=false")
+    if fits < want:
+        log.warning("teacher stage: the cluster hosts %d of the %d workers asked for (scaling.num_workers) at "
+                    "%g CPU each: running with %d", fits, want, sc.cpus_per_worker, fits)
+    return fits
+
+
 def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
-    """Run ``cfg``'s teacher stage into ``out_file`` (reused when it exists) on the Ray cluster;
-    returns ``cfg`` naming the file in ``distill.teacher_stage_file``."""
+    """Run ``cfg``'s teacher stage into ``out_file`` (reused when it exists) as a Ray Train run;
+    returns ``cfg`` naming the file in ``distill.teacher_stage_file``.
+
+    The run is a ``TorchTrainer`` with ``scaling.num_workers`` workers (at least 1, capped by
+    :func:`stage_workers`), each streaming its own disjoint share of the training split's Parquet
+    shards (:class:`ShardBatches` with its rank), the trainable part wrapped for DDP so gradients
+    are averaged, the losses averaged over ranks so early stopping decides alike everywhere; rank
+    0 writes the file. Nothing is decoded on the driver. The Train run's own folder is
+    ``<out_file's folder>/_train/<stem>``.
+
+    Failures: the stage keeps no checkpoint (it is short next to the runs that read it), so a worker
+    group that Ray Train restarts (``train.max_failures`` times) trains it again from the start; a
+    group that cannot get its resources within ``train.resource_wait_s`` fails with an error naming
+    them (never a silent wait).
+    """
     import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
     from raykd.cluster import init_local_ray
     from raykd.distill import METHODS
+    from raykd.raycompat import autoscaler_max_resources
+    from raykd.train.driver import _start_retries, fit_bounded
 
     out = Path(out_file).resolve()
     name = METHODS.get(cfg.distill.method).teacher_stage.name
     if out.is_file():
         log.info("teacher stage %s: reusing %s", name, out)
-    else:
-        init_local_ray(cfg.address)
-        resources = {"num_cpus": cfg.scaling.cpus_per_worker}
-        if cfg.scaling.use_gpu:
-            resources["num_gpus"] = cfg.scaling.gpus_per_worker
-        log.info("teacher stage %s: training it for %d epochs on the teacher %s", name, cfg.distill.stage_epochs,
-                 cfg.teacher.checkpoint or cfg.teacher.name)
-        task = ray.remote(_stage_task).options(name=f"raykd-stage:{name}", max_retries=cfg.train.max_failures,
-                                               **resources)
-        ray.get(task.remote(to_dict(cfg), str(out)))
-        log.info("teacher stage %s: saved %s", name, out)
+        return replace(cfg, distill=replace(cfg.distill, teacher_stage_file=str(out)))
+    init_local_ray(cfg.address)
+    capacity = {k: float(v) for k, v in ray.cluster_resources().items()}
+    for key, most in autoscaler_max_resources().items():
+        capacity[key] = max(capacity.get(key, 0.0), most)
+    workers = stage_workers(cfg, capacity)
+    rows = sum(Manifest.load(cfg.data.path).counts("train"))
+    if rows < workers:
+        raise ValueError(f"teacher stage {name}: the training split of {cfg.data.path} has {rows} rows, fewer "
+                         f"than the {workers} workers (scaling.num_workers): every rank needs rows to step with")
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    log.info("teacher stage %s: training it for %d epochs on the teacher %s with %d worker(s)", name,
+             cfg.distill.stage_epochs, cfg.teacher.checkpoint or cfg.teacher.name, workers)
+    trainer = TorchTrainer(
+        _stage_worker,
+        train_loop_config={"run": to_dict(cfg), "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=out.stem, storage_path=str(out.parent / "_train"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
+                                                   controller_failure_limit=_start_retries(cfg)),
+        ),
+    )
+    result = fit_bounded(trainer, cfg)
+    if not out.is_file():  # rank 0 wrote it on its node: without shared storage the driver cannot see it
+        raise FileNotFoundError(f"teacher stage {name}: the run finished but {out} is not on this machine; "
+                                "multi-node clusters need the output folder on storage every node shares")
+    record = result.return_value or {}
+    log.info("teacher stage %s: saved %s (%d worker(s), training rows per rank %s)", name, out,
+             record.get("world_size", workers), record.get("rows_per_rank"))
     return replace(cfg, distill=replace(cfg.distill, teacher_stage_file=str(out)))

@@ -1,6 +1,6 @@
 """Stage 1 of a search: a teacher not clearly above chance is refused with a message that says so,
-before any trial distils from it; a teacher-side stage (SSKD's head) runs once per teacher, streamed
-from the shards in a Ray task, and every trial reads its saved output."""
+before any trial distils from it; a teacher-side stage (SSKD's head) runs once per teacher as a Ray
+Train run, each rank streaming its own share of the shards, and every trial reads its saved output."""
 
 from __future__ import annotations
 
@@ -76,15 +76,17 @@ def save_teacher_artifact(run_dir, data):
 
 def test_a_teacher_stage_runs_once_and_every_trial_reads_its_output(ray_cluster, tmp_path):
     from raykd.train.driver import prepare
+    from raykd.train.stages import stage_record
     from raykd.tune.plan import TrialPlan, run_teacher_stages
 
     space, exp = space_with_trained_teacher(tmp_path, best=0.6, methods={"sskd": {}, "ssdkd": {}},
-                                            base={"distill": {"stage_epochs": 1}})
+                                            base={"distill": {"stage_epochs": 1}, "scaling": {"num_workers": 1}})
     save_teacher_artifact(exp / "teachers" / "cnn", tmp_path / "data")
     teachers = train_teachers(space, exp)
     stages = run_teacher_stages(space, exp, teachers)
     (head,) = stages.values()  # sskd and ssdkd share the one head of teacher cnn
     assert head == str(exp / "teachers" / "cnn" / "stages" / "sskd_head-e1.safetensors")
+    assert stage_record(head)["world_size"] == 1  # the default search's one worker on 2 cores
     made = Path(head).stat().st_mtime_ns
 
     plan = TrialPlan(space, exp, teachers, stages)
@@ -114,6 +116,74 @@ def test_a_stage_streams_the_shards_a_batch_at_a_time(tmp_path, monkeypatch):
     first = next(iter(batches))
     assert first.shape == (8, 3, 32, 32) and len(decoded) <= 8 < sum(manifest.counts("train"))
     assert sum(b.shape[0] for b in batches) == sum(manifest.counts("train"))  # re-iterable: every epoch
+
+
+def split_blobs(data, split: str) -> list[bytes]:
+    import pyarrow.dataset as pads
+
+    ds = pads.dataset(Manifest.load(data).shard_paths(data), format="parquet")
+    return ds.to_table(columns=["image"], filter=pads.field("split") == split).column("image").to_pylist()
+
+
+@pytest.mark.parametrize(("world", "batch_size"), [(2, 8), (3, 5), (5, 7)])
+def test_each_rank_reads_a_disjoint_share_of_the_split_and_every_rank_steps_alike(tmp_path, monkeypatch, world,
+                                                                                 batch_size):
+    """(5, 7): 36 training rows give shares of 8, 7, 7, 7, 7; rank 0's eighth row joins its one batch
+    rather than opening a second one that the other ranks' DDP steps would never match."""
+    from raykd.data.transforms import PreprocessSpec
+    from raykd.train import stages
+
+    data = tmp_path / "data"
+    make_synthetic(data, num_images=60, image_size=32, seed=0)
+    blobs = split_blobs(data, "train")
+    assert len(blobs) == 36 and len(set(blobs)) == len(blobs)  # the rows can be told apart by their bytes
+    decoded: list[bytes] = []
+    real = stages.decode_image
+    monkeypatch.setattr(stages, "decode_image", lambda blob: decoded.append(blob) or real(blob))
+    shares, steps = [], []
+    for rank in range(world):
+        decoded.clear()
+        batches = stages.ShardBatches(data, "train", PreprocessSpec(image_size=32), batch_size, rank=rank, world=world)
+        sizes = [b.shape[0] for b in batches]
+        assert len(sizes) == len(batches) and sum(sizes) == batches.rows == len(decoded)
+        shares.append(list(decoded))
+        steps.append(len(sizes))
+    assert len(set(steps)) == 1  # the same number of steps on every rank
+    assert sorted(b for share in shares for b in share) == sorted(blobs)  # disjoint, and together the split
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_the_stage_is_a_ray_train_run_over_two_ranks_and_its_head_loads_into_sskd(ray_cluster, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from raykd.config import RunConfig, load_config
+    from raykd.train.loop import build_run
+    from raykd.train.stages import run_teacher_stage, stage_record
+
+    data = tmp_path / "data"
+    manifest = make_synthetic(data, num_images=60, image_size=32, seed=0)
+    cfg = load_config(RunConfig, None, [
+        f"data.path={data}", f"output_dir={tmp_path / 'out'}", "student.name=raykd_test_tiny_cnn",
+        "student.image_size=32", "teacher.name=test_resnet", "teacher.image_size=32", "distill.method=sskd",
+        "distill.stage_epochs=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.batch_size=8"])
+    out = tmp_path / "stages" / "sskd_head-e2.safetensors"
+    cfg = run_teacher_stage(cfg, out)
+
+    assert cfg.distill.teacher_stage_file == str(out.resolve())
+    record = stage_record(out)
+    assert record["world_size"] == 2  # two Ray Train ranks, each with half the training rows
+    assert sum(record["rows_per_rank"]) == sum(manifest.counts("train")) and record["rows_per_rank"] == [18, 18]
+    assert record["batches_per_rank"] == [3, 3]
+    state = load_file(str(out))
+    assert state and not any(k.startswith("module.") for k in state)  # DDP's wrapper is not saved
+    parts = build_run(cfg, manifest)  # the saved head loads into sskd as its frozen teacher head
+    head = parts.method.frozen("teacher_head")
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+    images, targets = torch.rand(4, 3, 32, 32), torch.arange(4) % manifest.num_classes
+    out_ = parts.method(images, targets)
+    assert torch.isfinite(out_.loss) and "ss" in out_.parts
 
 
 def test_stage_one_builds_one_teacher_store_per_teacher_and_student_for_every_trial(ray_cluster, tmp_path, caplog):

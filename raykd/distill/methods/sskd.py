@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,8 @@ def pretrain_sskd_teacher_head(
     patience: int | None = 15,
     head: nn.Module | None = None,
     device: torch.device | str | None = None,
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
+    reduce: Callable[[float], float] | None = None,
 ) -> dict[str, Tensor]:
     """SSKD stage 1: train the teacher's projection head on the rotation-contrastive task.
 
@@ -108,6 +110,14 @@ def pretrain_sskd_teacher_head(
     learns, by SGD with a x0.1 step schedule at ``milestones``. With ``val_batches`` the state with
     the lowest validation loss is returned and training stops after ``patience`` epochs without
     improvement (SSD-KD: early stop 15, best by validation loss).
+
+    Data-parallel use (one call per rank, :func:`raykd.train.stages.run_teacher_stage`): each rank
+    passes its own share of the batches, ``prepare`` wraps the head for DDP (so each step applies the
+    gradient averaged over ranks) and ``reduce`` averages a scalar over ranks. The losses are reduced
+    as sums and batch counts, so the validation loss is the mean over every rank's batches, the same
+    number on every rank: early stopping and the best state are then decided alike everywhere, and
+    every rank runs the same number of epochs and collective calls. Validation runs on the unwrapped
+    head (no DDP forward), so uneven validation shares cannot stall a collective.
 
     Args:
         teacher: the trained teacher.
@@ -119,9 +129,13 @@ def pretrain_sskd_teacher_head(
         patience: early-stopping patience in epochs (``None``: never stop early).
         head: the head to train; default a fresh ``ProjectionHead`` of the teacher's width.
         device: where to train; default the teacher's device.
+        prepare: wraps the head for training (e.g. ``ray.train.torch.prepare_model``); default none.
+            Every rank's ``batches`` must then yield the same number of batches (DDP syncs each step).
+        reduce: averages a float over ranks (e.g. an ``all_reduce``); default the identity.
 
     Returns:
-        The head's state dict (CPU tensors), for ``sskd``/``ssdkd``'s ``teacher_head=``.
+        The head's state dict (CPU tensors, keys without any wrapper's ``module.`` prefix), for
+        ``sskd``/``ssdkd``'s ``teacher_head=``.
     """
     if epochs < 1:
         raise ValueError(f"pretrain_sskd_teacher_head: epochs={epochs} must be >= 1")
@@ -130,15 +144,18 @@ def pretrain_sskd_teacher_head(
         if head is None:
             head = _default_head(teacher, batches, device)
         head = head.to(device).train()
+        wrapped = prepare(head) if prepare is not None else head
+        head = getattr(wrapped, "module", wrapped)  # DDP trains the module it wraps: snapshot that one
+        reduce = reduce if reduce is not None else _same
         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.1)
         best = _BestByValLoss()
         for epoch in range(epochs):
-            train_loss = _head_train_epoch(teacher, head, batches, opt, device)
+            train_loss = _head_train_epoch(teacher, wrapped, batches, opt, device, reduce)
             sched.step()
             msg = f"sskd head epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}"
             if val_batches is not None:
-                val = _head_val_loss(teacher, head, val_batches, device)
+                val = _head_val_loss(teacher, head, val_batches, device, reduce)
                 msg += f", val loss {val:.4f}"
                 best.update(val, head)
             logger.info(msg)
@@ -190,9 +207,16 @@ def _default_head(teacher: nn.Module, batches: Iterable[Any], device: torch.devi
         return ProjectionHead(int(features(teacher, first[:2]).embedding.shape[1]))
 
 
+def _same(value: float) -> float:
+    """The single-process ``reduce``: one rank's number is already everyone's."""
+    return value
+
+
 def _head_train_epoch(teacher: nn.Module, head: nn.Module, batches: Iterable[Any],
-                      opt: torch.optim.Optimizer, device: torch.device) -> float:
-    """One optimiser pass of ``head`` over ``batches``; returns the mean training loss.
+                      opt: torch.optim.Optimizer, device: torch.device,
+                      reduce: Callable[[float], float] = _same) -> float:
+    """One optimiser pass of ``head`` over ``batches``; returns the mean training loss over the
+    batches of every rank (``reduce`` of the sum over that of the count: ratio of the averages).
 
     Raises:
         ValueError: when ``batches`` yields nothing (empty, or a one-shot iterator already used).
@@ -206,17 +230,20 @@ def _head_train_epoch(teacher: nn.Module, head: nn.Module, batches: Iterable[Any
         total, n = total + float(loss.detach()), n + 1
     if n == 0:
         raise ValueError("pretrain_sskd_teacher_head: batches is empty (or a one-shot iterator)")
+    total, n = reduce(total), reduce(float(n))
     return total / n
 
 
 def _head_val_loss(teacher: nn.Module, head: nn.Module, val_batches: Iterable[Any],
-                   device: torch.device) -> float:
-    """Mean contrastive loss of ``head`` over ``val_batches`` (eval mode, no gradients; 0 if empty)."""
+                   device: torch.device, reduce: Callable[[float], float] = _same) -> float:
+    """Mean contrastive loss of ``head`` over the ``val_batches`` of every rank (eval mode, no
+    gradients; 0 if there are none anywhere). ``head`` is the unwrapped module: no DDP forward."""
     head.eval()
     with torch.no_grad():
         losses = [float(sskd_head_loss(teacher, head, _images(b).to(device))) for b in val_batches]
     head.train()
-    return sum(losses) / max(len(losses), 1)
+    total, n = reduce(sum(losses)), reduce(float(len(losses)))
+    return total / n if n > 0 else 0.0
 
 
 def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
@@ -232,9 +259,10 @@ class SSKDHeadStage(TeacherStage):
     name = "sskd_head"
     kwarg = "teacher_head"
 
-    def train(self, teacher, batches, val_batches, *, epochs):
+    def train(self, teacher, batches, val_batches, *, epochs, prepare=None, reduce=None):
         return pretrain_sskd_teacher_head(teacher, batches, epochs=epochs, val_batches=val_batches,
-                                          patience=min(15, epochs), milestones=(epochs // 2, 3 * epochs // 4))
+                                          patience=min(15, epochs), milestones=(epochs // 2, 3 * epochs // 4),
+                                          prepare=prepare, reduce=reduce)
 
     def placeholder(self, teacher, input_size):
         from raykd.distill.base import probe_shapes
