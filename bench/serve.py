@@ -96,6 +96,32 @@ def load(url: str, body: bytes, concurrency: int, n: int) -> tuple[list[float], 
     return lat, time.perf_counter() - t0
 
 
+def direct(art: Path, body: bytes, n: int) -> list[float]:
+    """Latencies (s) of the same work without HTTP or Serve: decode the JPEG and run the predictor
+    the replica builds (same backend choice and preprocessing), in this process, one at a time."""
+    from raykd.serve.family import family_from_paths
+    from raykd.serve.intake import decode
+    from raykd.serve.predictor import load_predictor
+
+    predictor = load_predictor(family_from_paths([f"m={art}"]).get("m"), backend="auto", device="auto")
+    for _ in range(8):  # warm-up, as the HTTP settings get
+        predictor.predict([decode(body)])
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        predictor.predict([decode(body)])
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def batching(base: str) -> tuple[int, int]:
+    """The batched app's (batches, requests) counters so far."""
+    import requests
+
+    b = requests.get(f"{base}/batched/models", timeout=30).json()["batching"]
+    return b["batches"], b["requests"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=list(MODELS), default="hierattn_xs")
@@ -103,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch wait for a fuller batch")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0, help="@serve.batch wait for a fuller batch")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
     args = p.parse_args(argv)
 
@@ -131,12 +157,22 @@ def main(argv: list[str] | None = None) -> int:
             for name in apps:  # warm-up (first requests open connections, fill caches)
                 load(f"{base}/{name}/predict", body, 4, 16)
             results: dict[tuple[str, int], tuple[list[float], float]] = {}
+            batches: dict[int, list[int]] = {c: [0, 0] for c in args.concurrency}
+            direct_lat: list[float] = []
+            tta_lat: list[float] = []
             for r in range(args.rounds):
+                direct_lat += direct(art, body, args.requests)  # the same work in-process, side by side
                 for c in args.concurrency:
                     for name in apps:
+                        before = batching(base) if name == "batched" else None
                         lat, wall = load(f"{base}/{name}/predict", body, c, args.requests)
+                        if before is not None:
+                            after = batching(base)
+                            batches[c][0] += after[0] - before[0]
+                            batches[c][1] += after[1] - before[1]
                         old = results.get((name, c), ([], 0.0))
                         results[(name, c)] = (old[0] + lat, old[1] + wall)
+                tta_lat += load(f"{base}/unbatched/predict?tta=flip", body, 1, args.requests // 2)[0]
                 print(f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
             stats = requests.get(f"{base}/batched/models", timeout=30).json()
         finally:
@@ -149,19 +185,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['measured_latency_ms']:.1f} ms; "
           f"1 replica x {args.num_cpus} CPU; client on the same {os.cpu_count()}-core machine; "
           f"load average {load0[0]:.1f} -> {load1[0]:.1f}")
-    b = stats["batching"]
-    print(f"# batched app: {b['requests']} requests in {b['batches']} batches "
-          f"(mean batch {b['requests'] / max(b['batches'], 1):.2f}, max {b['max_batch_size']}, "
-          f"wait {args.batch_wait_ms:g} ms)")
-    fmt = "{:<10} {:>11} {:>9} {:>9} {:>9} {:>10}"
-    print(fmt.format("batching", "concurrency", "requests", "p50 ms", "p99 ms", "req/s"))
+    print(f"# batched app: max batch {stats['batching']['max_batch_size']}, wait {args.batch_wait_ms:g} ms")
+    direct_p50 = float(np.percentile(np.array(direct_lat) * 1e3, 50))
+    fmt = "{:<10} {:>11} {:>9} {:>9} {:>9} {:>10} {:>11} {:>10}"
+    print(fmt.format("batching", "concurrency", "requests", "p50 ms", "p99 ms", "req/s", "mean batch",
+                     "overhead"))
+    print(fmt.format("direct", 1, len(direct_lat), f"{direct_p50:.1f}",
+                     f"{np.percentile(np.array(direct_lat) * 1e3, 99):.1f}",
+                     f"{len(direct_lat) / sum(direct_lat):.1f}", "-", "-"))
     for c in args.concurrency:
         for name in apps:
             lat, wall = results[(name, c)]
             arr = np.array(lat) * 1e3
             p50, p99 = np.percentile(arr, 50), np.percentile(arr, 99)
+            mean_batch = f"{batches[c][1] / max(batches[c][0], 1):.2f}" if name == "batched" else "1"
+            overhead = f"{p50 - direct_p50:+.1f} ms" if c == 1 else "-"
             print(fmt.format("on" if name == "batched" else "off", c, len(lat), f"{p50:.1f}", f"{p99:.1f}",
-                             f"{len(lat) / wall:.1f}"))
+                             f"{len(lat) / wall:.1f}", mean_batch, overhead))
+    for c in args.concurrency:
+        if c > 1:
+            on, off = (len(results[(n, c)][0]) / results[(n, c)][1] for n in ("batched", "unbatched"))
+            print(f"# concurrency {c}: throughput with batching {on / off:.2f}x without")
+    tta_p50 = float(np.percentile(np.array(tta_lat) * 1e3, 50))
+    plain = float(np.percentile(np.array(results[("unbatched", 1)][0]) * 1e3, 50))
+    print(f"# test-time augmentation (?tta=flip, 3 views): p50 {tta_p50:.1f} ms vs {plain:.1f} ms without "
+          f"({tta_p50 / plain:.2f}x), batching off, concurrency 1")
     return 0
 
 

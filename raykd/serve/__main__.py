@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
                    help="device of the torch backend; auto picks cuda when present")
     p.add_argument("--max-batch-size", type=int, default=8,
                    help="most requests a replica runs as one batch; 1 turns batching off")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.005,
+    p.add_argument("--batch-wait-timeout-s", type=float, default=0.0,
                    help="seconds a replica waits to fill a batch")
     p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                    help="largest request body accepted")

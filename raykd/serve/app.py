@@ -40,11 +40,13 @@ longer than ``request_timeout_s`` answers 503; an unexpected fault answers
 ``{"error": "internal error", "request_id": ...}`` and is logged with that id
 (:mod:`raykd.serve.guard`).
 
-Requests are grouped by ``@serve.batch`` (decoding, then one forward pass per model per batch) and
-run in a worker thread so the event loop keeps accepting requests while a batch computes. Bad
-requests are answered 4xx with ``{"error": ...}`` by :mod:`raykd.serve.intake`: content type, size,
-signature and declared dimensions before queueing, corrupt or truncated data when decoded (the
-other requests of that batch are still answered).
+Each request decodes its image in a worker thread, then joins ``@serve.batch``: one forward pass
+per model per batch, in a worker thread too, so the event loop keeps accepting requests while a
+batch computes. The batch does not wait for company by default (``batch_wait_timeout_s=0``): a lone
+request runs at once, and under load the requests that arrived while one batch computed form the
+next (``bench/serve.py`` measures both). Bad requests are answered 4xx with ``{"error": ...}`` by
+:mod:`raykd.serve.intake`: content type, size, signature and declared dimensions before queueing,
+corrupt or truncated data when decoded.
 
 Started the same way by ``python -m raykd.serve``, ``serve run raykd.serve.app:build_app
 registry=FILE`` and ``serve deploy deploy/serve_config.yaml``; ``build_app`` takes typed
@@ -115,7 +117,7 @@ class ServeArgs(BaseModel):
     backend: Literal["auto", "torch", "onnx"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch_size: int = Field(8, ge=1, description="1 turns batching off")
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="wait for a fuller batch (0: take what is queued)")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(Limits.max_image_pixels, gt=0,
                                   description="largest width x height accepted (from the image header)")
@@ -235,26 +237,17 @@ class ModelServer:
         self._batch.set_max_batch_size(self.args.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
-    def _run(self, names: list[str], blobs: list[bytes], ttas: list[str]) -> list:
-        """Run one batch: decode every image, then one forward pass per model (and TTA) named in it.
+    def _run(self, names: list[str], images: list[np.ndarray], ttas: list[str]) -> list:
+        """Run one batch of decoded images: one forward pass per model (and TTA) named in it.
 
-        Returns, in request order, ``(probabilities, backend that answered)`` or the
-        :class:`RequestError` of an image that would not decode (the others still get answers).
+        Returns, in request order, ``(probabilities, backend that answered)``.
         """
         from raykd.serve.predictor import predict_tta
 
         out: list = [None] * len(names)
-        images = {}
-        for i, data in enumerate(blobs):
-            try:
-                images[i] = decode(data)
-            except RequestError as exc:
-                out[i] = exc
         for name, tta in dict.fromkeys(zip(names, ttas, strict=True)):
             predictor = self.predictors[name]
-            idx = [i for i, key in enumerate(zip(names, ttas)) if key == (name, tta) and i in images]
-            if not idx:
-                continue
+            idx = [i for i, key in enumerate(zip(names, ttas)) if key == (name, tta)]
             fallbacks = getattr(predictor, "fallbacks", 0)
             probs = predict_tta(predictor, [images[i] for i in idx], tta)
             fell_back = getattr(predictor, "fallbacks", 0) > fallbacks
@@ -263,11 +256,18 @@ class ModelServer:
                 out[i] = (probs[row], backend)
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batch(self, names: list[str], blobs: list[bytes], ttas: list[str]) -> list:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _batch(self, names: list[str], images: list[np.ndarray], ttas: list[str]) -> list:
         self.batches += 1
         self.batched_requests += len(names)
-        return await asyncio.to_thread(self._run, names, blobs, ttas)
+        return await asyncio.to_thread(self._run, names, images, ttas)
+
+    async def _predict(self, name: str, data: bytes, tta: str):
+        """Decode in a worker thread (requests decode side by side, and beside the batch being
+        computed), then join the model's next batch. Raises :class:`RequestError` for an image
+        that does not decode."""
+        image = await asyncio.to_thread(decode, data)
+        return await self._batch(name, image, tta)
 
     def _entry(self, name: str | None) -> FamilyEntry:
         try:
@@ -345,7 +345,9 @@ class ModelServer:
         except RequestError as exc:
             return error_response(exc.status, exc.message)
         try:
-            result = await within(self._batch(entry.name, data, tta), self.args.request_timeout_s)
+            result = await within(self._predict(entry.name, data, tta), self.args.request_timeout_s)
+        except RequestError as exc:  # the image did not decode
+            return error_response(exc.status, exc.message)
         except PredictionTimeout as exc:
             log.warning("prediction with %s timed out after %g s (request %s)", entry.name,
                         exc.timeout_s, _request_id())
@@ -354,8 +356,6 @@ class ModelServer:
             rid = _request_id()
             log.exception("prediction with %s failed (request %s)", entry.name, rid)
             return internal_error(rid)
-        if isinstance(result, RequestError):
-            return error_response(result.status, result.message)
         probs, backend = result
         meta = self.predictors[entry.name].meta
         top = int(np.argmax(probs))
