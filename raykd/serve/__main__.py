@@ -49,8 +49,29 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address; 0.0.0.0 to expose")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--direct-port", type=int, default=None, metavar="PORT",
+                   help="also answer on each replica's own port (PORT, PORT+1, ...), skipping Serve's proxy "
+                        "hop (Ray Serve's direct ingress; a local cluster started here only)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     return p.parse_args(argv)
+
+
+def direct_ingress_env(first_port: int, replicas: int = 1) -> dict[str, str]:
+    """The environment that turns on Ray Serve's direct ingress: besides the proxy, each replica of
+    the application answers HTTP on its own port, from ``first_port`` up. It skips the proxy hop,
+    most of Serve's own latency on a small machine (``bench/serve.py`` measures both paths).
+
+    Ray 2.60 reads these variables in the Serve controller and replica processes, so they apply
+    to a cluster started with them in its environment (the local one ``raykd serve`` starts, or a
+    cluster's pods); they do nothing for a cluster already running without them.
+    """
+    if not 1 <= first_port <= 65535 - replicas:
+        raise ValueError(f"--direct-port {first_port}: needs {replicas} free port(s) from it, below 65536")
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(first_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(first_port + replicas + 7),  # room for restarts
+    }
 
 
 def args_to_serve_args(ns: argparse.Namespace):
@@ -66,7 +87,8 @@ def args_to_serve_args(ns: argparse.Namespace):
 
 
 def run_serve(args, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-              name: str = APP_NAME, blocking: bool = True, env_vars: dict[str, str] | None = None):
+              name: str = APP_NAME, blocking: bool = True, env_vars: dict[str, str] | None = None,
+              direct_port: int | None = None):
     """Start Serve on ``host:port`` and run the app built from ``args`` (a ``ServeArgs``).
 
     ``env_vars`` are set in the replicas' environment (``runtime_env``), e.g. ``RAYKD_API_KEY`` in
@@ -78,9 +100,16 @@ def run_serve(args, *, host: str = "127.0.0.1", port: int = 8000, address: str |
     from raykd.serve.app import bind_app
 
     app = bind_app(args, env_vars=env_vars)  # validates the family before touching the cluster
+    if direct_port is not None:
+        import os
+
+        os.environ.update(direct_ingress_env(direct_port, args.num_replicas))  # the processes Ray starts read them
     init_local_ray(address)
     serve.start(http_options={"host": host, "port": port})
     logging.getLogger(__name__).info("raykd serving on http://%s:%d (POST /predict, GET /models)", host, port)
+    if direct_port is not None:
+        logging.getLogger(__name__).info("each replica also answers on its own port from http://%s:%d "
+                                         "(direct ingress, no proxy hop)", host, direct_port)
     return serve.run(app, name=name, route_prefix="/", blocking=blocking)
 
 
@@ -96,7 +125,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     try:
         serve_args = args_to_serve_args(ns)
-        run_serve(serve_args, host=ns.host, port=ns.port, address=ns.address)
+        run_serve(serve_args, host=ns.host, port=ns.port, address=ns.address, direct_port=ns.direct_port)
     except (FileNotFoundError, ValueError, KeyError) as exc:  # a wrong file, model name or option
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes str()
         print(f"error: {message}", file=sys.stderr)
