@@ -276,6 +276,8 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
     data_s = time.perf_counter() - t0
 
     resources = worker_resources(cfg)
+    if cfg.scaling.min_workers is not None:
+        _warn_data_cpus(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir)},
@@ -323,6 +325,26 @@ def worker_resources(cfg: RunConfig) -> dict[str, float]:
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     return resources
+
+
+def _warn_data_cpus(cfg: RunConfig) -> None:
+    """An elastic group fills each node with as many workers as fit; warn where that would leave
+    the data pipeline less than one read task's CPU (the run would then wait on its data)."""
+    import ray
+
+    from raykd.data.dataset import DATA_TASK_CPUS
+
+    per = cfg.scaling.cpus_per_worker
+    for node in ray.nodes():
+        cpus = float(node.get("Resources", {}).get("CPU", 0.0)) if node.get("Alive") else 0.0
+        if per <= 0 or cpus < per:
+            continue
+        spare = cpus - math.floor(cpus / per + 1e-9) * per
+        if spare < DATA_TASK_CPUS:
+            log.warning("node %s: %g CPUs hold %d workers of scaling.cpus_per_worker=%g and leave %g CPU to "
+                        "Ray Data (< %g): if the group shrinks onto it, its data may starve; pick a "
+                        "cpus_per_worker that leaves a remainder", node["NodeID"][:8], cpus,
+                        math.floor(cpus / per + 1e-9), per, spare, DATA_TASK_CPUS)
 
 
 def _worker_count(cfg: RunConfig) -> int | tuple[int, int]:
