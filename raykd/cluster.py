@@ -93,16 +93,34 @@ def refuse_relative_in_job(paths: dict[str, str | None], where: str) -> None:
             f"reaches, e.g. {fixes}")
 
 
+def refuse_output_uri(path: str | None, name: str) -> None:
+    """Outputs (run folders, checkpoints, the leaderboard) are written as files: an object-store URI
+    is refused with the way to use one (datasets may be URIs: they are only read)."""
+    from raykd.config import ConfigError
+    from raykd.data.manifest import is_uri
+
+    if path and is_uri(path):
+        raise ConfigError(f"{name}={path}: outputs are written to a folder every node mounts (a local disk on "
+                          "one machine, NFS/EFS/Filestore on a cluster, or a bucket mounted with s3fs/gcsfuse); "
+                          "object-store URIs are read for datasets but not written")
+
+
 def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str) -> list[str]:
     """On one node: what of ``read`` (dataset folders) it cannot read, and of ``write`` it cannot
     write or does not share with the driver (the driver's ``marker`` file is not there)."""
     import uuid
     from pathlib import Path
 
+    from raykd.data.manifest import Manifest
+
     problems = []
     for name, path in read.items():
-        if not (Path(path) / "manifest.json").is_file():
-            problems.append(f"cannot read {name}={path} (no manifest.json there)")
+        try:
+            Manifest.load(path)  # a folder or a URI, read the way the trials will read it
+        except (OSError, ValueError) as exc:
+            reason = "no manifest.json there" if isinstance(exc, FileNotFoundError) and "not found" in str(exc) \
+                else str(exc)
+            problems.append(f"cannot read {name}={path} ({reason})")
     for name, path in write.items():
         if not (Path(path) / marker).is_file():
             problems.append(f"does not see the driver's files in {name}={path} (not storage shared with the driver)")

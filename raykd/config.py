@@ -88,6 +88,8 @@ class DataConfig:
 
     #: Folder holding ``manifest.json`` and ``shards/``. Generated from ``synth`` when absent and
     #: ``generate_if_missing`` is true.
+    #: The dataset: a folder (local, or a mount every node shares) or a URI read through pyarrow's
+    #: filesystems (``s3://bucket/prefix``, ``gs://...``); a missing folder is generated (synthetic).
     path: str = "data/synthetic"
     generate_if_missing: bool = True
     synth: SynthConfig = field(default_factory=SynthConfig)

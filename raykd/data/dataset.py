@@ -92,7 +92,8 @@ def read_split(path: str | Path, split: str, *, num_cpus: float = DATA_TASK_CPUS
     manifest = Manifest.load(path)
     if split not in manifest.class_counts:
         raise ValueError(f"split {split!r} not in {path} (splits: {', '.join(manifest.class_counts)})")
-    ds = ray.data.read_parquet(manifest.shard_paths(path), num_cpus=num_cpus)
+    fs, shards = manifest.shard_files(path)  # a folder or a URI (s3://, gs://): pyarrow's filesystems
+    ds = ray.data.read_parquet(shards, filesystem=fs, num_cpus=num_cpus)
     ds = ds.filter(expr=col("split") == lit(split), num_cpus=num_cpus)
     return ds.select_columns(["image_id", "image", "label"], num_cpus=num_cpus)
 

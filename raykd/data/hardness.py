@@ -56,7 +56,7 @@ def hardness_keep_ids(path: str | Path, *, target: int, seed: int = 0) -> tuple[
     if cache.is_file():
         data = json.loads(cache.read_text())
         return data["keep"], np.asarray(data["kept_counts"])
-    ds = pads.dataset(manifest.shard_paths(path), format="parquet")
+    ds = manifest.shard_dataset(path)
     table = ds.to_table(columns=["image_id", "image", "label"], filter=pads.field("split") == "train")
     ids = table.column("image_id").to_pylist()
     labels = np.asarray(table.column("label").to_pylist())

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 
 from raykd.data.manifest import Manifest
 
@@ -17,7 +16,7 @@ def contact_sheet(path: str | Path, out: str | Path, *, per_class: int = 6, tile
     from raykd.data.transforms import decode_image
 
     manifest = Manifest.load(path)
-    ds = pads.dataset(manifest.shard_paths(path), format="parquet")
+    ds = manifest.shard_dataset(path)
     picked: dict[int, list[np.ndarray]] = {c: [] for c in range(manifest.num_classes)}
     for batch in ds.to_batches(columns=["image", "label"], batch_size=256):
         for data, label in zip(batch.column("image").to_pylist(), batch.column("label").to_pylist()):

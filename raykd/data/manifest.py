@@ -1,5 +1,11 @@
 """The manifest written beside the shards: label map, class counts per split, split seed, source,
-and every quarantined item with its reason."""
+and every quarantined item with its reason.
+
+A dataset's location is a folder path (local or a mount every node shares, such as NFS) or a URI
+that pyarrow's filesystems read (``s3://bucket/prefix``, ``gs://bucket/prefix``, ``file:///path``):
+:meth:`Manifest.load` and :meth:`Manifest.shard_dataset` read either, so every reader of the shards
+(Ray Data, the in-memory splits, the stages, export) takes the same location string.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,30 @@ from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
+
+
+def is_uri(location: str | Path) -> bool:
+    """Whether ``location`` is a URI (``scheme://...``) rather than a filesystem path."""
+    text = str(location)
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.isidentifier() and len(scheme) > 1
+
+
+def resolve_location(location: str | Path) -> str:
+    """A URI as given; a path made absolute (runs and trials work in their own folders)."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser().resolve())
+
+
+def filesystem(location: str | Path):
+    """``(pyarrow filesystem, path inside it)`` of a dataset location (a path or a URI)."""
+    import pyarrow.fs as pafs
+
+    if is_uri(location):
+        try:
+            return pafs.FileSystem.from_uri(str(location))
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad URI
+            raise ValueError(f"cannot open dataset location {location}: {exc}") from None
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
 
 @dataclass
@@ -54,15 +84,44 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
-        path = Path(directory) / MANIFEST_NAME
-        if not path.is_file():
+        """The manifest of the dataset at ``directory`` (a folder path or a URI)."""
+        import pyarrow.fs as pafs
+
+        fs, root = filesystem(directory)
+        path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+        try:
+            found = fs.get_file_info(path).type == pafs.FileType.File
+        except OSError as exc:  # unreachable store, no credentials, ...
+            raise FileNotFoundError(f"cannot read {directory}/{MANIFEST_NAME}: {exc}") from None
+        if not found:
             raise FileNotFoundError(
-                f"{path} not found: {directory} is not a raykd dataset folder "
+                f"{str(directory).rstrip('/')}/{MANIFEST_NAME} not found: {directory} is not a raykd dataset folder "
                 "(make one with `python -m raykd.data synth` or `python -m raykd.data ingest`)"
             )
-        data = json.loads(path.read_text())
+        with fs.open_input_stream(path) as f:
+            data = json.loads(f.read().decode())
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def shard_paths(self, directory: str | Path) -> list[str]:
+        """Every shard's location: paths for a folder, URIs for a URI (what Ray Data reads)."""
+        if is_uri(directory):
+            return [f"{str(directory).rstrip('/')}/{SHARDS_DIR}/{s}" for s in self.shards]
         return [str(Path(directory) / SHARDS_DIR / s) for s in self.shards]
+
+    def shard_files(self, directory: str | Path) -> tuple:
+        """``(pyarrow filesystem, shard paths inside it)``: for readers that take a filesystem."""
+        fs, root = filesystem(directory)
+        return fs, [f"{root.rstrip('/')}/{SHARDS_DIR}/{s}" for s in self.shards]
+
+    def shard_dataset(self, directory: str | Path):
+        """The shards as one ``pyarrow.dataset`` (read lazily, from a folder or a URI)."""
+        import pyarrow.dataset as pads
+
+        fs, paths = self.shard_files(directory)
+        return pads.dataset(paths, filesystem=fs, format="parquet")
+
+    def shard_bytes(self, directory: str | Path) -> int:
+        """Bytes of every shard (all splits)."""
+        fs, paths = self.shard_files(directory)
+        return sum(info.size for info in fs.get_file_info(paths))

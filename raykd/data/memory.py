@@ -34,7 +34,7 @@ __all__ = ["MemorySplit", "encoded_bytes", "read_rows"]
 
 def encoded_bytes(path: str | Path) -> int:
     """Bytes of every shard of the dataset (all splits): what holding it in memory costs, encoded."""
-    return sum(Path(p).stat().st_size for p in Manifest.load(path).shard_paths(path))
+    return Manifest.load(path).shard_bytes(path)
 
 
 def read_rows(path: str | Path, split: str, keep_ids: Sequence[str] | None = None, *,
@@ -46,7 +46,7 @@ def read_rows(path: str | Path, split: str, keep_ids: Sequence[str] | None = Non
     manifest = Manifest.load(path)
     if split not in manifest.class_counts:
         raise ValueError(f"split {split!r} not in {path} (splits: {', '.join(manifest.class_counts)})")
-    table = pads.dataset(manifest.shard_paths(path), format="parquet").to_table(
+    table = manifest.shard_dataset(path).to_table(
         columns=["image_id", "image", "label"], filter=pads.field("split") == split).sort_by("image_id")
     ids = table.column("image_id").to_pylist()
     images, labels = table.column("image").to_pylist(), np.asarray(table.column("label").to_pylist(), np.int64)

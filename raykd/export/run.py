@@ -139,14 +139,7 @@ def load_split_images(
     """
     import pyarrow.dataset as pads
 
-    shards = Path(dataset) / "shards"
-    files = sorted(shards.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(
-            f"no shards/*.parquet under {dataset}: pass --data with a raykd dataset folder "
-            "(made by `python -m raykd.data`)"
-        )
-    ds = pads.dataset([str(f) for f in files], format="parquet")
+    ds = _shards(dataset)
     table = ds.to_table(columns=["image", "label"], filter=pads.field("split") == split)
     if table.num_rows == 0:
         raise ValueError(f"{dataset} has no rows in split {split!r}; pick another with --split")
@@ -155,17 +148,26 @@ def load_split_images(
     return table.column("image").to_pylist(), np.asarray(table.column("label").to_numpy(), dtype=np.int64)
 
 
+def _shards(dataset: str | os.PathLike):
+    """The dataset's shards (a folder or a URI) as one pyarrow dataset, in the manifest's order."""
+    import pyarrow.dataset as pads
+
+    from raykd.data.manifest import MANIFEST_NAME, Manifest, is_uri
+
+    if is_uri(dataset) or (Path(dataset) / MANIFEST_NAME).is_file():
+        return Manifest.load(dataset).shard_dataset(dataset)
+    files = sorted((Path(dataset) / "shards").glob("*.parquet"))  # shards without a manifest
+    if not files:
+        raise FileNotFoundError(f"no shards/*.parquet under {dataset}: pass --data with a raykd dataset folder "
+                                "(made by `python -m raykd.data`)")
+    return pads.dataset([str(f) for f in files], format="parquet")
+
+
 def split_size(dataset: str | os.PathLike, split: str) -> int:
     """Number of rows of ``split`` in ``dataset/shards/*.parquet`` (0 when the split is empty)."""
     import pyarrow.dataset as pads
 
-    files = sorted((Path(dataset) / "shards").glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(
-            f"no shards/*.parquet under {dataset}: pass --data with a raykd dataset folder "
-            "(made by `python -m raykd.data`)"
-        )
-    ds = pads.dataset([str(f) for f in files], format="parquet")
+    ds = _shards(dataset)
     return ds.count_rows(filter=pads.field("split") == split)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from raykd.artifact.rundir import RunDir
 from raykd.config import DataConfig, RunConfig, dump_yaml, to_dict
-from raykd.data.manifest import Manifest
+from raykd.data.manifest import Manifest, is_uri, resolve_location
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,10 @@ class TrainResult:
 
 def ensure_dataset(data: DataConfig) -> Manifest:
     """Load the dataset's manifest, generating the synthetic dataset first when it is missing."""
-    path = Path(data.path)
+    path = data.path
+    if is_uri(path):  # an object store is read, never generated into
+        return Manifest.load(path)
+    path = Path(path)
     if (path / "manifest.json").is_file():
         return Manifest.load(path)
     if not data.generate_if_missing:
@@ -85,7 +88,7 @@ def eval_datasets(path: str, manifest: Manifest, split: str, preprocess, num_wor
         return {f"{split}_{r}": part for r, part in enumerate(parts)}
     ids: list[str] = []
     if n > 1:  # the ids alone are cheap to read on the driver; deal them out round-robin
-        table = pads.dataset(manifest.shard_paths(path), format="parquet").to_table(
+        table = manifest.shard_dataset(path).to_table(
             columns=["image_id"], filter=pads.field("split") == split)
         ids = sorted(table.column("image_id").to_pylist())
     return {
@@ -115,13 +118,14 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
     one and the config names no output of it, and build the run (which checks that the method
     fits); returns the resolved config, manifest, built run parts, run folder."""
     from raykd.models.weights import check_run_weights
-    from raykd.cluster import refuse_relative_in_job
+    from raykd.cluster import refuse_output_uri, refuse_relative_in_job
     from raykd.train.loop import build_run, set_seed
     from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
 
     refuse_relative_in_job({"data.path": cfg.data.path, "output_dir": cfg.output_dir}, "run config")
     check_run_weights(cfg)  # pretrained weights: a readable local file, or the hub reachable
-    cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())),
+    refuse_output_uri(cfg.output_dir, "output_dir")
+    cfg = replace(cfg, data=replace(cfg.data, path=resolve_location(cfg.data.path)),
                   output_dir=str(Path(cfg.output_dir).resolve()))
     for role in ("student", "teacher"):
         m = getattr(cfg, role)

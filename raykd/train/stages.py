@@ -58,7 +58,7 @@ class ShardBatches:
         self.rank, self.world = rank, world
         self.transform = build_eval_transform(spec)
         manifest = Manifest.load(path)
-        self._dataset = pads.dataset(manifest.shard_paths(path), format="parquet")
+        self._dataset = manifest.shard_dataset(path)
         self._filter = pads.field("split") == split
         #: Rows of the whole split, and of this rank's share.
         self.total_rows = sum(manifest.counts(split))

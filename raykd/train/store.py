@@ -93,6 +93,11 @@ def store_key(data_path: str | Path, teacher_artifact: str | Path, recipe: str, 
 
     art = find_artifact(teacher_artifact)
     teacher = _sha((_file_sha(art / WEIGHTS_NAME) + _file_sha(art / META_NAME)).encode())
+    from raykd.data.manifest import is_uri
+
+    if is_uri(data_path):
+        raise ValueError(f"teacher store: it is written beside the dataset, and {data_path} is an object-store URI; "
+                         "use a dataset folder every node mounts, or leave search.teacher_store_views unset")
     dataset = _file_sha(Path(data_path) / "manifest.json")
     return StoreKey(dataset=dataset, teacher=teacher, recipe=recipe, view=view.to_dict(), views=int(views),
                     seed=int(seed))
@@ -178,7 +183,8 @@ def build_store(data_path: str | Path, teacher_artifact: str | Path, key: StoreK
     init_local_ray()
     t0 = time.perf_counter()
     manifest = Manifest.load(data_path)
-    ds = ray.data.read_parquet(manifest.shard_paths(data_path), columns=["image_id", "image", "split"], num_cpus=0.25)
+    fs, shards = manifest.shard_files(data_path)
+    ds = ray.data.read_parquet(shards, filesystem=fs, columns=["image_id", "image", "split"], num_cpus=0.25)
     ds = ds.filter(expr=col("split") == lit("train"), num_cpus=0.25).drop_columns(["split"])
     if use_gpu:
         n_actors = actors or max(1, int(ray.cluster_resources().get("GPU", 1)))

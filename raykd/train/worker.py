@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from raykd.artifact.rundir import RunDir
 from raykd.config import RunConfig, from_dict
-from raykd.data.manifest import Manifest
+from raykd.data.manifest import Manifest, resolve_location
 from raykd.metrics import ClassificationMetrics, is_better, metric_mode, write_report
 from raykd.train.checkpoint import load_state, rng_state, save_state, set_rng_state
 from raykd.train.loop import build_run, device_batches, evaluate, set_seed, student_identity, train_epoch
@@ -385,7 +385,7 @@ def _save_best(run_dir: Path, parts, manifest: Manifest, cfg: RunConfig, val: di
         preprocess=parts.preprocess.to_dict(),
         version=cfg.name,
         metrics={k: float(v) for k, v in val.items() if isinstance(v, (int, float))},
-        dataset=str(Path(cfg.data.path).resolve()),
+        dataset=resolve_location(cfg.data.path),
     )
     save_artifact(RunDir(run_dir).best_dir, parts.student, meta)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from raykd.artifact.rundir import RunDir
 from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict, validate
+from raykd.data.manifest import is_uri
 from raykd.distill import METHODS
 from raykd.tune.spec import MethodSpec, SearchSpace, set_dotted
 
@@ -51,7 +52,8 @@ def absolute_paths(space: SearchSpace, cwd: Path | None = None) -> SearchSpace:
 
     base = copy.deepcopy(space.base)
     data = base.setdefault("data", {})
-    data["path"] = fix(data.get("path", DataConfig().path))
+    data_path = data.get("path", DataConfig().path)
+    data["path"] = data_path if is_uri(data_path) else fix(data_path)  # s3://, gs://: as given
     students = {k: replace(s, model={**s.model, "pretrained_file": fix(s.model.get("pretrained_file"))})
                 for k, s in space.students.items()}
     teachers = {}

@@ -71,11 +71,12 @@ class SearchOutcome:
 
 def prepare_search(space: SearchSpace) -> SearchSpace:
     """Everything that can fail before Ray starts: absolute paths, the dataset, method/student fit."""
-    from raykd.cluster import refuse_relative_in_job
+    from raykd.cluster import refuse_output_uri, refuse_relative_in_job
 
     paths = {"base.data.path": space.base_config.data.path, "output_dir": space.output_dir}
     paths.update({f"teachers.{k}.checkpoint": t.checkpoint for k, t in space.teachers.items()})
     refuse_relative_in_job(paths, space.source)
+    refuse_output_uri(space.output_dir, f"{space.source}: output_dir")
     space = absolute_paths(space)
     return check_combinations(space)
 
@@ -427,7 +428,8 @@ def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: 
         ),
         run_config=tune.RunConfig(
             name=space.name, storage_path=str(space.output_dir),
-            failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is recorded, not retried
+            # a failed trial restarts from its run's last checkpoint (trials train with resume=True)
+            failure_config=tune.FailureConfig(max_failures=b.trial_retries),
             callbacks=[_progress_callback(space), *tracking_callbacks(tracking, space.name, experiment_dir)],
             verbose=1 if verbose else 0,  # raykd logs one line per trial (_progress_callback)
         ),

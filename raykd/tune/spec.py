@@ -180,6 +180,9 @@ class BudgetConfig:
     reduction_factor: int = field(default=2, metadata={"range": (2, 100)})
     #: Stop starting trials after this many seconds (None: no limit).
     time_budget_s: float | None = field(default=None, metadata={"range": (1.0, None)})
+    #: Restarts of a trial that failed (its process died with a lost node or an OOM kill, or it
+    #: raised): it resumes from its run's last checkpoint. 0 records the first failure.
+    trial_retries: int = field(default=1, metadata={"range": (0, 100)})
 
 
 @dataclass

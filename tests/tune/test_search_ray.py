@@ -52,7 +52,7 @@ def smoke(ray_cluster, tmp_path_factory):
             # fault injection: the worker exits hard in epoch 1 and the run may not retry
             "broken": {"method": "baseline", "set": {"train.crash_in_epoch": 1, "train.max_failures": 0}},
         },
-        "budget": {"num_samples": 5, "min_trials_per_method": 2, "max_concurrent": 2},
+        "budget": {"num_samples": 5, "min_trials_per_method": 2, "max_concurrent": 2, "trial_retries": 0},
         # a 1-epoch teacher is near chance: this search checks the machinery, not the teacher
         "search": {"seed": 0, "teacher_margin": None},
     }
@@ -254,3 +254,28 @@ def test_the_cascade_runs_as_a_pipeline_of_runs_and_reports_bma_per_depth(resume
     md = outcome.leaderboard.markdown()
     assert f"Cascade {trial.trial_id}: val bma per depth" in md
     assert (exp / f"cascade_{trial.trial_id}.png").is_file()
+
+
+def test_a_trial_whose_process_dies_restarts_from_its_checkpoint(ray_cluster, tmp_path):
+    """The trial trains in its own process (one worker, small data) and that process exits hard in
+    epoch 2: Tune restarts the trial (budget.trial_retries), which resumes from epoch 1's checkpoint
+    and finishes with every epoch recorded once."""
+    from raykd.tune.search import run_tune
+
+    doc = base(tmp_path) | {
+        "name": "retry",
+        "teachers": {},
+        "methods": {"baseline": {"set": {"train.crash_in_epoch": 2}}},
+        "budget": {"num_samples": 1, "asha": False, "trial_retries": 1},
+        "search": {"seed": 0, "teacher_margin": None},
+        "export": {"onnx": False},
+    }
+    path = tmp_path / "retry.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    outcome = run_tune(load_space(path))
+    [record] = outcome.records
+    run = outcome.experiment_dir / "runs" / record.trial_id
+    assert record.status == "TERMINATED", record.error
+    assert (run / ".crash_injected").is_file()  # the process really died once, in epoch 2
+    assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())] == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
