@@ -177,6 +177,7 @@ def _stage_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from raykd.config import from_dict
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Moving model to device" and report lines
     cfg = from_dict(RunConfig, config["run"], where="teacher stage")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
