@@ -93,6 +93,19 @@ def refuse_relative_in_job(paths: dict[str, str | None], where: str) -> None:
             f"reaches, e.g. {fixes}")
 
 
+def cluster_capacity() -> dict[str, float]:
+    """The resources work can count on now: the alive nodes' totals, raised to the autoscaler's
+    maximum where the cluster has one (pending work is what makes it scale up)."""
+    import ray
+
+    from raykd.raycompat import autoscaler_max_resources
+
+    live = {k: float(v) for k, v in ray.cluster_resources().items()}
+    for key, most in autoscaler_max_resources().items():
+        live[key] = max(live.get(key, 0.0), most)
+    return live
+
+
 def refuse_output_uri(path: str | None, name: str) -> None:
     """Outputs (run folders, checkpoints, the leaderboard) are written as files: an object-store URI
     is refused with the way to use one (datasets may be URIs: they are only read)."""

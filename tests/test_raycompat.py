@@ -52,6 +52,6 @@ def test_cluster_resource_readers_exist_and_answer_on_a_local_cluster(ray_cluste
     assert free and all("CPU" in r for r in free.values())  # one entry per alive node
     assert raycompat.autoscaler_max_resources() == {}  # a local cluster has no autoscaler config
 
-    from raykd.tune.search import cluster_capacity
+    from raykd.cluster import cluster_capacity
 
     assert cluster_capacity()["CPU"] == ray.cluster_resources()["CPU"]

@@ -488,7 +488,7 @@ def _latency(model, meta, onnx_path: Path, reps: int) -> dict[str, float]:
 
     from raykd.artifact.predict import OnnxPredictor
     from raykd.data.transforms import PreprocessSpec
-    from raykd.tune.measure import measure_latency
+    from raykd.artifact.measure import measure_latency
 
     size = PreprocessSpec.from_dict(meta.preprocess).image_size
     torch_ms = measure_latency(model, size, reps=reps)

@@ -263,10 +263,9 @@ def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raykd.cluster import init_local_ray
+    from raykd.cluster import cluster_capacity, init_local_ray
     from raykd.distill import METHODS
-    from raykd.raycompat import autoscaler_max_resources
-    from raykd.train.driver import _start_retries, fit_bounded
+    from raykd.train.driver import _start_retries, fit_bounded, worker_resources
 
     out = Path(out_file).resolve()
     name = METHODS.get(cfg.distill.method).teacher_stage.name
@@ -274,17 +273,12 @@ def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
         log.info("teacher stage %s: reusing %s", name, out)
         return replace(cfg, distill=replace(cfg.distill, teacher_stage_file=str(out)))
     init_local_ray(cfg.address)
-    capacity = {k: float(v) for k, v in ray.cluster_resources().items()}
-    for key, most in autoscaler_max_resources().items():
-        capacity[key] = max(capacity.get(key, 0.0), most)
-    workers = stage_workers(cfg, capacity)
+    workers = stage_workers(cfg, cluster_capacity())
     rows = sum(Manifest.load(cfg.data.path).counts("train"))
     if rows < workers:
         raise ValueError(f"teacher stage {name}: the training split of {cfg.data.path} has {rows} rows, fewer "
                          f"than the {workers} workers (scaling.num_workers): every rank needs rows to step with")
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
+    resources = worker_resources(cfg)
     log.info("teacher stage %s: training it for %d epochs on the teacher %s with %d worker(s)", name,
              cfg.distill.stage_epochs, cfg.teacher.checkpoint or cfg.teacher.name, workers)
     trainer = TorchTrainer(

@@ -287,7 +287,7 @@ def _run_row(base: dict[str, Any], run_dir: Path, metric: str, failed: bool, err
 def _measure(row: Row, reps: int) -> None:
     """Cost of the row's best model, measured now on this machine (one model at a time)."""
     from raykd.artifact import find_artifact, load_artifact
-    from raykd.tune.measure import measure_latency, model_cost
+    from raykd.artifact.measure import measure_latency, model_cost
 
     try:
         path = find_artifact(row.run_dir)

@@ -108,24 +108,13 @@ def trial_concurrency(space: SearchSpace, resources: dict[str, float]) -> int:
     return max(1, n)
 
 
-def cluster_capacity() -> dict[str, float]:
-    """The resources trials can count on now: the alive nodes' totals, raised to the autoscaler's
-    maximum where the cluster has one (its pending trials are what make it scale up)."""
-    import ray
-
-    from raykd.raycompat import autoscaler_max_resources
-
-    live = {k: float(v) for k, v in ray.cluster_resources().items()}
-    for key, most in autoscaler_max_resources().items():
-        live[key] = max(live.get(key, 0.0), most)
-    return live
-
-
 def _follow_the_cluster(searcher, space: SearchSpace, start: int, *, every_s: float = 5.0):
     """``searcher`` behind a concurrency limit that is recomputed from :func:`cluster_capacity`
     while the search runs (at most every ``every_s`` seconds): a node that joins mid-search, or
     an autoscaler allowed to add nodes, gets trials; a fixed ``budget.max_concurrent`` stays fixed."""
     from ray.tune.search import ConcurrencyLimiter
+
+    from raykd.cluster import cluster_capacity
 
     class FollowTheCluster(ConcurrencyLimiter):
         def suggest(self, trial_id: str):
@@ -297,7 +286,7 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
         verbose: Tune's status tables and trial result tables on the console (else only raykd's
             one line per trial).
     """
-    from raykd.cluster import check_storage_on_every_node, init_local_ray
+    from raykd.cluster import check_storage_on_every_node, cluster_capacity, init_local_ray
     from raykd.tune.findings import STAGE_2, collect_findings
     from raykd.tune.leaderboard import build_leaderboard
     from raykd.tune.publish import publish

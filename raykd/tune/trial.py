@@ -79,7 +79,7 @@ def _replay(run_dir: Path, extra: dict[str, Any], metric: str, report=None) -> N
 
 def _cost(parts, reps: int) -> dict[str, float]:
     """Size and CPU latency of the run's student, measured once from the models the run built."""
-    from raykd.tune.measure import measure_latency, model_cost
+    from raykd.artifact.measure import measure_latency, model_cost
 
     return {**model_cost(parts.student), "latency_ms": measure_latency(parts.student, parts.preprocess.image_size,
                                                                        reps=reps)}
@@ -195,7 +195,7 @@ def _pipeline(plan, template, resolved, trial_dir: TrialDir, trained: list[RunDi
     metrics, size and latency, the parent first."""
     from raykd.artifact import load_artifact
     from raykd.distill import METHODS
-    from raykd.tune.measure import model_cost
+    from raykd.artifact.measure import model_cost
     from raykd.tune.plan import pipeline_knobs
 
     metric = plan.space.search.metric

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from raykd.tune.leaderboard import Leaderboard, Row, cascade_markdown, pareto_front
-from raykd.tune.measure import measure_latency, model_cost
+from raykd.artifact.measure import measure_latency, model_cost
 
 
 def row(run, bma, status="ok", latency=None, params=None, error=None, **kw):
