@@ -13,6 +13,7 @@ it is the only reader of that queue. Waiting until both queues are empty closes 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,17 @@ def free_resources_per_node() -> dict[str, dict[str, float]]:
     except Exception:  # noqa: BLE001 - an error message must not fail over its detail
         log.debug("could not read free resources per node", exc_info=True)
         return {}
+
+
+def train_group_start_timeout_s() -> float:
+    """How long Ray Train waits to place one worker group before it retries (its private
+    constant, overridable by its environment variable)."""
+    from ray.train.v2._internal.constants import (
+        DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
+        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
+    )
+
+    return float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
 
 
 def autoscaler_max_resources() -> dict[str, float]:

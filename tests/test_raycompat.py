@@ -51,6 +51,7 @@ def test_cluster_resource_readers_exist_and_answer_on_a_local_cluster(ray_cluste
     free = raycompat.free_resources_per_node()
     assert free and all("CPU" in r for r in free.values())  # one entry per alive node
     assert raycompat.autoscaler_max_resources() == {}  # a local cluster has no autoscaler config
+    assert raycompat.train_group_start_timeout_s() > 0  # Ray Train's private start-timeout constant
 
     from raykd.cluster import cluster_capacity
 

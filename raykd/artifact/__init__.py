@@ -16,8 +16,9 @@ from raykd.artifact.format import (
     find_artifact,
     load_artifact,
     read_meta,
+    write_meta,
     save_artifact,
 )
 
 __all__ = ["BEST_DIR", "META_NAME", "WEIGHTS_NAME", "ArtifactMeta", "build_model", "count_params", "find_artifact",
-           "load_artifact", "read_meta", "save_artifact"]
+           "load_artifact", "read_meta", "save_artifact", "write_meta"]

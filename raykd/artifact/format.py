@@ -40,6 +40,7 @@ __all__ = [
     "build_model",
     "count_params",
     "read_meta",
+    "write_meta",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -135,6 +136,20 @@ def build_model(meta: ArtifactMeta) -> nn.Module:
         raise
 
 
+def _write_meta_file(path: Path, meta: ArtifactMeta) -> None:
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **meta.to_dict()}, indent=2, sort_keys=True))
+
+
+def write_meta(directory: str | os.PathLike, meta: ArtifactMeta) -> Path:
+    """Rewrite an artifact's ``meta.json`` atomically, leaving its weights as they are (export
+    writes the calibration temperature and the decision point this way)."""
+    path = Path(directory) / META_NAME
+    tmp = path.with_name(f".{META_NAME}.tmp-{os.getpid()}")
+    _write_meta_file(tmp, meta)
+    os.replace(tmp, path)
+    return path
+
+
 def save_artifact(directory: str | os.PathLike, model: nn.Module, meta: ArtifactMeta) -> Path:
     """Write ``model.safetensors`` + ``meta.json`` into ``directory`` atomically.
 
@@ -159,8 +174,7 @@ def save_artifact(directory: str | os.PathLike, model: nn.Module, meta: Artifact
     try:
         # save_model (not save_file) de-duplicates tied tensors, which save_file refuses.
         save_model(unwrap_model(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        payload = {"format_version": FORMAT_VERSION, **meta.to_dict()}
-        (tmp / META_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True))
+        _write_meta_file(tmp / META_NAME, meta)
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

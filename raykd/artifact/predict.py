@@ -23,12 +23,17 @@ __all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "eval_transform", "pr
            "softmax"]
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 then float32 (stable for fp16 logits too)."""
-    z = logits.astype(np.float64)
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax computed and returned in float64 (stable for fp16 logits too)."""
+    z = np.asarray(logits, dtype=np.float64)
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 then float32 (what the predictors answer)."""
+    return softmax64(logits).astype(np.float32)
 
 
 def eval_transform(preprocess: dict) -> Callable:

@@ -79,10 +79,9 @@ def _check(probs_or_logits: np.ndarray, labels: np.ndarray, what: str) -> tuple[
 
 def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise ``softmax(logits / temperature)`` in float64."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    from raykd.artifact.predict import softmax64
+
+    return softmax64(np.asarray(logits, dtype=np.float64) / temperature)
 
 
 def _nll_at(z: np.ndarray, y: np.ndarray, temperature: float) -> float:

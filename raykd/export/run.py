@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from raykd.artifact import BEST_DIR, WEIGHTS_NAME, count_params, find_artifact, load_artifact
+from raykd.artifact import BEST_DIR, WEIGHTS_NAME, count_params, find_artifact, load_artifact, write_meta
 from raykd.export.calibrate import DEFAULT_BINS, DEFAULT_TARGET_SENSITIVITY
 from raykd.export.onnx import FP16_NAME, INT8_NAME, ONNX_NAME, convert_fp16, export_onnx, quantize_int8
 
@@ -290,7 +290,7 @@ def run_export(
             if calibrate:
                 calibration = _calibrate(meta, scored, target_sensitivity)
                 reliability = _reliability(meta, scored, calibration, out_dir / RELIABILITY_NAME)
-                _write_meta(artifact, meta)  # before the ONNX file, which embeds the meta
+                write_meta(artifact, meta)  # before the ONNX file, which embeds the meta
             else:
                 log.info("calibration skipped: serving temperature %.3g and decision %s as in %s",
                          meta.temperature, meta.decision or "none", artifact)
@@ -467,19 +467,6 @@ def _reliability(meta, scored: dict[str, ScoredSplit], calibration: dict, path: 
                                path, bins=calibration["bins"],
                                title=f"{meta.model_name} {meta.version}: {s.split} split, T = "
                                      f"{calibration['temperature']:.3f}")
-
-
-def _write_meta(artifact: Path, meta) -> None:
-    """Rewrite ``artifact/meta.json`` atomically in :func:`~raykd.artifact.save_artifact`'s format.
-
-    Only the meta changes (temperature and decision); the weights file is left untouched.
-    """
-    from raykd.artifact.format import FORMAT_VERSION, META_NAME
-
-    path = artifact / META_NAME
-    tmp = path.with_name(f".{META_NAME}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, **meta.to_dict()}, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _latency(model, meta, onnx_path: Path, reps: int) -> dict[str, float]:

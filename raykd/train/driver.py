@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -292,8 +291,7 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(
-                max_failures=cfg.train.max_failures, controller_failure_limit=_start_retries(cfg)),
+            failure_config=failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
         ),
@@ -357,21 +355,16 @@ def _worker_count(cfg: RunConfig) -> int | tuple[int, int]:
     return (low, high) if low is not None and low < high else high
 
 
-def _start_timeout_s() -> float:
-    """How long Ray Train waits for one worker group's placement group before it retries."""
-    from ray.train.v2._internal.constants import (
-        DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
-        WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
-    )
+def failure_config(cfg: RunConfig):
+    """Ray Train's ``FailureConfig`` of a run: ``train.max_failures`` worker-group restarts, and
+    as many start attempts as fit in ``train.resource_wait_s`` (Ray's default, -1, retries a
+    worker group that cannot be placed forever: the silent hang after a lost node)."""
+    import ray.train
 
-    return float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+    from raykd.raycompat import train_group_start_timeout_s
 
-
-def _start_retries(cfg: RunConfig) -> int:
-    """Train's ``controller_failure_limit``: start attempts after the first that fit in
-    ``train.resource_wait_s`` (Ray's default, -1, retries a worker group that cannot be placed
-    forever: the silent hang after a lost node)."""
-    return max(0, math.ceil(cfg.train.resource_wait_s / _start_timeout_s()) - 1)
+    retries = max(0, math.ceil(cfg.train.resource_wait_s / train_group_start_timeout_s()) - 1)
+    return ray.train.FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=retries)
 
 
 def missing_resources_message(cfg: RunConfig) -> str:

@@ -265,7 +265,7 @@ def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
 
     from raykd.cluster import cluster_capacity, init_local_ray
     from raykd.distill import METHODS
-    from raykd.train.driver import _start_retries, fit_bounded, worker_resources
+    from raykd.train.driver import failure_config, fit_bounded, worker_resources
 
     out = Path(out_file).resolve()
     name = METHODS.get(cfg.distill.method).teacher_stage.name
@@ -288,8 +288,7 @@ def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=out.stem, storage_path=str(out.parent / "_train"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
-                                                   controller_failure_limit=_start_retries(cfg)),
+            failure_config=failure_config(cfg),
         ),
     )
     result = fit_bounded(trainer, cfg)
