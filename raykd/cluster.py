@@ -106,25 +106,14 @@ def cluster_capacity() -> dict[str, float]:
     return live
 
 
-def refuse_output_uri(path: str | None, name: str) -> None:
-    """Outputs (run folders, checkpoints, the leaderboard) are written as files: an object-store URI
-    is refused with the way to use one (datasets may be URIs: they are only read)."""
-    from raykd.config import ConfigError
-    from raykd.data.manifest import is_uri
-
-    if path and is_uri(path):
-        raise ConfigError(f"{name}={path}: outputs are written to a folder every node mounts (a local disk on "
-                          "one machine, NFS/EFS/Filestore on a cluster, or a bucket mounted with s3fs/gcsfuse); "
-                          "object-store URIs are read for datasets but not written")
-
-
-def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str) -> list[str]:
-    """On one node: what of ``read`` (dataset folders) it cannot read, and of ``write`` it cannot
-    write or does not share with the driver (the driver's ``marker`` file is not there)."""
-    import uuid
+def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str,
+                   local: dict[str, str] | None = None) -> list[str]:
+    """On one node: what of ``read`` (dataset folders) it cannot read, of ``write`` (folders or
+    URIs) it cannot write or does not share with the driver (the driver's ``marker`` file is not
+    there), and of ``local`` (this node's own folders) it cannot write."""
     from pathlib import Path
 
-    from raykd.data.manifest import Manifest
+    from raykd.data.manifest import Manifest, is_uri
 
     problems = []
     for name, path in read.items():
@@ -135,23 +124,84 @@ def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str) -> 
                 else str(exc)
             problems.append(f"cannot read {name}={path} ({reason})")
     for name, path in write.items():
+        if is_uri(path):
+            problems += _probe_store(name, path, marker)
+            continue
         if not (Path(path) / marker).is_file():
             problems.append(f"does not see the driver's files in {name}={path} (not storage shared with the driver)")
             continue
-        probe = Path(path) / f".raykd-write-check-{uuid.uuid4().hex}"
-        try:
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as e:
-            problems.append(f"cannot write {name}={path} ({e.strerror or e})")
+        problems += _probe_folder(name, path)
+    for name, path in (local or {}).items():
+        problems += _probe_folder(name, path)
     return problems
 
 
+def _probe_folder(name: str, path: str) -> list[str]:
+    import uuid
+    from pathlib import Path
+
+    probe = Path(path) / f".raykd-write-check-{uuid.uuid4().hex}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        return [f"cannot write {name}={path} ({e.strerror or e})"]
+    return []
+
+
+def _probe_store(name: str, uri: str, marker: str) -> list[str]:
+    """An object-store location: the driver's ``marker`` is visible and an object can be written."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    from raykd.data.manifest import filesystem
+
+    try:
+        fs, root = filesystem(uri)
+        if fs.get_file_info(f"{root.rstrip('/')}/{marker}").type != pafs.FileType.File:
+            return [f"does not see the driver's files in {name}={uri} (another store or account?)"]
+        probe = f"{root.rstrip('/')}/.raykd-write-check-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:
+        return [f"cannot write {name}={uri} ({e})"]
+    return []
+
+
+def _write_marker(location: str, marker: str, text: str | None) -> None:
+    """Write (or with ``text`` None, remove) the file ``marker`` in a folder or store URI."""
+    from pathlib import Path
+
+    from raykd.data.manifest import filesystem, is_uri
+
+    if not is_uri(location):
+        if text is None:
+            (Path(location) / marker).unlink(missing_ok=True)
+        else:
+            Path(location).mkdir(parents=True, exist_ok=True)
+            (Path(location) / marker).write_text(text)
+        return
+    fs, root = filesystem(location)
+    path = f"{root.rstrip('/')}/{marker}"
+    if text is None:
+        try:
+            fs.delete_file(path)
+        except OSError:
+            pass
+    else:
+        with fs.open_output_stream(path) as out:
+            out.write(text.encode())
+
+
 def check_storage_on_every_node(read: dict[str, str], write: dict[str, str], where: str,
-                                timeout_s: float = 120.0) -> None:
-    """Before any trial: from every alive node of the cluster, the datasets of ``read`` can be read
-    and the folders of ``write`` are shared with the driver and writable (a zero-CPU task pinned to
-    each node looks for a file the driver just wrote there, then writes its own). Raises ConfigError
+                                timeout_s: float = 120.0, *, local: dict[str, str] | None = None) -> None:
+    """Before any trial: from every alive node of the cluster, the datasets of ``read`` can be read,
+    the folders or store URIs of ``write`` are shared with the driver and writable (a zero-CPU
+    task pinned to each node looks for a file the driver just wrote there, then writes its own),
+    and each node's own folders of ``local`` (an output mirror) are writable. Raises ConfigError
     naming each node and path that fails; a single-node cluster has nothing to check beyond the
     driver's own checks."""
     import ray
@@ -163,15 +213,13 @@ def check_storage_on_every_node(read: dict[str, str], write: dict[str, str], whe
     if len(nodes) <= 1:
         return
     import uuid
-    from pathlib import Path
 
     marker = f".raykd-shared-check-{uuid.uuid4().hex}"
     for path in write.values():  # what every node must see: a file the driver wrote
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / marker).write_text("written by the driver")
+        _write_marker(path, marker, "written by the driver")
     probe = ray.remote(num_cpus=0, max_retries=0)(_probe_storage)
     refs = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-            .remote(read, write, marker) for n in nodes}
+            .remote(read, write, marker, local) for n in nodes}
     addresses = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
     failures = []
     try:
@@ -183,7 +231,7 @@ def check_storage_on_every_node(read: dict[str, str], write: dict[str, str], whe
             failures += [f"node {addresses[node_id]} ({node_id[:12]}): {p}" for p in problems]
     finally:
         for path in write.values():
-            (Path(path) / marker).unlink(missing_ok=True)
+            _write_marker(path, marker, None)
     if failures:
         raise ConfigError(f"{where}: storage is not reachable from every node of the cluster; put data and "
                           "output on storage all nodes mount (NFS, s3://, gs://):\n  " + "\n  ".join(failures))

@@ -230,8 +230,15 @@ class RunConfig:
     """One training run: a teacher (optional) and a student trained with a method."""
 
     name: str = "run"
-    #: Runs are written to ``output_dir/name`` (absolute or relative to the working directory).
+    #: Runs are written to ``output_dir/name``: a folder (absolute or relative to the working
+    #: directory), or a URI (``s3://bucket/runs``, ``gs://...``) mirrored through ``mirror_dir``.
     output_dir: str = "runs"
+    #: Where a URI ``output_dir`` is mirrored on every node (the same path on each; default
+    #: ``~/.cache/raykd/mirror/<bucket-path>``; see :mod:`raykd.storage`).
+    mirror_dir: str | None = None
+    #: Set when the run is resolved: the URI that ``mirror_dir`` mirrors (``output_dir`` then lies
+    #: inside ``mirror_dir``); not for configs.
+    mirror_uri: str | None = None
     #: Ray cluster address; None starts a local cluster (or uses ``$RAY_ADDRESS``).
     address: str | None = None
     data: DataConfig = field(default_factory=DataConfig)

@@ -54,11 +54,12 @@ def _kill_cluster(tag: str) -> None:
 
 
 def _start_two_nodes(tmp_path: Path, data: Path, out: Path, *, hide: bool, env_extra: dict | None = None,
-                     join: bool = True):
+                     join: bool = True, port: int = PORT):
     """Start the head (node_a) and a second raylet (node_b), 1 CPU each; with ``hide`` the second
     runs in its own mount namespace with empty tmpfs over ``data`` and ``out``. Returns the address,
     the environment to talk to it, the temp dir and a function that joins the second node (already
     called unless ``join`` is False); stop it all with :func:`_kill_cluster`."""
+    PORT = port  # noqa: N806 - the ports below count from it
     temp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     tag = f"127.0.0.1:{PORT}"
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}", "--num-cpus=1",
@@ -133,8 +134,9 @@ def test_a_search_whose_data_a_node_cannot_read_fails_before_any_trial_naming_no
     assert not (out / "tune-smoke" / "runs").exists() and not (out / "tune-smoke" / "teachers").exists()
 
 
-def _raylet_pid(resource: str) -> int:
-    """The pid of the raylet started with ``resource`` (never killed by name: other clusters may run)."""
+def _raylet_pid(resource: str, *also: str) -> int:
+    """The pid of the raylet started with ``resource`` (and the strings ``also``, e.g. its cluster's
+    address; never killed by name: other clusters may run)."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -142,9 +144,9 @@ def _raylet_pid(resource: str) -> int:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"/raylet") and any(resource.encode() in a for a in argv):
+        if argv and argv[0].endswith(b"/raylet") and all(any(x.encode() in a for a in argv) for x in (resource, *also)):
             return int(pid)
-    raise AssertionError(f"no raylet with resource {resource}")
+    raise AssertionError(f"no raylet with {(resource, *also)}")
 
 
 def _node_names(address: str, env: dict) -> dict[str, str]:
@@ -189,7 +191,9 @@ def test_a_node_that_joins_mid_search_gets_trials(shared_two_nodes, capsys):
         proc = subprocess.Popen(
             [sys.executable, "-m", "raykd.tune", "--space", str(ROOT / "search_spaces" / "smoke.yaml"),
              "--address", address, "--set", f"output_dir={out}", "--set", f"base.data.path={data}",
-             "--set", "base.train.epochs=2"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+             # enough trials that some are still to start once node_b has joined (its start takes ~5-10 s)
+             "--set", "base.train.epochs=2", "--set", "budget.num_samples=6"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         while not any(runs.glob("*/trial.json")):
             assert proc.poll() is None, (out / "search.log").read_text()[-4000:]
             assert time.monotonic() - t0 < 400, "no trial started within 400 s"
@@ -206,7 +210,7 @@ def test_a_node_that_joins_mid_search_gets_trials(shared_two_nodes, capsys):
         print(f"\nsearch: node_b joined at {joined_s:.0f} s; {len(trials)} trials in "
               f"{time.monotonic() - t0:.0f} s, on {placed}")
         print("  " + "".join(line for line in text.splitlines(keepends=True) if "fits" in line).strip())
-    assert len(trials) == 4 and set(placed) == {"node_a", "node_b"}
+    assert len(trials) == 6 and set(placed) == {"node_a", "node_b"}
     assert "the cluster now fits 4 trials at once (was 2)" in text
 
 
@@ -261,3 +265,57 @@ def test_a_lost_node_shrinks_the_ddp_run_which_finishes_from_its_checkpoint(shar
     assert resumed_from and min(resumed_from) >= killed_after  # at most the epoch in flight is lost
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == epochs and summary["test"]
+
+
+def test_a_search_with_its_outputs_in_s3_runs_on_two_nodes_that_share_no_disk(s3, s3_dataset, tmp_path, capsys):
+    """The data and the outputs live in an S3 store; each node works in its own mirror folder
+    (node_b's is a private tmpfs at the same path): the teacher trained on one node reaches the
+    distilling trials on the other through the store, and the driver's copy ends complete."""
+    if not _can_unshare():
+        pytest.skip("needs root and unshare -m to give the second node its own disk")
+    from tests.conftest import s3_listing
+
+    mirror, hidden = tmp_path / "mirror", tmp_path / "nothing"
+    mirror.mkdir()
+    hidden.mkdir()
+    temp = None
+    try:
+        # its own ports: the module's shared cluster (PORT) is still up
+        address, env, temp, _ = _start_two_nodes(tmp_path, hidden, mirror, hide=True, port=PORT + 10)
+        t0 = time.monotonic()
+        res = subprocess.run(
+            [sys.executable, "-m", "raykd.tune", "--space", str(ROOT / "search_spaces" / "smoke.yaml"),
+             "--address", address, "--set", f"output_dir={s3('twonode')}", "--set", f"mirror_dir={mirror}",
+             "--set", f"base.data.path={s3_dataset}", "--set", "base.train.epochs=1"],
+            capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+        wall = time.monotonic() - t0
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        names = _node_names(address, env)
+        node_b_disk = Path(f"/proc/{_raylet_pid('node_b', f':{PORT + 10}')}/root{mirror}")  # its mount namespace's view
+        on_node_b = {p.relative_to(node_b_disk).as_posix() for p in node_b_disk.rglob("*") if p.is_file()}
+    finally:
+        _kill_cluster(address)
+        if temp is not None:
+            _kill_cluster(str(temp))
+            shutil.rmtree(temp, ignore_errors=True)
+    runs = mirror / "tune-smoke" / "runs"
+    trials = [json.loads(p.read_text()) for p in sorted(runs.glob("*/trial.json"))]
+    placed = {t["trial_id"]: names[t["node"]] for t in trials}
+    stored = s3_listing(s3("twonode"))
+    with capsys.disabled():
+        print(f"\nS3 search on 2 nodes without a shared disk: {len(trials)} trials in {wall:.0f} s on "
+              f"{sorted((t['method'], placed[t['trial_id']]) for t in trials)}; {len(stored)} files in the store, "
+              f"{len(on_node_b)} on node_b's own disk")
+    assert len(trials) == 4 and set(placed.values()) == {"node_a", "node_b"}
+    # node_b's disk holds what it wrote and pulled, never the driver's own files
+    assert "tune-smoke/leaderboard.json" not in on_node_b and "tune-smoke/leaderboard.json" in stored
+    for t in trials:
+        folder = f"tune-smoke/runs/{t['trial_id']}/summary.json"
+        assert (folder in on_node_b) == (placed[t["trial_id"]] == "node_b")
+        if t["method"] == "kd" and placed[t["trial_id"]] == "node_b":  # its teacher came through the store
+            assert "tune-smoke/teachers/cnn/best/model.safetensors" in on_node_b
+    for t in trials:  # every trial finished, wherever it ran, and its folder reached the store and the driver
+        assert (runs / t["trial_id"] / "summary.json").is_file()
+        assert f"tune-smoke/runs/{t['trial_id']}/best/model.safetensors" in stored
+    assert "tune-smoke/leaderboard.json" in stored and "family.json" in stored
+    assert "stored at: s3://raykd/twonode/tune-smoke" in res.stdout

@@ -29,17 +29,22 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         print(list_methods())
         return 0
     configure(verbose=args.verbose)
-    from raykd.train.driver import ClusterResourcesError, run_train
+    from raykd.train.driver import ClusterResourcesError, resolve_outputs, run_train
 
     try:
         cfg = load_config(RunConfig, args.config, args.overrides + ([f"address={args.address}"] if args.address else []))
+        cfg = resolve_outputs(cfg)  # a URI output_dir: its local mirror
         log_to_file(RunDir.of(cfg).path)
 
         result = run_train(cfg, resume=args.resume)
     except (ConfigError, ValueError, FileExistsError, FileNotFoundError, ClusterResourcesError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"run_dir": str(result.run_dir), "best": result.best, "best_epoch": result.best_epoch,
+    from raykd.storage import Mirror
+
+    mirror = Mirror.of(cfg)
+    stored = {"stored_at": mirror.uri_of(result.run_dir)} if mirror is not None else {}
+    print(json.dumps({"run_dir": str(result.run_dir), **stored, "best": result.best, "best_epoch": result.best_epoch,
                       "epochs": result.epochs, "test_bma": result.test.get("bma")}, indent=2))
     return 0
 

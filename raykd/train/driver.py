@@ -112,20 +112,29 @@ def uses_local(cfg: RunConfig) -> bool:
     return cfg.scaling.num_workers <= 1 and encoded_bytes(cfg.data.path) <= LOCAL_MAX_BYTES
 
 
+def resolve_outputs(cfg: RunConfig) -> RunConfig:
+    """``output_dir`` made absolute; a URI becomes its local mirror (``mirror_uri``/``mirror_dir``,
+    :mod:`raykd.storage`)."""
+    from raykd.storage import resolve_output
+
+    if cfg.mirror_uri:  # resolved before (a search's run config)
+        return cfg
+    local, uri, mirror_dir = resolve_output(cfg.output_dir, cfg.mirror_dir)
+    return replace(cfg, output_dir=local, mirror_uri=uri, mirror_dir=mirror_dir)
+
+
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
     """Resolve paths, make sure the data exists, run the method's teacher-side stage when it has
     one and the config names no output of it, and build the run (which checks that the method
     fits); returns the resolved config, manifest, built run parts, run folder."""
     from raykd.models.weights import check_run_weights
-    from raykd.cluster import refuse_output_uri, refuse_relative_in_job
+    from raykd.cluster import refuse_relative_in_job
     from raykd.train.loop import build_run, set_seed
     from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
 
     refuse_relative_in_job({"data.path": cfg.data.path, "output_dir": cfg.output_dir}, "run config")
     check_run_weights(cfg)  # pretrained weights: a readable local file, or the hub reachable
-    refuse_output_uri(cfg.output_dir, "output_dir")
-    cfg = replace(cfg, data=replace(cfg.data, path=resolve_location(cfg.data.path)),
-                  output_dir=str(Path(cfg.output_dir).resolve()))
+    cfg = replace(resolve_outputs(cfg), data=replace(cfg.data, path=resolve_location(cfg.data.path)))
     for role in ("student", "teacher"):
         m = getattr(cfg, role)
         if m is not None and m.checkpoint:
@@ -154,11 +163,20 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
     The run folder gets ``timing.json``: wall time and the seconds spent in setup, model builds,
     training steps, evaluation, reporting and checkpoints, and the test split.
     """
-    t_start = time.perf_counter()
-    run_dir = Path(cfg.output_dir).resolve() / cfg.name
-    if not resume and not RunDir(run_dir).is_empty():
-        raise FileExistsError(f"run folder {run_dir} exists: pass --resume to continue it or pick another name")
-    t0 = time.perf_counter()
+    from raykd.storage import Mirror, mirrored, run_reads
+
+    cfg = resolve_outputs(cfg)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    with mirrored(Mirror.of(cfg), own=run_dir, reads=run_reads(cfg)) as mirror:  # outputs in a store
+        if not resume and not RunDir(run_dir).is_empty():
+            raise FileExistsError(f"run folder {run_dir} exists: pass --resume to continue it or pick another name")
+        return _run_train(cfg, mirror, resume=resume, callbacks=callbacks, in_process=in_process,
+                          on_report=on_report, on_built=on_built)
+
+
+def _run_train(cfg: RunConfig, mirror, *, resume: bool, callbacks, in_process: bool, on_report,
+               on_built) -> TrainResult:
+    t_start = t0 = time.perf_counter()
     cfg, manifest, parts, run_dir = prepare(cfg)
     build_s = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +191,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
         out = _local_task(cfg, run_dir, build_s)
     else:
         out = _trainer_fit(cfg, manifest, parts.preprocess, run_dir, callbacks)
+    if mirror is not None and not (local and in_process):  # what the run's workers wrote on their nodes
+        mirror.pull(run_dir)
     history = rd.read_metrics()
     best_row = next((r for r in history if r["epoch"] == out.get("best_epoch")), {})
     summary = TrainResult(
@@ -183,6 +203,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
         "best": summary.best, "best_epoch": summary.best_epoch, "epochs": summary.epochs,
         "select_metric": cfg.train.select_metric, "val": summary.val, "test": summary.test,
         "teacher": out.get("teacher"),  # fit() says where the teacher's outputs came from
+        "test_with_best_weights": out.get("best_model_loaded"),  # False: the last epoch's weights scored it
     })
     timing = {"executor": "local" if local else "trainer", **(out.get("timing") or {})}
     timing["wall_s"] = time.perf_counter() - t_start
@@ -217,6 +238,7 @@ def _local_fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, *, on_r
 def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """A Ray task body: rebuild the run (models are cheap next to shipping them) and fit it."""
     from raykd.config import from_dict
+    from raykd.storage import Mirror, mirrored, run_reads
     from raykd.train.loop import build_run, set_seed
 
     if not logging.getLogger("raykd").handlers:  # the epoch lines reach the driver's console
@@ -225,11 +247,12 @@ def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
         logging.getLogger("raykd").addHandler(handler)
         logging.getLogger("raykd").setLevel(logging.INFO)
     cfg = from_dict(RunConfig, cfg_dict, where="run config")
-    manifest = Manifest.load(cfg.data.path)
-    t0 = time.perf_counter()
-    set_seed(cfg.train.seed)  # as prepare() does: the same initial weights in this process
-    parts = build_run(cfg, manifest)
-    return _local_fit(cfg, Path(run_dir), manifest, parts, timing={"build_s": time.perf_counter() - t0})
+    with mirrored(Mirror.of(cfg), own=run_dir, reads=run_reads(cfg)):  # this node may not have them
+        manifest = Manifest.load(cfg.data.path)
+        t0 = time.perf_counter()
+        set_seed(cfg.train.seed)  # as prepare() does: the same initial weights in this process
+        parts = build_run(cfg, manifest)
+        return _local_fit(cfg, Path(run_dir), manifest, parts, timing={"build_s": time.perf_counter() - t0})
 
 
 def _local_task(cfg: RunConfig, run_dir: Path, build_s: float) -> dict[str, Any]:
@@ -257,6 +280,7 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
     from raykd.data.dataset import build_dataset
     from raykd.data.hardness import sampling_plan
     from raykd.data.memory import encoded_bytes
+    from raykd.storage import Mirror, train_storage
     from raykd.train.worker import train_loop_per_worker
 
     storage = run_dir.parent
@@ -290,7 +314,7 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            storage_path=str(storage),
+            **train_storage(Mirror.of(cfg), storage),  # with mirrored outputs: the store itself
             failure_config=failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,

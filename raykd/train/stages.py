@@ -26,6 +26,7 @@ from torch import nn
 
 from raykd.config import RunConfig, to_dict
 from raykd.data.manifest import Manifest
+from raykd.storage import Mirror, mirrored, run_reads, train_storage
 from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_image, to_chw_batch
 
 log = logging.getLogger(__name__)
@@ -183,9 +184,11 @@ def _stage_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
-    return _train_stage(cfg, Path(config["out"]), rank=rank, world=world, device=device,
-                        prepare=ray.train.torch.prepare_model, reduce=_mean_over_ranks(device),
-                        gather=_gather_over_ranks)
+    out = Path(config["out"])
+    with mirrored(Mirror.of(cfg), own=out.parent if rank == 0 else None, reads=run_reads(cfg), push=rank == 0):
+        return _train_stage(cfg, out, rank=rank, world=world, device=device,
+                            prepare=ray.train.torch.prepare_model, reduce=_mean_over_ranks(device),
+                            gather=_gather_over_ranks)
 
 
 def _mean_over_ranks(device: torch.device) -> Callable[[float], float]:
@@ -269,6 +272,9 @@ def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
 
     out = Path(out_file).resolve()
     name = METHODS.get(cfg.distill.method).teacher_stage.name
+    mirror = Mirror.of(cfg)
+    if mirror is not None:  # outputs in a store: the stage may have been trained by an earlier job
+        mirror.pull(out)
     if out.is_file():
         log.info("teacher stage %s: reusing %s", name, out)
         return replace(cfg, distill=replace(cfg.distill, teacher_stage_file=str(out)))
@@ -287,11 +293,13 @@ def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=out.stem, storage_path=str(out.parent / "_train"),
+            name=out.stem, **train_storage(mirror, out.parent / "_train"),
             failure_config=failure_config(cfg),
         ),
     )
     result = fit_bounded(trainer, cfg)
+    if mirror is not None:  # rank 0 wrote it on its node and pushed it
+        mirror.pull(out)
     if not out.is_file():  # rank 0 wrote it on its node: without shared storage the driver cannot see it
         raise FileNotFoundError(f"teacher stage {name}: the run finished but {out} is not on this machine; "
                                 "multi-node clusters need the output folder on storage every node shares")

@@ -124,10 +124,14 @@ class ViewMaker:
 class _TeacherViews:
     """The Ray Data actor: the teacher, loaded once, over K views of each batch of images."""
 
-    def __init__(self, teacher_artifact: str, view: dict, recipe: str, views: int, seed: int, threads: int) -> None:
+    def __init__(self, teacher_artifact: str, view: dict, recipe: str, views: int, seed: int, threads: int,
+                 mirror: tuple[str, str] | None = None) -> None:
         from raykd.artifact import load_artifact
         from raykd.data.transforms import InputBridge, normalizer
+        from raykd.storage import Mirror
 
+        if mirror is not None:  # outputs in a store: this node may not have the teacher yet
+            Mirror.get(*mirror).pull(teacher_artifact)
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.teacher, meta = load_artifact(teacher_artifact, device=str(self.device))
@@ -164,8 +168,10 @@ def store_path(data_path: str | Path, key: StoreKey) -> Path:
 
 
 def build_store(data_path: str | Path, teacher_artifact: str | Path, key: StoreKey, *, batch_size: int = 64,
-                cpus_per_actor: float = 1.0, actors: int | None = None, use_gpu: bool = False) -> Path:
-    """Build (or reuse) the store of ``key``: a Ray Data job over the training split's shards.
+                cpus_per_actor: float = 1.0, actors: int | None = None, use_gpu: bool = False,
+                mirror: tuple[str, str] | None = None) -> Path:
+    """Build (or reuse) the store of ``key``: a Ray Data job over the training split's shards
+    (``mirror``: the ``(mirror_uri, mirror_dir)`` the teacher's run folder is mirrored with).
 
     Returns the store folder; its ``store.json`` records the key, the number of images, views and
     teacher forward passes (images x K), the build seconds and the size on disk.
@@ -194,7 +200,8 @@ def build_store(data_path: str | Path, teacher_artifact: str | Path, key: StoreK
     outputs = ds.map_batches(
         _TeacherViews, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
         fn_constructor_kwargs={"teacher_artifact": str(teacher_artifact), "view": key.view, "recipe": key.recipe,
-                               "views": key.views, "seed": key.seed, "threads": max(1, int(cpus_per_actor))},
+                               "views": key.views, "seed": key.seed, "threads": max(1, int(cpus_per_actor)),
+                               "mirror": mirror},
         **resources)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

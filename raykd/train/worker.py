@@ -27,6 +27,7 @@ from raykd.artifact.rundir import RunDir
 from raykd.config import RunConfig, from_dict
 from raykd.data.manifest import Manifest, resolve_location
 from raykd.metrics import ClassificationMetrics, is_better, metric_mode, write_report
+from raykd.storage import Mirror, mirrored, run_reads
 from raykd.train.checkpoint import load_state, rng_state, save_state, set_rng_state
 from raykd.train.loop import build_run, device_batches, evaluate, set_seed, student_identity, train_epoch
 from raykd.train.optim import Schedule, build_optimizer, head_parameter_names
@@ -207,11 +208,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     session = TrainSession(cfg)
     set_seed(cfg.train.seed + session.rank)
     torch.set_num_threads(max(1, int(os.environ.get("RAYKD_TORCH_THREADS", "1"))))
-    manifest = Manifest.load(cfg.data.path)
-    t0 = time.perf_counter()
-    parts = build_run(cfg, manifest)
-    return fit(cfg, Path(config["run_dir"]), manifest, parts, session,
-               timing={"build_s": time.perf_counter() - t0})
+    # with outputs in a store: every rank reads the teacher here, rank 0 writes the run folder
+    with mirrored(Mirror.of(cfg), own=config["run_dir"], reads=run_reads(cfg), push=session.rank == 0):
+        manifest = Manifest.load(cfg.data.path)
+        t0 = time.perf_counter()
+        parts = build_run(cfg, manifest)
+        return fit(cfg, Path(config["run_dir"]), manifest, parts, session,
+                   timing={"build_s": time.perf_counter() - t0})
 
 
 def fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, session: Session, *,
@@ -361,7 +364,8 @@ class _Loop:
     def finish(self) -> dict[str, Any]:
         """Score the test split once, with the best epoch's weights; the run's summary."""
         t_test = time.perf_counter()
-        loaded = _load_best_weights(self.run_dir.path, self.parts.student, self.device, self.world)
+        loaded = _load_best_weights(self.run_dir.path, self.parts.student, self.device, self.world,
+                                    mirror=Mirror.of(self.cfg))
         self.method.eval()
         test, cm = _score(self.method, self.stream("test", 0, False), self.manifest, self.device, self.amp)
         if self.rank == 0:
@@ -390,11 +394,19 @@ def _save_best(run_dir: Path, parts, manifest: Manifest, cfg: RunConfig, val: di
     save_artifact(RunDir(run_dir).best_dir, parts.student, meta)
 
 
-def _load_best_weights(run_dir: Path, student, device, world: int) -> bool:
-    """Every rank loads the best weights rank 0 wrote to the run folder (on a multi-node cluster
-    the run folder must be on shared storage, like Ray Train's own ``storage_path``)."""
+def _load_best_weights(run_dir: Path, student, device, world: int, *, mirror=None) -> bool:
+    """Every rank loads the best weights rank 0 wrote to the run folder: on a multi-node cluster
+    the run folder is on shared storage, or mirrored from a store (rank 0 pushes the folder,
+    the others pull it)."""
     from safetensors.torch import load_model
 
+    best = RunDir(run_dir).best_dir
+    if mirror is not None and world > 1:
+        if dist.get_rank() == 0:
+            mirror.push(best)
+        dist.barrier()
+        if dist.get_rank() != 0:
+            mirror.pull(best)
     path = RunDir(run_dir).best_weights
     ok = path.is_file()
     if world > 1:

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     print(outcome.leaderboard.markdown())
     print()
     print(f"experiment: {outcome.experiment_dir}")
+    if space.mirror_uri:
+        from raykd.storage import Mirror
+
+        print(f"stored at: {Mirror.of(space).uri_of(outcome.experiment_dir)} (the folder above is its local copy)")
     print(f"leaderboard: {outcome.experiment_dir / 'leaderboard.md'} (.csv, .json)")
     pub = outcome.published
     if pub is None:

@@ -19,6 +19,7 @@ from raykd.artifact.rundir import RunDir
 from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict, validate
 from raykd.data.manifest import is_uri
 from raykd.distill import METHODS
+from raykd.storage import resolve_output
 from raykd.tune.spec import MethodSpec, SearchSpace, set_dotted
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,14 @@ def absolute_paths(space: SearchSpace, cwd: Path | None = None) -> SearchSpace:
     for k, t in space.teachers.items():
         model = t.model and {**t.model, "pretrained_file": fix(t.model.get("pretrained_file"))}
         teachers[k] = replace(t, model=model, checkpoint=fix(t.checkpoint))
-    return replace(space, base=base, output_dir=fix(space.output_dir), students=students, teachers=teachers)
+    if space.mirror_uri:  # resolved before
+        return replace(space, base=base, students=students, teachers=teachers)
+    output_dir, mirror_uri, mirror_dir = resolve_output(
+        space.output_dir if is_uri(space.output_dir) else fix(space.output_dir), fix(space.mirror_dir))
+    if mirror_uri:  # every run config of the search is mirrored too
+        base.update(mirror_uri=mirror_uri, mirror_dir=mirror_dir)
+    return replace(space, base=base, output_dir=output_dir, mirror_uri=mirror_uri, mirror_dir=mirror_dir,
+                   students=students, teachers=teachers)
 
 
 def _needed_teachers(space: SearchSpace) -> list[str]:
@@ -205,7 +213,9 @@ def build_teacher_stores(space: SearchSpace, experiment_dir: Path, teachers: dic
                             seed=space.search.seed)
             out[(spec.teacher, sid)] = str(build_store(cfg.data.path, teachers[spec.teacher], key,
                                                        cpus_per_actor=cfg.scaling.cpus_per_worker,
-                                                       use_gpu=cfg.scaling.use_gpu))
+                                                       use_gpu=cfg.scaling.use_gpu,
+                                                       mirror=(cfg.mirror_uri, cfg.mirror_dir) if cfg.mirror_uri
+                                                       else None))
             images = sum(manifest.counts("train"))
             log.info("stage 1: teacher store of %r for %s: %d teacher forward passes = %d views x %d training "
                      "images, for every trial and epoch (online: trials x epochs x images)", spec.teacher, sid,

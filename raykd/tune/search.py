@@ -71,13 +71,12 @@ class SearchOutcome:
 
 def prepare_search(space: SearchSpace) -> SearchSpace:
     """Everything that can fail before Ray starts: absolute paths, the dataset, method/student fit."""
-    from raykd.cluster import refuse_output_uri, refuse_relative_in_job
+    from raykd.cluster import refuse_relative_in_job
 
     paths = {"base.data.path": space.base_config.data.path, "output_dir": space.output_dir}
     paths.update({f"teachers.{k}.checkpoint": t.checkpoint for k, t in space.teachers.items()})
     refuse_relative_in_job(paths, space.source)
-    refuse_output_uri(space.output_dir, f"{space.source}: output_dir")
-    space = absolute_paths(space)
+    space = absolute_paths(space)  # a URI output_dir becomes its local mirror
     return check_combinations(space)
 
 
@@ -286,23 +285,34 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
         verbose: Tune's status tables and trial result tables on the console (else only raykd's
             one line per trial).
     """
+    from raykd.storage import Mirror, mirrored
+    from raykd.tune.publish import FAMILY_FILE
+
+    if not prepared:
+        space = prepare_search(space)
+    mirror = Mirror.of(space)
+    # outputs in a store: the experiment so far comes down first (a --resume on a fresh machine),
+    # and what this process writes goes up every few seconds and at the end
+    with mirrored(mirror, reads=[space.experiment_dir, Path(space.output_dir) / FAMILY_FILE]):
+        return _run_tune(space, mirror, resume=resume, tracking=tracking, verbose=verbose)
+
+
+def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bool) -> SearchOutcome:
     from raykd.cluster import check_storage_on_every_node, cluster_capacity, init_local_ray
     from raykd.tune.findings import STAGE_2, collect_findings
     from raykd.tune.leaderboard import build_leaderboard
     from raykd.tune.publish import publish
     from raykd.tune.tracking import log_published
 
-    if not prepared:
-        space = prepare_search(space)
     experiment_dir, tracking = _open_experiment(space, resume, tracking)
-
     stage_s: dict[str, float] = {}
     t0 = time.perf_counter()
     init_local_ray(space.address)
     resources = cluster_capacity()
     log.info("Ray cluster resources: %s", {k: v for k, v in resources.items() if not k.startswith("node")})
-    check_storage_on_every_node({"base.data.path": space.base_config.data.path}, {"output_dir": str(experiment_dir)},
-                                space.source)  # before any trial: a node that cannot reach them fails here
+    output = mirror.uri_of(experiment_dir) if mirror is not None else str(experiment_dir)
+    check_storage_on_every_node({"base.data.path": space.base_config.data.path}, {"output_dir": output},
+                                space.source, local={"mirror_dir": space.mirror_dir} if mirror is not None else None)
     stage_s["Ray start"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -317,6 +327,8 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
     stage_s[STAGE_2] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if mirror is not None:  # the trials' folders, written on their nodes
+        mirror.pull(plan.runs_dir)
     board = build_leaderboard(plan, records)  # stage 3
     board.write(experiment_dir)
     published = publish(plan, board)

@@ -66,6 +66,8 @@ __all__ = ["SpaceSampler", "load_space"]
 _MANAGED = {
     "name": "the run name is the trial id",
     "output_dir": "trials are written under <output_dir>/<name>/runs (set the top-level output_dir)",
+    "mirror_dir": "set the top-level mirror_dir",
+    "mirror_uri": "set the top-level output_dir to the URI",
     "address": "set the top-level address (or $RAY_ADDRESS)",
     "student": "list students under 'students:'",
     "teacher": "list teachers under 'teachers:'",
@@ -74,7 +76,7 @@ _MANAGED = {
     "train.select_metric": "set search.metric",
 }
 
-_TOP_KEYS = ("name", "output_dir", "address", "base", "teachers", "students", "shared", "methods",
+_TOP_KEYS = ("name", "output_dir", "mirror_dir", "address", "base", "teachers", "students", "shared", "methods",
              "budget", "search", "export")
 _TEACHER_KEYS = ("model", "checkpoint", "set", "method", "params")
 _METHOD_KEYS = ("method", "students", "teacher", "params", "search", "set", "min_blocks")
@@ -219,11 +221,14 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         raise ConfigError(f"{where}: name must be a folder name (no '/'), got {name!r}")
     output_dir = doc.get("output_dir", "runs")
     if not isinstance(output_dir, str) or not output_dir:
-        raise ConfigError(f"{where}: output_dir must be a path, got {output_dir!r}")
+        raise ConfigError(f"{where}: output_dir must be a path or a URI, got {output_dir!r}")
+    mirror_dir = doc.get("mirror_dir")
+    if mirror_dir is not None and (not isinstance(mirror_dir, str) or not mirror_dir):
+        raise ConfigError(f"{where}: mirror_dir must be a path, got {mirror_dir!r}")
     address = doc.get("address")
     return SearchSpace(source=where, name=name, output_dir=output_dir, address=address, base=base,
                        teachers=teachers, students=students, shared=shared, methods=methods,
-                       budget=budget, search=search, export=export)
+                       budget=budget, search=search, export=export, mirror_dir=mirror_dir)
 
 
 def _read_space(p: Path, overrides) -> dict:
@@ -254,13 +259,13 @@ def _parse_base(doc: dict, base_config: str | Path | None, where: str) -> tuple[
         if not bp.is_file():
             raise ConfigError(f"config file {bp} does not exist")
         base = _mapping(yaml.safe_load(bp.read_text()), str(bp), "the config")
-        for k in ("name", "output_dir", "address", "teacher"):  # the search owns these
+        for k in ("name", "output_dir", "mirror_dir", "mirror_uri", "address", "teacher"):  # the search owns these
             base.pop(k, None)
         for k in ("method", "params"):
             _mapping(base.get("distill"), str(bp), "distill").pop(k, None)
     _deep_update(base, _mapping(doc.get("base"), where, "base"))
-    for k in ("name", "output_dir", "address", "teacher", "distill.method", "distill.params",
-              "train.select_metric"):
+    for k in ("name", "output_dir", "mirror_dir", "mirror_uri", "address", "teacher", "distill.method",
+              "distill.params", "train.select_metric"):
         head, _, tail = k.partition(".")
         if head in base and (not tail or tail in _mapping(base[head], where, f"base.{head}")):
             raise ConfigError(f"{where}: base.{k} cannot be set: {_MANAGED[k]}")

@@ -288,6 +288,10 @@ class SearchSpace:
     budget: BudgetConfig
     search: SearchConfig
     export: ExportConfig
+    #: A URI ``output_dir``'s local mirror on every node (see :mod:`raykd.storage`).
+    mirror_dir: str | None = None
+    #: Set by :func:`raykd.tune.plan.absolute_paths` for a URI ``output_dir`` (which then names the mirror).
+    mirror_uri: str | None = None
 
     @functools.cached_property
     def base_config(self) -> RunConfig:

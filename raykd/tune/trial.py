@@ -153,15 +153,24 @@ def trial_main(config: dict[str, Any], plan) -> None:
 def _trial_main(config: dict[str, Any], plan) -> None:
     from ray import tune
 
-    from raykd.distill import METHODS
-    from raykd.train.driver import uses_local
-    from raykd.tune.plan import is_paper_setting
+    from raykd.storage import Mirror, mirrored, run_reads
 
     t0 = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     resolved = plan.resolve(config)
     cfg = plan.run_config(config, trial_id)
     trial_dir = TrialDir(plan.runs_dir / trial_id)
+    # outputs in a store: a retried trial continues from what it pushed, on whichever node it lands
+    with mirrored(Mirror.of(cfg), own=trial_dir.path, reads=run_reads(cfg)):
+        _trial_in_folder(plan, config, cfg, resolved, trial_dir, t0)
+
+
+def _trial_in_folder(plan, config: dict[str, Any], cfg, resolved, trial_dir: TrialDir, t0: float) -> None:
+    from raykd.distill import METHODS
+    from raykd.train.driver import uses_local
+    from raykd.tune.plan import is_paper_setting
+
+    trial_id = trial_dir.path.name
     staged = METHODS.get(resolved.method).multi_run
     import ray
 

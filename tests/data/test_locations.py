@@ -1,13 +1,12 @@
 """Dataset locations are folders or URIs read through pyarrow's filesystems (s3://, gs://, file://):
 the manifest, the shards, a training run and Ray Data read a ``file://`` URI exactly as they read
-the folder behind it (no object store is reachable here; the URI path is the same code). Outputs
-are written as files, so an object-store URI there is refused with the way to use one."""
+the folder behind it (an S3 store served on loopback reads and writes them in tests/test_storage.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from raykd.config import ConfigError, RunConfig, load_config
+from raykd.config import RunConfig, load_config
 from raykd.data.manifest import Manifest, is_uri, resolve_location
 from raykd.data.synth import make_synthetic
 
@@ -60,13 +59,3 @@ def test_ray_data_reads_a_split_from_a_uri(ray_cluster, dataset):
     uri = f"file://{dataset}"
     manifest = Manifest.load(dataset)
     assert read_split(uri, "val").count() == sum(manifest.counts("val"))
-
-
-def test_an_object_store_output_dir_is_refused_with_the_way_to_use_one(dataset):
-    from raykd.train.driver import prepare
-
-    cfg = load_config(RunConfig, None, ["output_dir=s3://bucket/runs", f"data.path={dataset}",
-                                        "student.name=raykd_test_tiny_cnn", "student.image_size=32"])
-    with pytest.raises(ConfigError, match="output_dir=s3://bucket/runs: outputs are written to a folder every node "
-                                          "mounts .* s3fs/gcsfuse"):
-        prepare(cfg)

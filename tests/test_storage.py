@@ -1,0 +1,205 @@
+"""Outputs in an object store (raykd.storage): a mirror folder that pushes what changed and pulls
+what is missing or newer; a run and a search whose data and outputs live in a real S3 store (moto's
+S3 server on loopback, spoken to by pyarrow's S3 client, as a bucket would be on a cluster)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raykd.storage import Mirror, default_mirror_dir, mirrored, resolve_output
+from tests.conftest import s3_listing, s3_mtime
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def store_files(store: Path) -> dict[str, str]:
+    return {p.relative_to(store).as_posix(): p.read_text() for p in store.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A file:// store and two mirrors of it (two nodes' disks)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    return f"file://{store}", store, tmp_path / "node_a", tmp_path / "node_b"
+
+
+def test_a_push_uploads_what_is_new_or_changed_and_nothing_twice(pair):
+    uri, store, a, _ = pair
+    m = Mirror(uri, a)
+    write(a / "exp/run1/metrics.json", "[1]")
+    write(a / "exp/run1/summary.json", "{}")
+    write(a / "exp/run1/metrics.json.tmp", "half")  # a writer's temporary file: never copied
+    assert m.push() == 2
+    assert store_files(store) == {"exp/run1/metrics.json": "[1]", "exp/run1/summary.json": "{}"}
+    assert m.push() == 0
+    time.sleep(0.01)
+    write(a / "exp/run1/metrics.json", "[2]")  # same size, new content: pushed by what this process saw
+    assert m.push() == 1 and (store / "exp/run1/metrics.json").read_text() == "[2]"
+    assert Mirror(uri, a).push() == 0  # another process on this node: the store has every file
+
+
+def test_a_pull_brings_what_other_nodes_wrote_but_not_their_resume_state(pair):
+    uri, store, a, b = pair
+    write(a / "exp/teacher/best/weights.safetensors", "w")
+    write(a / "exp/teacher/checkpoint/state.pt", "resume state")
+    write(a / "exp/run1/checkpoint/state.pt", "run1 state")
+    write(a / "exp/run1/checkpoint_000001/x", "Ray Train's own")
+    Mirror(uri, a).push()
+    nb = Mirror(uri, b)
+    assert nb.pull(b / "exp/teacher") == 1  # the weights; another run's checkpoint stays in the store
+    assert (b / "exp/teacher/best/weights.safetensors").read_text() == "w"
+    assert not (b / "exp/teacher/checkpoint").exists()
+    assert nb.pull(b / "exp/run1", own=b / "exp/run1") == 1  # its own checkpoint, not Ray Train's
+    assert (b / "exp/run1/checkpoint/state.pt").read_text() == "run1 state"
+    assert not (b / "exp/run1/checkpoint_000001").exists()
+    assert nb.pull(b / "exp") == 0 and nb.push() == 0  # pulled files are known: not sent back
+
+
+def test_a_pull_takes_newer_files_from_the_store_and_keeps_newer_local_ones(pair):
+    uri, store, a, b = pair
+    write(a / "exp/shared.json", "old")
+    write(a / "exp/mine.json", "v1")
+    Mirror(uri, a).push()
+    nb = Mirror(uri, b)
+    nb.pull()
+    write(store / "exp/shared.json", "new!")  # another node pushed a newer copy
+    t = time.time() + 5
+    os.utime(store / "exp/shared.json", (t, t))
+    write(b / "exp/mine.json", "v2 not pushed yet")  # written here after the store's copy
+    t = time.time() + 10
+    os.utime(b / "exp/mine.json", (t, t))
+    assert nb.pull() == 1
+    assert (b / "exp/shared.json").read_text() == "new!"
+    assert (b / "exp/mine.json").read_text() == "v2 not pushed yet"
+    assert nb.push() == 1 and (store / "exp/mine.json").read_text() == "v2 not pushed yet"
+
+
+def test_mirrored_work_pushes_while_it_runs_and_when_it_fails(pair):
+    uri, store, a, _ = pair
+    m = Mirror(uri, a)
+    own = a / "exp/run1"
+    with pytest.raises(RuntimeError):
+        with mirrored(m, own=own, every_s=0.1):
+            write(own / "metrics.json", "[1]")
+            deadline = time.time() + 10
+            while not (store / "exp/run1/metrics.json").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            assert (store / "exp/run1/metrics.json").exists()  # pushed while the work ran
+            write(own / "summary.json", "{}")
+            raise RuntimeError("the work failed")
+    assert (store / "exp/run1/summary.json").read_text() == "{}"  # the last push ran anyway
+
+
+def test_a_uri_output_dir_resolves_to_a_mirror_named_after_it(tmp_path):
+    local, uri, mirror_dir = resolve_output("file:///data/runs", None)
+    assert uri == "file:///data/runs" and local == mirror_dir == default_mirror_dir(uri)
+    assert "data-runs-" in Path(local).name and local.startswith(str(Path.home()))
+    assert resolve_output("file:///data/runs", str(tmp_path / "m"))[0] == str(tmp_path / "m")
+    assert resolve_output("runs", None) == (str(Path("runs").resolve()), None, None)
+    with pytest.raises(ValueError, match="cannot open output location nosuch://x"):
+        resolve_output("nosuch://x", None)
+
+
+def test_the_uri_of_a_mirrored_path_keeps_the_stores_options(tmp_path):
+    m = Mirror.get("s3://bkt/out?endpoint_override=127.0.0.1:1&scheme=http", tmp_path)
+    assert m.uri_of(tmp_path / "exp" / "run1") == "s3://bkt/out/exp/run1?endpoint_override=127.0.0.1:1&scheme=http"
+    assert m.remote(tmp_path / "exp") == "bkt/out/exp"
+
+
+# --------------------------------------------------------------------------------------------------
+# A real S3 protocol: moto's server on loopback (fixtures s3 and s3_dataset in conftest.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_run_reads_its_data_from_s3_and_its_outputs_land_there_from_the_node_that_trained(
+        ray_cluster, s3, s3_dataset, tmp_path):
+    from raykd.config import RunConfig, load_config
+    from raykd.train.driver import run_train
+
+    mirror_dir = tmp_path / "mirror"
+    cfg = load_config(RunConfig, None, [
+        "name=s3run", f"output_dir={s3('runs')}", f"mirror_dir={mirror_dir}", f"data.path={s3_dataset}",
+        "student.name=raykd_test_tiny_cnn", "student.image_size=32", "train.epochs=1", "train.batch_size=16",
+        "scaling.num_workers=1", "scaling.cpus_per_worker=0.5"])
+    result = run_train(cfg)  # a Ray task trains it: it pulls what it reads and pushes what it writes
+    assert result.epochs == 1 and result.test
+    stored = s3_listing(s3("runs"))
+    for name in ("config.yaml", "metrics.json", "summary.json", "timing.json", "best/model.safetensors",
+                 "best/meta.json", "checkpoint/state.pt"):
+        assert f"s3run/{name}" in stored, stored
+    shutil.rmtree(mirror_dir)  # a fresh machine: the store still has the run, and says so
+    with pytest.raises(FileExistsError, match="run folder .*s3run exists: pass --resume"):
+        run_train(cfg)
+
+
+def test_a_search_with_its_outputs_in_s3_resumes_on_a_machine_that_has_none_of_them(ray_cluster, s3, s3_dataset,
+                                                                                  tmp_path, caplog):
+    from raykd.tune.search import run_tune
+    from raykd.tune.space import load_space
+
+    doc = {
+        "name": "s3search", "output_dir": s3("tune"), "mirror_dir": str(tmp_path / "mirror"),
+        "base": {
+            "data": {"path": s3_dataset},
+            "student": {"image_size": 32},
+            "optim": {"schedule": "constant"},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+            "train": {"epochs": 1, "batch_size": 16, "eval_batch_size": 64},
+        },
+        "students": ["raykd_test_tiny_cnn"],
+        "methods": {"baseline": {}},
+        "budget": {"num_samples": 2, "max_concurrent": 2, "trial_retries": 0},
+        "search": {"seed": 0},
+        "export": {"max_images": 16, "latency_reps": 2},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    first = run_tune(load_space(path))
+    assert len(first.records) == 2 and all(r.status == "TERMINATED" for r in first.records)
+    stored = s3_listing(s3("tune"))
+    assert "s3search/leaderboard.json" in stored and "family.json" in stored
+    for r in first.records:
+        assert f"s3search/runs/{r.trial_id}/summary.json" in stored
+    trained = {r.trial_id: s3_mtime(s3("tune"), f"s3search/runs/{r.trial_id}/metrics.json") for r in first.records}
+    shutil.rmtree(tmp_path / "mirror")
+    caplog.set_level(logging.INFO, logger="raykd")
+    again = run_tune(load_space(path), resume=True)  # pulls the experiment, restores it, trains nothing
+    assert "stage 2: resuming the search in" in caplog.text
+    assert sorted(r.trial_id for r in again.records) == sorted(trained)
+    scores = {r.run: r.value("bma") for r in first.leaderboard.ranked()}
+    assert {r.run: r.value("bma") for r in again.leaderboard.ranked()} == scores  # read back, not retrained
+    for trial_id, mtime in trained.items():  # no trial trained again: its metrics were not written again
+        assert s3_mtime(s3("tune"), f"s3search/runs/{trial_id}/metrics.json") == mtime
+        assert (tmp_path / "mirror/s3search/runs" / trial_id / "summary.json").is_file()
+
+
+def test_a_ddp_run_keeps_ray_trains_checkpoints_in_s3_and_every_rank_scores_the_best_weights(
+        ray_cluster, s3, s3_dataset, tmp_path):
+    from raykd.config import RunConfig, load_config
+    from raykd.train.driver import run_train
+
+    cfg = load_config(RunConfig, None, [
+        "name=s3ddp", f"output_dir={s3('ddp')}", f"mirror_dir={tmp_path / 'mirror'}", f"data.path={s3_dataset}",
+        "student.name=raykd_test_tiny_cnn", "student.image_size=32", "train.epochs=2", "train.batch_size=16",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.executor=trainer"])
+    result = run_train(cfg)
+    assert result.epochs == 2 and result.test
+    stored = s3_listing(s3("ddp"))
+    assert any(name.startswith("s3ddp/checkpoint_") for name in stored), stored  # Ray Train's, in the store
+    for name in ("metrics.json", "summary.json", "best/model.safetensors", "workers.json"):
+        assert f"s3ddp/{name}" in stored
+    # the test split was scored once on both ranks with the best epoch's weights (rank 1 pulled them)
+    summary = yaml.safe_load((tmp_path / "mirror/s3ddp/summary.json").read_text())
+    assert summary["test"] and summary["best_epoch"] in (1, 2) and summary["test_with_best_weights"] is True
