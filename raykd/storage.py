@@ -44,12 +44,25 @@ _TRAIN_CHECKPOINTS = "checkpoint_"
 
 
 def default_mirror_dir(uri: str) -> str:
-    """``~/.cache/raykd/mirror/<bucket and path>-<hash>``: the same path on nodes that share a home
-    layout (cluster images do); set ``mirror_dir`` where they do not."""
+    """``$RAYKD_MIRROR_ROOT`` (default ``~/.cache/raykd/mirror``) ``/<bucket and path>-<hash>``: the
+    same path on nodes that share a home layout (cluster images do); set ``mirror_dir`` where they
+    do not."""
     parts = urlsplit(uri)
     readable = "".join(c if c.isalnum() or c in "-_." else "-" for c in f"{parts.netloc}{parts.path}").strip("-")
     digest = hashlib.sha1(uri.encode()).hexdigest()[:8]
-    return str(Path("~/.cache/raykd/mirror").expanduser() / f"{readable[:80]}-{digest}")
+    root = os.environ.get("RAYKD_MIRROR_ROOT") or "~/.cache/raykd/mirror"
+    return str(Path(root).expanduser() / f"{readable[:80]}-{digest}")
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``(folder URI, file name)`` of a file's URI, the store's options kept on the folder."""
+    from urllib.parse import urlunsplit
+
+    parts = urlsplit(uri)
+    folder, _, name = parts.path.rstrip("/").rpartition("/")
+    if not name:
+        raise ValueError(f"{uri} names no file")
+    return urlunsplit(parts._replace(path=folder)), name
 
 
 class Mirror:

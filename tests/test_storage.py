@@ -203,3 +203,46 @@ def test_a_ddp_run_keeps_ray_trains_checkpoints_in_s3_and_every_rank_scores_the_
     # the test split was scored once on both ranks with the best epoch's weights (rank 1 pulled them)
     summary = yaml.safe_load((tmp_path / "mirror/s3ddp/summary.json").read_text())
     assert summary["test"] and summary["best_epoch"] in (1, 2) and summary["test_with_best_weights"] is True
+
+
+def test_a_family_in_s3_is_served_over_http_by_a_replica_that_fetched_its_own_copy(ray_cluster, s3, tmp_path,
+                                                                                   monkeypatch):
+    import pyarrow.fs as pafs
+    import requests
+    from ray import serve
+
+    from raykd.artifact import load_artifact
+    from raykd.export.onnx import export_onnx
+    from raykd.serve.__main__ import run_serve
+    from raykd.serve.app import ServeArgs
+    from raykd.serve.family import FamilyEntry, load_family, write_family
+    from tests.export.helpers import encoded_image, make_artifact
+    from tests.serve.test_replica_kill import _free_port
+
+    local = tmp_path / "published"
+    art = make_artifact(local / "exp/runs/t1/best", "raykd_test_tiny_cnn", {}, image_size=32, version="t1")
+    onnx = export_onnx(*load_artifact(art), art / "model.onnx")
+    write_family(local / "family.json", [FamilyEntry(name="t1", version="t1", artifact=str(art), onnx=str(onnx))],
+                 winner="t1")
+    fs, root = pafs.FileSystem.from_uri(s3("published"))
+    pafs.copy_files(str(local), root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    family_uri = s3("published/family.json")
+
+    monkeypatch.setenv("RAYKD_MIRROR_ROOT", str(tmp_path / "driver"))
+    family = load_family(family_uri)  # the driver's copy: what the app is checked against
+    assert Path(family.get("t1").onnx).is_file() and str(tmp_path / "driver") in family.get("t1").onnx
+    replica_root = tmp_path / "replica"  # the replica's node: its own copy, fetched in the replica
+    port = _free_port()
+    run_serve(ServeArgs(registry=family_uri, num_cpus=0.25, max_batch_size=1), host="127.0.0.1", port=port,
+              blocking=False, env_vars={"RAYKD_MIRROR_ROOT": str(replica_root)})
+    try:
+        r = requests.post(f"http://127.0.0.1:{port}/predict", data=encoded_image(1, ".jpg", (64, 64)),
+                          headers={"Content-Type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "t1"
+    finally:
+        serve.shutdown()
+    fetched = {p.name for p in replica_root.rglob("*") if p.is_file()}
+    assert {"family.json", "model.onnx", "meta.json", "model.safetensors"} <= fetched
+    with pytest.raises(FileNotFoundError, match="family file s3://raykd/nothing/family.json.* not found"):
+        load_family(s3("nothing/family.json"))

@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
                                 formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--family", "--registry", dest="registry", metavar="FILE",
-                     help="family file (family.json) written by the tune job (this or --model is required)")
+                     help="family file (family.json) written by the tune job, a path or a URI such as s3://bucket/runs/family.json (this or --model is required)")
     src.add_argument("--model", action="append", dest="models", metavar="[NAME=]PATH",
                      help="artifact/run folder or .onnx file; repeatable (this or --family is required)")
     p.add_argument("--winner", help="default model (default: the family's winner / first --model)")

@@ -72,6 +72,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
+from raykd.data.manifest import is_uri
 from raykd.serve.family import BYTES_PER_MB, Family, FamilyEntry, family_from_paths, load_family
 from raykd.serve.guard import (
     ApiKeyMiddleware,
@@ -217,6 +218,8 @@ class ModelServer:
         from raykd.serve.predictor import load_predictor, measure_latency_ms
 
         self.args = ServeArgs.model_validate(args)
+        if self.args.registry and is_uri(self.args.registry):  # this node's own copy of the models in the store
+            family = resolve_family(self.args).to_dict()
         self.family = Family.from_dict(family)
         announce_auth()  # one warning when RAYKD_API_KEY is unset: the endpoint is open
         self.limits = Limits(self.args.max_body_bytes, self.args.max_image_pixels)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from raykd.registry import did_you_mean
 
-__all__ = ["BYTES_PER_MB", "BudgetError", "Family", "FamilyEntry", "family_from_paths", "load_family",
+__all__ = ["BYTES_PER_MB", "BudgetError", "Family", "FamilyEntry", "family_from_paths", "fetch_family", "load_family",
            "write_family"]
 
 #: Size budgets are in decimal megabytes (10^6 bytes), as download sizes are quoted.
@@ -237,9 +237,41 @@ def write_family(path: str | os.PathLike, entries: Iterable[FamilyEntry | dict],
     return path
 
 
+def fetch_family(uri: str) -> Path:
+    """A family file in an object store (``s3://bucket/runs/family.json``) and the models it names,
+    copied into this node's mirror of its folder (only what changed; :mod:`raykd.storage`);
+    returns the local family file. Its paths must be relative to its folder, as the tune job
+    writes them."""
+    from raykd.storage import Mirror, default_mirror_dir, split_uri
+
+    folder, name = split_uri(uri)
+    mirror = Mirror.get(folder, default_mirror_dir(folder))
+    local = mirror.local / name
+    mirror.pull(local)
+    if not local.is_file():
+        raise FileNotFoundError(f"family file {uri} not found; the tune job writes it (or use --model PATH)")
+    try:
+        models = json.loads(local.read_text()).get("models") or []
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{uri} is not a family file: {exc}") from None
+    for m in models:
+        for key in ("artifact", "onnx"):
+            value = m.get(key) if isinstance(m, dict) else None
+            if not value:
+                continue
+            if Path(value).is_absolute():
+                raise ValueError(f"{uri}: model {m.get('name')!r} names {key} {value!r}, an absolute path that "
+                                 "is not in the store; a family in a store names paths relative to its folder")
+            mirror.pull(mirror.local / value)
+    return local
+
+
 def load_family(path: str | os.PathLike) -> Family:
-    """Read a family file, resolving relative paths against its folder and checking they exist."""
-    path = Path(path)
+    """Read a family file, resolving relative paths against its folder and checking they exist; a
+    file in an object store is fetched first (:func:`fetch_family`)."""
+    from raykd.data.manifest import is_uri
+
+    path = fetch_family(str(path)) if is_uri(path) else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"family file {path} not found; the tune job writes it (or use --model PATH)")
     try:
