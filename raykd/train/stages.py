@@ -26,8 +26,8 @@ from torch import nn
 
 from raykd.config import RunConfig, to_dict
 from raykd.data.manifest import Manifest
-from raykd.storage import Mirror, mirrored, run_reads, train_storage
 from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_image, to_chw_batch
+from raykd.storage import Mirror, mirrored, run_reads, train_storage
 
 log = logging.getLogger(__name__)
 
