@@ -27,6 +27,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import sqlite3
+import tempfile
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -35,7 +37,8 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 #: Files never copied: writers' half-written files and the mirror's own downloads in progress.
-_PARTIAL = (".tmp", ".raykd-part")
+_PARTIAL = (".tmp", ".raykd-part", "-journal", "-wal", "-shm")  # the last three: SQLite's side files
+_SQLITE_HEADER = b"SQLite format 3\x00"
 #: Folders a pull skips unless they belong to the caller: other runs' resume state, which only
 #: the run that wrote it reads again (Ray Train keeps its checkpoints in the store itself).
 _RESUME_STATE = ("checkpoint",)
@@ -234,8 +237,11 @@ class Mirror:
         src = self.local / name
         try:
             st = src.stat()
-            data = src.open("rb")
+            data = _sqlite_snapshot(src) or src.open("rb")
         except FileNotFoundError:  # replaced or removed since the listing
+            return False
+        except sqlite3.OperationalError as exc:  # a writer holds it: the next push takes it
+            log.debug("not pushing %s this time: %s", src, exc)
             return False
         target = f"{self.root}/{name}"
         if self.fs.type_name == "local":  # object stores have no folders to make
@@ -245,6 +251,28 @@ class Mirror:
                 out.write(chunk)
         self._note(name, st)  # the state read, not a later one: a write during the upload is pushed next time
         return True
+
+
+def _sqlite_snapshot(path: Path):
+    """An SQLite database (the Optuna study) as a consistent copy, made with SQLite's backup API
+    (a plain copy taken during a write could be torn); None for any other file."""
+    with path.open("rb") as fh:
+        if fh.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+            return None
+    snapshot = tempfile.TemporaryFile()
+    with tempfile.TemporaryDirectory(prefix="raykd-sqlite-") as tmp:
+        copy = Path(tmp) / "snapshot.db"
+        source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            target = sqlite3.connect(copy)
+            with target:
+                source.backup(target)
+            target.close()
+        finally:
+            source.close()
+        snapshot.write(copy.read_bytes())
+    snapshot.seek(0)
+    return snapshot
 
 
 @contextlib.contextmanager

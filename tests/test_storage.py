@@ -102,6 +102,33 @@ def test_mirrored_work_pushes_while_it_runs_and_when_it_fails(pair):
     assert (store / "exp/run1/summary.json").read_text() == "{}"  # the last push ran anyway
 
 
+def test_an_sqlite_study_is_pushed_as_a_consistent_snapshot_without_its_journal(pair):
+    import sqlite3
+
+    uri, store, a, _ = pair
+    m = Mirror(uri, a)
+    (a / "exp").mkdir(parents=True)
+    db = sqlite3.connect(a / "exp/optuna.db", isolation_level=None)
+    db.execute("CREATE TABLE trials (id INTEGER)")
+    db.execute("INSERT INTO trials VALUES (1)")
+    db.execute("BEGIN IMMEDIATE")  # a write in flight, as when the study records a trial
+    db.execute("INSERT INTO trials VALUES (2)")
+    assert (a / "exp/optuna.db-journal").exists()
+    assert m.push() == 1
+
+    def stored_rows() -> list:
+        copy = sqlite3.connect(store / "exp/optuna.db")
+        try:
+            return [r[0] for r in copy.execute("SELECT id FROM trials ORDER BY id")]
+        finally:
+            copy.close()
+
+    assert stored_rows() == [1] and not (store / "exp/optuna.db-journal").exists()
+    db.execute("COMMIT")
+    assert m.push() == 1 and stored_rows() == [1, 2]
+    db.close()
+
+
 def test_a_uri_output_dir_resolves_to_a_mirror_named_after_it(tmp_path):
     local, uri, mirror_dir = resolve_output("file:///data/runs", None)
     assert uri == "file:///data/runs" and local == mirror_dir == default_mirror_dir(uri)
