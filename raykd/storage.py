@@ -86,6 +86,8 @@ class Mirror:
         # what this process last copied, per relative path: the local (size, mtime_ns) then
         self._copied: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()
+        #: The folders (relative, "" for all) that a periodic push of this process keeps in sync.
+        self.syncing: set[str] = set()
 
     @classmethod
     def get(cls, uri: str, local: str | os.PathLike) -> Mirror:
@@ -114,20 +116,26 @@ class Mirror:
             return None
         return "" if str(rel) == "." else rel.as_posix()
 
-    def remote(self, path: str | os.PathLike) -> str:
-        """The store path (inside :attr:`fs`) of a local path in the mirror."""
+    def _inside(self, path: str | os.PathLike) -> str:
         rel = self.rel(path)
         if rel is None:
             raise ValueError(f"{path} is not inside the output mirror {self.local}")
+        return rel
+
+    def synced_by_enclosing(self, rel: str) -> bool:
+        """Whether a periodic push of this process already covers the folder ``rel``."""
+        return any(a == "" or rel == a or rel.startswith(a + "/") for a in list(self.syncing))
+
+    def remote(self, path: str | os.PathLike) -> str:
+        """The store path (inside :attr:`fs`) of a local path in the mirror."""
+        rel = self._inside(path)
         return f"{self.root}/{rel}" if rel else self.root
 
     def uri_of(self, path: str | os.PathLike) -> str:
         """The URI of a local path in the mirror (the store's options kept)."""
         from urllib.parse import urlunsplit
 
-        rel = self.rel(path)
-        if rel is None:
-            raise ValueError(f"{path} is not inside the output mirror {self.local}")
+        rel = self._inside(path)
         parts = urlsplit(self.uri)
         return urlunsplit(parts._replace(path=parts.path.rstrip("/") + (f"/{rel}" if rel else "")))
 
@@ -293,23 +301,30 @@ def mirrored(mirror: Mirror | None, *, own: str | os.PathLike | None = None,
     if not push:
         yield mirror
         return
+    # a unit inside another of this process (a trial's run) leaves the periodic push to the outer one
     stop = threading.Event()
+    target = mirror.rel(own) if own is not None else ""
+    thread = None
+    if not mirror.synced_by_enclosing(target):
 
-    def sync() -> None:
-        while not stop.wait(every_s):
-            try:
-                mirror.push(own)
-            except Exception as exc:  # noqa: BLE001 - the store may hiccup; the next round retries
-                log.warning("pushing outputs to %s failed (retried in %.0f s): %s", mirror.uri, every_s, exc)
+        def sync() -> None:
+            while not stop.wait(every_s):
+                try:
+                    mirror.push(own)
+                except Exception as exc:  # noqa: BLE001 - the store may hiccup; the next round retries
+                    log.warning("pushing outputs to %s failed (retried in %.0f s): %s", mirror.uri, every_s, exc)
 
-    thread = threading.Thread(target=sync, name="raykd-mirror-push", daemon=True)
-    thread.start()
+        thread = threading.Thread(target=sync, name="raykd-mirror-push", daemon=True)
+        thread.start()
+        mirror.syncing.add(target)
     try:
         yield mirror
     finally:
-        stop.set()
-        thread.join()
-        mirror.push(own)
+        if thread is not None:
+            stop.set()
+            thread.join()
+            mirror.syncing.discard(target)
+        mirror.push(own)  # every unit ends synced, nested or not
 
 
 def run_reads(cfg) -> list[str]:

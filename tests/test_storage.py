@@ -102,6 +102,25 @@ def test_mirrored_work_pushes_while_it_runs_and_when_it_fails(pair):
     assert (store / "exp/run1/summary.json").read_text() == "{}"  # the last push ran anyway
 
 
+def test_a_nested_unit_leaves_the_periodic_push_to_the_enclosing_one_but_ends_synced(pair):
+    import threading
+
+    uri, store, a, _ = pair
+    m = Mirror(uri, a)
+
+    def pushers() -> int:
+        return sum(t.name == "raykd-mirror-push" for t in threading.enumerate())
+
+    with mirrored(m, own=a / "exp/trial1", every_s=60):
+        with mirrored(m, own=a / "exp/trial1", every_s=60):  # the trial's run, in the same folder
+            assert pushers() == 1
+            write(a / "exp/trial1/metrics.json", "[1]")
+        assert (store / "exp/trial1/metrics.json").read_text() == "[1]"  # pushed when the run ended
+        with mirrored(m, own=a / "exp/trial2", every_s=60):  # not inside trial1: its own pusher
+            assert pushers() == 2
+    assert pushers() == 0 and not m.syncing
+
+
 def test_an_sqlite_study_is_pushed_as_a_consistent_snapshot_without_its_journal(pair):
     import sqlite3
 

@@ -251,16 +251,16 @@ def fetch_family(uri: str) -> Path:
     if not local.is_file():
         raise FileNotFoundError(f"family file {uri} not found; the tune job writes it (or use --model PATH)")
     try:
-        models = json.loads(local.read_text()).get("models") or []
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{uri} is not a family file: {exc}") from None
-    for m in models:
+        family = Family.from_dict(json.loads(local.read_text()), source=uri)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{uri} is not valid JSON: {exc}") from exc
+    for m in family.models:
         for key in ("artifact", "onnx"):
-            value = m.get(key) if isinstance(m, dict) else None
-            if not value:
+            value = getattr(m, key)
+            if value is None:
                 continue
             if Path(value).is_absolute():
-                raise ValueError(f"{uri}: model {m.get('name')!r} names {key} {value!r}, an absolute path that "
+                raise ValueError(f"{uri}: model {m.name!r} names {key} {value!r}, an absolute path that "
                                  "is not in the store; a family in a store names paths relative to its folder")
             mirror.pull(mirror.local / value)
     return local
