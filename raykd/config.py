@@ -155,15 +155,24 @@ class OptimConfig:
 
     SkinDistilViT: adamw, lr 2e-4, weight_decay 0, schedule linear. SSD-KD: sgd, lr 1e-3,
     momentum 0.9, weight_decay 1e-3, schedule plateau (factor 0.1, patience 10) with early stopping
-    (15). HierAttn: adamw, weight_decay 1e-2, warmup then cosine, transferred layers frozen first.
+    (15). HierAttn: adamw, lr 2e-3, min_lr 2e-4, weight_decay 1e-2, schedule cosine_restarts
+    (warmup_epochs 15, restart_epochs [30]), transferred layers frozen first. Fusion teacher to
+    tiny CNN: adafactor, lr 2e-3. (``raykd/distill/METHODS.md`` tables every paper's values.)
     """
 
-    name: Literal["adamw", "sgd"] = "adamw"
+    #: ``adafactor`` is ``torch.optim.Adafactor``: ``lr`` caps its relative step size, as Keras'
+    #: Adafactor does (the fusion paper's optimiser); ``momentum`` is not used.
+    name: Literal["adamw", "sgd", "adafactor"] = "adamw"
     lr: float = field(default=1e-3, metadata=_range(1e-8, 10.0))
     weight_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
-    schedule: Literal["constant", "linear", "cosine", "plateau"] = "cosine"
+    #: ``cosine_restarts``: a linear warm-up from ``min_lr`` to ``lr`` over ``warmup_epochs``, then a
+    #: cosine down to ``min_lr``, started again at each of ``restart_epochs`` (HierAttn, SGDR-style).
+    schedule: Literal["constant", "linear", "cosine", "plateau", "cosine_restarts"] = "cosine"
     warmup_epochs: int = field(default=0, metadata=_range(0, 10_000))
+    #: Epochs (increasing, > 0) at which ``cosine_restarts`` starts a new cycle; one at or past the
+    #: run's last epoch is never reached.
+    restart_epochs: list[int] = field(default_factory=list)
     min_lr: float = field(default=0.0, metadata=_range(0.0, 10.0))
     plateau_factor: float = field(default=0.1, metadata=_range(1e-4, 1.0))
     plateau_patience: int = field(default=10, metadata=_range(0, 10_000))

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     g.add_argument("--out", required=True, type=Path, help="folder to write the dataset to")
     g.add_argument("--malignant", default=None,
                    help="comma-separated label names counted malignant (default: the format's own list)")
+    g.add_argument("--binary", action="store_true",
+                   help="write the benign-vs-malignant task: the --malignant classes become 'malignant', "
+                        "the others 'benign'")
     _add_split_args(g)
 
     i = add_parser("inspect", help="class counts per split and a contact sheet of samples")
@@ -93,7 +96,7 @@ def _run(args: argparse.Namespace) -> int:
         manifest = ingest(
             args.format, args.src, args.out, fractions=_fractions(args), split_seed=args.split_seed,
             shard_mb=args.shard_mb, overwrite=args.overwrite,
-            malignant=args.malignant.split(",") if args.malignant else None,
+            malignant=args.malignant.split(",") if args.malignant else None, binary=args.binary,
         )
         print(summary(manifest))
         print(f"wrote {len(manifest.shards)} shard(s) to {args.out} in {time.perf_counter() - t0:.1f} s")

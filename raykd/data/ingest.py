@@ -14,11 +14,17 @@ Formats (registered in :data:`FORMATS`):
 
 Images are found anywhere under the source folder by file name, so both the zip layouts and
 flattened copies work.
+
+``binary=True`` (``--binary``) ingests a benign-vs-malignant task instead: every class named
+malignant (``--malignant``, default the format's own list) becomes the label ``malignant``, every
+other class ``benign``, and the manifest's ``label_groups`` records which source classes went where
+(the fusion-teacher paper's HAM10000 task, seed 004 section 3.1).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -223,6 +229,40 @@ def read_folder(src: Path) -> Source:
     return Source(items, classes, [], bad)
 
 
+#: Label names of a binary (benign-vs-malignant) dataset, in label order.
+BINARY_LABELS: tuple[str, str] = ("benign", "malignant")
+
+
+def binary_source(source: Source, malignant: Iterable[str]) -> tuple[Source, dict[str, list[str]]]:
+    """``source`` as a benign-vs-malignant task, and the source classes behind each new label.
+
+    Items whose label is one of ``malignant`` become ``malignant``, items of the other known
+    classes ``benign``; items with an unknown label keep it (the writer quarantines them).
+
+    Raises:
+        IngestError: a ``malignant`` name is not a class of the source, or one side is empty.
+    """
+    malignant = list(dict.fromkeys(malignant))
+    unknown = [m for m in malignant if m not in source.label_names]
+    if unknown:
+        raise IngestError(f"--malignant names {unknown} are not classes of this dataset "
+                          f"(classes: {', '.join(source.label_names)})")
+    groups = {"benign": [n for n in source.label_names if n not in malignant],
+              "malignant": [n for n in source.label_names if n in malignant]}
+    empty = [side for side, names in groups.items() if not names]
+    if empty:
+        named = ",".join(malignant) or "(none)"
+        raise IngestError(f"--binary needs benign and malignant classes; --malignant {named} leaves no "
+                          f"{empty[0]} class (classes: {', '.join(source.label_names)})")
+    benign, mal = BINARY_LABELS
+    items = [
+        dataclasses.replace(it, label_name=mal if it.label_name in malignant else benign)
+        if it.label_name in source.label_names else it
+        for it in source.items
+    ]
+    return Source(items, list(BINARY_LABELS), [mal], source.quarantine), groups
+
+
 def ingest(
     fmt: str,
     src: str | Path,
@@ -232,24 +272,36 @@ def ingest(
     split_seed: int = 42,
     shard_mb: float = 64.0,
     malignant: Iterable[str] | None = None,
+    binary: bool = False,
     overwrite: bool = False,
 ) -> Manifest:
-    """Read ``src`` in format ``fmt`` and write shards + manifest to ``out``."""
+    """Read ``src`` in format ``fmt`` and write shards + manifest to ``out``.
+
+    ``binary``: write the benign-vs-malignant task (:func:`binary_source`) with ``malignant`` (default:
+    the format's list) as the malignant classes.
+    """
     src = Path(src)
     if not src.is_dir():
         raise IngestError(f"source folder {src} does not exist")
     source = FORMATS.get(fmt)(src)
     log.info("%s: %d candidate images, %d already quarantined", fmt, len(source.items), len(source.quarantine))
+    malignant = list(malignant) if malignant is not None else source.malignant
+    groups: dict[str, list[str]] = {}
+    if binary:
+        source, groups = binary_source(source, malignant)
+        malignant = source.malignant
+        log.info("binary task: malignant = %s, benign = %s", groups["malignant"], groups["benign"])
     return write_dataset(
         source.items,
         out,
         source=fmt,
         label_names=source.label_names,
-        malignant=list(malignant) if malignant is not None else source.malignant,
+        malignant=malignant,
         fractions=fractions,
         split_seed=split_seed,
         shard_mb=shard_mb,
         quarantine=source.quarantine,
         source_dir=str(src),
+        label_groups=groups,
         overwrite=overwrite,
     )

@@ -57,6 +57,9 @@ class Manifest:
     #: Items left out, each ``{"image_id", "origin", "reason"}``.
     quarantine: list[dict] = field(default_factory=list)
     source_dir: str | None = None
+    #: Label -> the source classes merged into it (a binary task, ``ingest --binary``); empty when
+    #: the labels are the source's own classes.
+    label_groups: dict[str, list[str]] = field(default_factory=dict)
     version: int = 1
 
     @property

@@ -207,10 +207,14 @@ def write_dataset(
     shard_mb: float = 64.0,
     quarantine: Sequence[Quarantined] = (),
     source_dir: str | None = None,
+    label_groups: dict[str, list[str]] | None = None,
     threads: int = 4,
     overwrite: bool = False,
 ) -> Manifest:
-    """Write ``items`` as sharded Parquet in ``out_dir``; returns the saved manifest."""
+    """Write ``items`` as sharded Parquet in ``out_dir``; returns the saved manifest.
+
+    ``label_groups`` (label -> source classes merged into it) is recorded in the manifest.
+    """
     out = Path(out_dir)
     _clear_output(out, overwrite)
     label_index = {name: i for i, name in enumerate(label_names)}
@@ -251,6 +255,7 @@ def write_dataset(
         shards=writer.shards,
         quarantine=[q.as_dict() for q in bad],
         source_dir=source_dir,
+        label_groups={k: list(v) for k, v in (label_groups or {}).items()},
     )
     manifest.save(out)
     return manifest

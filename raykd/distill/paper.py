@@ -2,7 +2,15 @@
 
 Every method's ``Params`` defaults *are* its source paper's setting (the values its published code
 ran, with the departures listed in ``METHODS.md``), so this is the defaults as a plain dict.
-``baseline`` is raykd's own reference (class-weighted CE, as SSD-KD's student alone).
+``baseline`` is raykd's own reference (class-weighted CE, as SSD-KD's student alone). A method two
+papers share keeps one setting: ``kd`` is SSD-KD's BLKD (T 5, alpha 0.5); the fusion-teacher
+paper's KD (T 1, alpha 0.5) is fixed in its own run files (``configs/fused_teacher_tiny_cnn.yaml``,
+``search_spaces/fusion.yaml``).
+
+The rest of each paper's runs (optimiser, schedule, global batch, epochs, selection metric, task)
+lives in ``configs/*.yaml`` and ``search_spaces/*.yaml``; ``METHODS.md`` ("The papers' run
+settings") tables them against the papers and ``tests/distill/test_paper_presets.py`` checks every
+row against the files.
 
 >>> paper_params("skindistilvit")["weighted_ce"], paper_params("kd")["temperature"]
 (False, 5.0)
