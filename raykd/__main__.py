@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("raykd.train.__main__", "one training run: a teacher, a baseline or a distilled student"),
     "tune": ("raykd.tune.__main__", "the main job: train teachers, search methods, leaderboard, export"),
     "export": ("raykd.export.__main__", "export a run's best model to ONNX (parity-checked; fp16, int8)"),
+    "evaluate": ("raykd.evaluate", "score a saved model on any dataset, an external test set included"),
     "serve": ("raykd.serve.__main__", "serve a model family over HTTP with Ray Serve"),
 }
 

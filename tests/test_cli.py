@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["data", "train", "tune", "export", "serve"]
+COMMANDS = ["data", "train", "tune", "export", "evaluate", "serve"]
 
 
 def raykd(*args: str, module: str = "raykd") -> subprocess.CompletedProcess:
