@@ -207,6 +207,7 @@ def test_a_search_with_its_outputs_in_s3_resumes_on_a_machine_that_has_none_of_t
         "students": ["raykd_test_tiny_cnn"],
         "methods": {"baseline": {}},
         "budget": {"num_samples": 2, "max_concurrent": 2, "trial_retries": 0},
+        "confirm": {"seeds": 0},
         "search": {"seed": 0},
         "export": {"max_images": 16, "latency_reps": 2},
     }

@@ -1,4 +1,4 @@
-"""Model cost: parameter count, weight size and single-image CPU latency.
+"""Model cost: parameter count, weight size, FLOPs and single-image CPU latency.
 
 The leaderboard records cost next to accuracy so that a user can pick the best model under a
 budget (SkinDistilViT reports size and CPU/GPU time next to BMA, seed 000 section 5.3); the
@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["measure_latency", "model_cost"]
+__all__ = ["measure_flops", "measure_latency", "model_cost"]
 
 
 def model_cost(model: nn.Module) -> dict[str, float]:
@@ -22,6 +22,24 @@ def model_cost(model: nn.Module) -> dict[str, float]:
     params = sum(p.numel() for p in model.parameters())
     size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {"params": float(params), "size_mb": size / 1e6}
+
+
+@torch.no_grad()
+def measure_flops(model: nn.Module, image_size: int) -> float:
+    """FLOPs of one forward pass of one ``image_size`` square image, counted by torch's
+    ``FlopCounterMode`` (a multiply-add counts as 2 FLOPs; matrix products and convolutions only,
+    so elementwise work is left out, as the papers' FLOPs figures leave it out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.zeros(1, 3, image_size, image_size))
+        return float(counter.get_total_flops())
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

@@ -107,7 +107,11 @@ def build_run(cfg: RunConfig, manifest: Manifest, *, probe: bool = False) -> Run
 
         student = cut_vit(teacher, keep_blocks=cfg.student.cut_blocks)
     else:
-        student = build_model(cfg.student, n)
+        # The student's initial weights depend on train.seed alone, not on whether (or which)
+        # teacher was built before it: seed k of a baseline and of every method start alike.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            student = build_model(cfg.student, n)
     overrides = {"image_size": cfg.student.image_size} if cfg.student.image_size else {}
     spec = spec_from_model(student, crop_black_border=cfg.data.crop_black_border,
                            pipeline_004=cfg.data.pipeline_004, **overrides)

@@ -213,6 +213,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         manifest = Manifest.load(cfg.data.path)
         t0 = time.perf_counter()
         parts = build_run(cfg, manifest)
+        set_seed(cfg.train.seed + session.rank)  # the same stream after the build, whatever the method built
         return fit(cfg, Path(config["run_dir"]), manifest, parts, session,
                    timing={"build_s": time.perf_counter() - t0})
 

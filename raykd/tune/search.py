@@ -17,6 +17,7 @@ trials are kept, unfinished ones continue from their last Ray Train checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -172,24 +173,64 @@ def _searcher(space: SearchSpace, experiment_dir: Path):
     metric, mode = objective_key(s.metric), metric_mode(s.metric)
     if space.multi_objective:
         metric, mode = [metric, *s.objectives], [mode] + ["min"] * len(s.objectives)
-    # Round-robin over the methods first, so a small budget still tries every one of them; each
-    # method's first trial runs its paper setting where the space's ranges allow it.
-    labels = list(space.methods)
-    n_first = min(space.budget.num_samples, len(labels) * space.budget.min_trials_per_method)
-    first = [{"method": labels[i % len(labels)]} if i >= len(labels) else paper_point(space, labels[i])
-             for i in range(n_first)]
     return OptunaSearch(space=SpaceSampler(space), metric=metric, mode=mode, sampler=sampler,
-                        study_name=space.name, storage=storage, points_to_evaluate=first or None)
+                        study_name=space.name, storage=storage, points_to_evaluate=first_points(space) or None)
+
+
+def first_points(space: SearchSpace) -> list[dict[str, Any]]:
+    """The trials whose method (and student) the search deals rather than samples.
+
+    With ``budget.trials_per_arm`` every trial is dealt round-robin over the arms, so each arm gets
+    the same number; each arm's first trial runs its paper setting, with the shared knobs at
+    :func:`shared_start` for every arm alike. Otherwise the first ``len(methods) *
+    min_trials_per_method`` trials go round-robin over the method labels (paper settings first)
+    and the sampler picks the method of the rest.
+    """
+    b = space.budget
+    if b.trials_per_arm is not None:
+        arms = space.arms()
+        points = []
+        for i in range(b.num_samples):
+            label, sid = arms[i % len(arms)]
+            if i < len(arms):
+                point = paper_point(space, label)
+            else:
+                point = {"method": label}
+            if len(space.methods[label].students) > 1:
+                point[f"{label}.student"] = sid
+            points.append(point)
+        return points
+    labels = list(space.methods)
+    n_first = min(b.num_samples, len(labels) * b.min_trials_per_method)
+    return [{"method": labels[i % len(labels)]} if i >= len(labels) else paper_point(space, labels[i])
+            for i in range(n_first)]
+
+
+def shared_start(space: SearchSpace) -> dict[str, Any]:
+    """The shared knobs of every paper trial, alike for every method: the base config's value
+    (a paper space's base is the paper's run: its lr) where the range holds it, else the range's
+    centre."""
+    out = {}
+    for key, dist in space.shared.items():
+        if dist.fixed:
+            continue
+        try:
+            value = functools.reduce(getattr, key.split("."), space.base_config)
+        except AttributeError:
+            value = None
+        out[key] = value if value is not None and dist.contains(value) else dist.centre()
+    return out
 
 
 def paper_point(space: SearchSpace, label: str) -> dict[str, Any]:
     """The Optuna point of method ``label``'s paper setting: every searched knob whose range holds
-    the paper's value is set to it (the others, and the shared keys, are left to the sampler)."""
+    the paper's value is set to it (the others are left to the sampler), and the shared knobs are
+    at :func:`shared_start`."""
     from raykd.distill.paper import paper_params
 
     spec = space.methods[label]
     paper = paper_params(spec.method)
-    point: dict[str, Any] = {"method": label}
+    point: dict[str, Any] = {"method": label, **shared_start(space)}
     for name, dist in spec.params.items():
         if not dist.fixed and name in paper and dist.contains(paper[name]):
             point[f"{label}.{name}"] = paper[name]
@@ -299,7 +340,8 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
 
 def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bool) -> SearchOutcome:
     from raykd.cluster import check_storage_on_every_node, cluster_capacity, init_local_ray
-    from raykd.tune.findings import STAGE_2, collect_findings
+    from raykd.tune.confirm import run_confirmation
+    from raykd.tune.findings import STAGE_2, STAGE_2B, collect_findings
     from raykd.tune.leaderboard import build_leaderboard
     from raykd.tune.publish import publish
     from raykd.tune.tracking import log_published
@@ -325,6 +367,10 @@ def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bo
     records = _stage_2(plan, resources, resume=resume, tracking=tracking, verbose=verbose)
     log.info("stage 2 done: %d trials, %d failed", len(records), sum(r.status == "ERROR" for r in records))
     stage_s[STAGE_2] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    confirmed = run_confirmation(plan, records, resources)  # stage 2b: each arm's best, on the same seeds
+    if confirmed:
+        stage_s[STAGE_2B] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if mirror is not None:  # the trials' folders, written on their nodes
@@ -334,7 +380,8 @@ def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bo
     published = publish(plan, board)
     log_published(tracking, published, experiment_dir, space.name)
     stage_s["stage 3 (leaderboard, export)"] = time.perf_counter() - t0
-    findings = collect_findings(plan, board, stage_s, slots=trial_concurrency(space, resources))
+    findings = collect_findings(plan, board, stage_s, slots=trial_concurrency(space, resources),
+                                confirmed=confirmed, records=records)
     findings.write(experiment_dir)
     return SearchOutcome(experiment_dir=experiment_dir, records=records, leaderboard=board,
                          published=published, findings=findings)

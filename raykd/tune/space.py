@@ -49,6 +49,7 @@ from raykd.registry import did_you_mean
 from raykd.tune.spec import (
     OBJECTIVES,
     BudgetConfig,
+    ConfirmConfig,
     Dist,
     ExportConfig,
     MethodSpec,
@@ -77,7 +78,7 @@ _MANAGED = {
 }
 
 _TOP_KEYS = ("name", "output_dir", "mirror_dir", "address", "base", "teachers", "students", "shared", "methods",
-             "budget", "search", "export")
+             "budget", "search", "export", "confirm")
 _TEACHER_KEYS = ("model", "checkpoint", "set", "method", "params")
 _METHOD_KEYS = ("method", "students", "teacher", "params", "search", "set", "min_blocks")
 _MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig))
@@ -215,6 +216,8 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
         _check_run_values(base, key, shared[key], where, "shared")
     methods = _parse_methods(doc.get("methods"), students, teachers, shared, base, where)
     _check_trial_workers(base, shared, methods, where)
+    confirm = _parse_confirm(doc, where)
+    budget = _fair_budget(budget, shared, methods, where)
 
     name = doc.get("name") or f"tune-{p.stem}"
     if not isinstance(name, str) or not name or "/" in name:
@@ -228,7 +231,32 @@ def load_space(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
     address = doc.get("address")
     return SearchSpace(source=where, name=name, output_dir=output_dir, address=address, base=base,
                        teachers=teachers, students=students, shared=shared, methods=methods,
-                       budget=budget, search=search, export=export, mirror_dir=mirror_dir)
+                       budget=budget, search=search, export=export, confirm=confirm, mirror_dir=mirror_dir)
+
+
+def _parse_confirm(doc: dict, where: str) -> ConfirmConfig:
+    confirm = from_dict(ConfirmConfig, _mapping(doc.get("confirm"), where, "confirm"), where=where, prefix="confirm.")
+    validate(confirm, where=where, prefix="confirm.")
+    if confirm.seeds == 1:
+        raise ConfigError(f"{where}: confirm.seeds must be 0 (no confirmation) or at least 2 (an interval "
+                          "needs two seeds; 5 or more for a useful one), got 1")
+    return confirm
+
+
+def _fair_budget(budget: BudgetConfig, shared: dict[str, Dist], methods: dict[str, MethodSpec],
+                 where: str) -> BudgetConfig:
+    """With ``budget.trials_per_arm`` every arm gets that many trials (``num_samples`` follows) and
+    the shared knobs the same ranges: a method may not search or fix a ``shared`` key of its own."""
+    if budget.trials_per_arm is None:
+        return budget
+    for label, spec in methods.items():
+        own = sorted(set(shared) & (set(spec.search) | set(spec.overrides)))
+        if own:
+            raise ConfigError(f"{where}: methods.{label} sets or searches {', '.join(own)}, which shared: "
+                              "gives every arm; with budget.trials_per_arm every arm gets the same ranges "
+                              "of the shared knobs (move it to shared:, or drop trials_per_arm)")
+    arms = sum(max(1, len(m.students)) for m in methods.values())
+    return dataclasses.replace(budget, num_samples=arms * budget.trials_per_arm)
 
 
 def _read_space(p: Path, overrides) -> dict:

@@ -82,6 +82,19 @@ class Dist:
             return list(self.args)
         return [self.args[0], self.args[1]]
 
+    def centre(self) -> Any:
+        """The middle of the distribution (geometric for ``loguniform``; the first choice): the
+        value every arm's first trial shares, so the arms start from the same shared knobs."""
+        lo = self.args[0]
+        if self.kind in ("fixed", "choice"):
+            return lo
+        hi = self.args[1]
+        if self.kind == "loguniform":
+            return float(math.sqrt(lo * hi))
+        if self.kind == "int":
+            return int(lo + (hi - lo) // 2)
+        return float((lo + hi) / 2)
+
     def describe(self) -> str:
         if self.kind == "fixed":
             return repr(self.args[0])
@@ -164,12 +177,15 @@ class BudgetConfig:
     """How much searching: trials, epochs per trial, concurrency and ASHA."""
 
     num_samples: int = field(default=8, metadata={"range": (1, 100_000)})
+    #: Trials of every arm (a method label with one of its students): the same tuning budget for
+    #: the baseline and each method. Set, it replaces ``num_samples`` (= arms x trials_per_arm).
+    trials_per_arm: int | None = field(default=None, metadata={"range": (1, 10_000)})
     #: Epochs of every trial run (None: the base config's train.epochs).
     epochs: int | None = field(default=None, metadata={"range": (1, 100_000)})
     #: Trials at once (None: as many as the cluster's CPUs/GPUs fit, capped by its trial slots).
     max_concurrent: int | None = field(default=None, metadata={"range": (1, 10_000)})
-    #: The first ``len(methods) * min_trials_per_method`` trials go round-robin over the methods,
-    #: so every method is tried even on a small budget (the rest is up to the sampler).
+    #: Without ``trials_per_arm``: the first ``len(methods) * min_trials_per_method`` trials go
+    #: round-robin over the methods (the rest is up to the sampler, which may favour some).
     min_trials_per_method: int = field(default=1, metadata={"range": (0, 1000)})
     #: Early stopping of weak trials (ASHA); off in multi-objective mode, where a small model with a
     #: lower BMA may still be Pareto-optimal.
@@ -209,6 +225,24 @@ class SearchConfig:
     #: teacher and student contract (``raykd.train.store``), and every trial that can read it
     #: takes the teacher's outputs from it instead of running the teacher; None: online teachers.
     teacher_store_views: int | None = field(default=None, metadata={"range": (1, 1000)})
+
+
+@dataclass
+class ConfirmConfig:
+    """The confirmation stage: each arm's best configuration retrained on the same seeds.
+
+    Seed k gives every arm the same initial student weights, data order and augmentations, and
+    every run scores the test split once with its best validation epoch, so each method is compared
+    with the baseline of its student seed by seed (:mod:`raykd.tune.confirm`).
+    """
+
+    #: Seeds per arm (0: no confirmation stage, and then no distillation gain is reported).
+    seeds: int = field(default=5, metadata={"range": (0, 1000)})
+    #: The first seed; seed k of the stage is ``first_seed + k`` (the search's trials use the base
+    #: ``train.seed``, so the default never repeats a search run).
+    first_seed: int = field(default=1, metadata={"range": (0, 2**31 - 1)})
+    #: Confidence level of the intervals.
+    level: float = field(default=0.95, metadata={"range": (0.5, 0.999)})
 
 
 @dataclass
@@ -288,6 +322,7 @@ class SearchSpace:
     budget: BudgetConfig
     search: SearchConfig
     export: ExportConfig
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
     #: A URI ``output_dir``'s local mirror on every node (see :mod:`raykd.storage`).
     mirror_dir: str | None = None
     #: Set by :func:`raykd.tune.plan.absolute_paths` for a URI ``output_dir`` (which then names the mirror).
@@ -306,3 +341,7 @@ class SearchSpace:
     @property
     def multi_objective(self) -> bool:
         return bool(self.search.objectives)
+
+    def arms(self) -> list[tuple[str, str]]:
+        """Every (method label, student id) pair the search tunes and confirms, in the space's order."""
+        return [(label, sid) for label, m in self.methods.items() for sid in (m.students or ("",))]

@@ -196,12 +196,13 @@ def _trial_in_folder(plan, config: dict[str, Any], cfg, resolved, trial_dir: Tri
             _record_timing(trial_dir, trained, time.perf_counter() - t0, executor)
 
 
-def _pipeline(plan, template, resolved, trial_dir: TrialDir, trained: list[RunDir]) -> None:
+def _pipeline(plan, template, resolved, trial_dir: TrialDir, trained: list[RunDir], report=None) -> str:
     """A method trained as several runs (:meth:`raykd.distill.base.Method.pipeline`; the cascade of
     SkinDistilViT section 3.2: one run per depth). Starting from the trial's trained teacher, step
     ``<trial>-<suffix>`` trains the step's student against the previous step's best model as its
     frozen teacher. The trial folder's pipeline record holds each step's validation and test
-    metrics, size and latency, the parent first."""
+    metrics, size and latency, the parent first. ``report`` gets every epoch (default
+    ``tune.report``). Returns the last step's run folder."""
     from raykd.artifact import load_artifact
     from raykd.distill import METHODS
     from raykd.artifact.measure import model_cost
@@ -225,10 +226,11 @@ def _pipeline(plan, template, resolved, trial_dir: TrialDir, trained: list[RunDi
         run_dir = RunDir.of(cfg)
         if not run_dir.finished():
             trained.append(run_dir)
-        _train(cfg, extra, metric, plan.space.export.latency_reps)
+        _train(cfg, extra, metric, plan.space.export.latency_reps, report)
         summary = run_dir.read_summary()
         steps.append({**extra, "run": name, "run_dir": str(run_dir), "val": summary["val"], "test": summary["test"]})
         trial_dir.write_pipeline({"trial_id": template.name, "steps": steps})
         log.info("%s %s: step %s, val %s %.4f", resolved.method, template.name, step.suffix, metric,
                  summary["val"].get(metric, float("nan")))
         parent_dir = str(run_dir)
+    return parent_dir

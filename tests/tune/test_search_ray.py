@@ -53,6 +53,8 @@ def smoke(ray_cluster, tmp_path_factory):
             "broken": {"method": "baseline", "set": {"train.crash_in_epoch": 1, "train.max_failures": 0}},
         },
         "budget": {"num_samples": 5, "min_trials_per_method": 2, "max_concurrent": 2, "trial_retries": 0},
+        # each arm's best trial retrained on 2 seeds ("broken" has none that finished: not confirmed)
+        "confirm": {"seeds": 2},
         # a 1-epoch teacher is near chance: this search checks the machinery, not the teacher
         "search": {"seed": 0, "teacher_margin": None},
     }
@@ -196,6 +198,7 @@ def resumed(ray_cluster, tmp_path_factory):
                     "cascade": {"teacher": "vit", "min_blocks": 1, "set": {"train.epochs": 30},
                                 "params": {"temperature": {"uniform": [1.0, 4.0]}}}},
         "budget": {"num_samples": 2, "max_concurrent": 2, "asha": False},
+        "confirm": {"seeds": 0},
         "search": {"teacher_margin": None},
     }
     path = root / "resume.yaml"
@@ -267,6 +270,7 @@ def test_a_trial_whose_process_dies_restarts_from_its_checkpoint(ray_cluster, tm
         "teachers": {},
         "methods": {"baseline": {"set": {"train.crash_in_epoch": 2}}},
         "budget": {"num_samples": 1, "asha": False, "trial_retries": 1},
+        "confirm": {"seeds": 0},
         "search": {"seed": 0, "teacher_margin": None},
         "export": {"onnx": False},
     }
@@ -279,3 +283,40 @@ def test_a_trial_whose_process_dies_restarts_from_its_checkpoint(ray_cluster, tm
     assert (run / ".crash_injected").is_file()  # the process really died once, in epoch 2
     assert [r["epoch"] for r in json.loads((run / "metrics.json").read_text())] == [1, 2]
     assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+def test_each_arms_best_trial_is_retrained_on_the_same_seeds_and_compared_seed_by_seed(smoke):
+    from raykd.metrics.compare import paired_difference
+    from raykd.tune.confirm import best_trials
+
+    outcome, space = smoke
+    findings = outcome.findings
+    confirmed = findings.confirmed
+    assert findings.seeds == [1, 2]
+    # "broken" never finished a trial: only baseline and kd are confirmed, each on both seeds
+    assert sorted((r["label"], r["seed"]) for r in confirmed) == [("baseline", 1), ("baseline", 2), ("kd", 1), ("kd", 2)]
+    assert all(r["error"] is None for r in confirmed)
+    best = {arm[0]: rec for arm, rec in best_trials(_plan(outcome, space), outcome.records).items()}
+    for r in confirmed:
+        cfg = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+        trial = yaml.safe_load((outcome.experiment_dir / "runs" / best[r["label"]].trial_id / "config.yaml").read_text())
+        assert r["trial_id"] == best[r["label"]].trial_id
+        assert cfg["train"]["seed"] == cfg["data"]["sampling"]["seed"] == r["seed"]  # the same seed for every arm
+        assert cfg["optim"] == trial["optim"] and cfg["distill"] == trial["distill"]  # the best trial's settings
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert r["test"]["bma"] == summary["test"]["bma"]  # scored once on test, with its best epoch
+    (c,) = findings.comparisons
+    tests = {(r["label"], r["seed"]): r["test"]["bma"] for r in confirmed}
+    d = paired_difference({s: tests[("kd", s)] for s in (1, 2)}, {s: tests[("baseline", s)] for s in (1, 2)})
+    (kd,) = c["arms"]
+    assert kd["diff"]["mean"] == pytest.approx(d.mean) and kd["diff"]["wins"] == d.wins
+    lines = json.loads((outcome.experiment_dir / "findings.json").read_text())["lines"]
+    assert any(line.startswith("student raykd_test_tiny_cnn: baseline baseline test bma") for line in lines)
+    assert any(line.startswith("  kd (kd): test bma") and "wins" in line for line in lines)
+    assert any("stage 2b (confirmation)" in line for line in lines)
+
+
+def _plan(outcome, space):
+    from raykd.tune.plan import TrialPlan, absolute_paths
+
+    return TrialPlan(absolute_paths(space), outcome.experiment_dir, {})

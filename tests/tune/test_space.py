@@ -30,10 +30,19 @@ def test_the_shipped_spaces_cover_the_default_the_smoke_run_and_every_paper():
     assert {"default", "smoke", "pareto", "skindistilvit", "ssdkd", "hierattn", "fusion"} <= names
 
 
-def test_the_default_space_searches_every_registered_method():
+def test_the_default_space_tunes_every_arm_alike_and_confirms_on_paired_seeds():
     space = load_space(ROOT / "search_spaces" / "default.yaml")
-    assert {spec.method for spec in space.methods.values()} == set(METHODS.names())
-    assert space.budget.num_samples >= len(METHODS) and space.budget.min_trials_per_method >= 1
+    arms = space.arms()
+    assert space.budget.trials_per_arm >= 1 and space.budget.num_samples == len(arms) * space.budget.trials_per_arm
+    assert space.confirm.seeds >= 5
+    baselines = {sid for label, sid in arms if space.methods[label].method == "baseline"}
+    assert baselines == set(space.students)  # every student architecture has its baseline arm
+    assert all(not (set(m.search) | set(m.overrides)) & set(space.shared) for m in space.methods.values())
+
+
+def test_every_registered_method_is_in_a_shipped_space():
+    methods = {spec.method for p in SPACES for spec in load_space(p).methods.values()}
+    assert methods == set(METHODS.names())
 
 
 @pytest.mark.parametrize("name", ["smoke.yaml", "pareto.yaml", "default.yaml"])

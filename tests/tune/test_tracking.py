@@ -150,6 +150,7 @@ def tracked(ray_cluster, tmp_path_factory):
         "methods": {"baseline": {}, "kd": {"params": {"temperature": {"uniform": [1.0, 8.0]},
                                                       "alpha": {"uniform": [0.2, 0.9]}}}},
         "budget": {"num_samples": 2, "max_concurrent": 2, "asha": False},
+        "confirm": {"seeds": 0},
         "search": {"seed": 0, "teacher_margin": None},
         "export": {"max_images": 16, "latency_reps": 3},
     }
