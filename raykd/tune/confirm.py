@@ -11,13 +11,17 @@ same augmentations. The findings then compare each method with the baseline of i
 by seed (:mod:`raykd.metrics.compare`).
 
 The runs are Ray tasks holding what a trial holds (its CPUs, or a ``trial_slot``), so they spread
-over the cluster as trials do; a finished run is read back, not retrained, on ``--resume``.
+over the cluster as trials do; a finished run is read back, not retrained, on ``--resume``. An arm
+tuned with a single trial had nothing selected, so when that trial ran with one of the stage's
+seeds (``confirm.first_seed: 0`` and the base ``train.seed: 0``) and trained to its end, it is that
+seed's run and is not trained twice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,8 @@ class ConfirmedRun:
     val: float | None = None
     test: dict[str, float] | None = None
     error: str | None = None
+    #: The arm's only trial ran with this seed to its end: that run is this one (nothing was selected).
+    reused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,12 +93,22 @@ def best_trials(plan, records) -> dict[tuple[str, str], Any]:
 
 def _confirm_task(plan, config: dict[str, Any], name: str, seed: int) -> dict[str, Any]:
     """A Ray task body: train (or read back) one confirmation run; returns its summary."""
+    folder = plan.experiment_dir / CONFIRM_DIR
+    cfg = seeded(plan.run_config(config, name, output_dir=folder), seed)
+    quiet = logging.getLogger("raykd.train")  # the epoch lines are in each run's metrics, not on the console
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return _confirm_run(plan, config, cfg, folder, name)
+    finally:
+        quiet.setLevel(level)
+
+
+def _confirm_run(plan, config: dict[str, Any], cfg: RunConfig, folder: Path, name: str) -> dict[str, Any]:
     from raykd.storage import Mirror, mirrored, run_reads
     from raykd.train.driver import run_train
     from raykd.tune.trial import _pipeline
 
-    folder = plan.experiment_dir / CONFIRM_DIR
-    cfg = seeded(plan.run_config(config, name, output_dir=folder), seed)
     with mirrored(Mirror.of(cfg), own=folder / name, reads=run_reads(cfg)):
         if METHODS.get(cfg.distill.method).multi_run:  # the cascade: one run per depth
             last = _pipeline(plan, cfg, plan.resolve(config), TrialDir(folder / name), [],
@@ -137,6 +153,8 @@ def run_confirmation(plan, records, resources: dict[str, float]) -> list[Confirm
     task = ray.remote(_confirm_task)
     options = {"max_retries": plan.space.budget.trial_retries, "retry_exceptions": True,
                **_task_options(plan, resources)}
+    tuned = Counter((r.label, r.student) for r in map(plan.resolve, (rec.config for rec in records
+                                                                     if rec.config.get("method") in plan.space.methods)))
     pending, runs = {}, []
     for seed in seeds:
         for (label, student), rec in best.items():
@@ -144,8 +162,10 @@ def run_confirmation(plan, records, resources: dict[str, float]) -> list[Confirm
             name = f"{label}-{_slug(student)}-s{seed}"
             run = ConfirmedRun(label=label, method=r.method, student=student, teacher=r.teacher, seed=seed,
                                trial_id=rec.trial_id, run_dir=str(plan.experiment_dir / CONFIRM_DIR / name))
-            pending[task.options(name=f"raykd-confirm:{name}", **options).remote(plan, rec.config, name, seed)] = run
             runs.append(run)
+            if tuned[(label, student)] == 1 and _reuse(plan, rec, seed, run):
+                continue
+            pending[task.options(name=f"raykd-confirm:{name}", **options).remote(plan, rec.config, name, seed)] = run
     t0, metric = time.perf_counter(), plan.space.search.metric
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -160,6 +180,21 @@ def run_confirmation(plan, records, resources: dict[str, float]) -> list[Confirm
             run.error = summarize_error(e)
             log.warning("confirmation: %s/%s seed %d FAILED: %s", run.label, run.student, run.seed, run.error)
     return runs
+
+
+def _reuse(plan, record, seed: int, run: ConfirmedRun) -> bool:
+    """An arm tuned with one trial had nothing selected: its trial's run *is* the confirmation run
+    of the trial's own seed when it trained to its end. Fills ``run`` from it and returns True."""
+    if METHODS.get(run.method).multi_run:
+        return False
+    cfg = plan.run_config(record.config, record.trial_id)
+    summary = RunDir.of(cfg).read_summary()
+    if cfg.train.seed != seed or cfg.data.sampling.seed != seed or summary is None:
+        return False
+    run.run_dir, run.val, run.test, run.reused = str(RunDir.of(cfg)), summary.get("best"), summary.get("test") or {}, True
+    log.info("confirmation: %s/%s seed %d: the arm's only trial %s trained with this seed (reused)", run.label,
+             run.student, seed, record.trial_id)
+    return True
 
 
 def _all_arms(plan) -> list[tuple[str, str]]:
