@@ -104,14 +104,15 @@ def _seed_list(seeds: list[int]) -> str:
 def _comparison_lines(c: dict[str, Any], m: str) -> list[str]:
     """The line of one student architecture and one indented line per method."""
     b = c["baseline"]
-    tuned = f", {c['trials_per_arm']} tuned trials per arm" if c.get("trials_per_arm") else ""
+    n = c.get("trials_per_arm")
+    tuned = f", {n} tuned trial{'s' if n != 1 else ''} per arm" if n else ""
     if b is None:
         head = f"student {c['student']}: no confirmed baseline arm: no paired difference"
     else:
         base = Interval(**b["interval"])
         sig = [a["label"] for a in c["arms"] if a.get("diff") and Interval(**_iv(a["diff"])).low > 0]
         best = max((a for a in c["arms"] if a.get("diff")), key=lambda a: a["diff"]["mean"], default=None)
-        head = (f"student {c['student']}: baseline {b['label']} test {m} {base.plain()} ({base.n} seeds{tuned})")
+        head = f"student {c['student']}: alone ({b['label']}) test {m} {base.plain()} ({base.n} seeds{tuned})"
         if best is not None:
             head += (f"; best method {best['label']} {Interval(**_iv(best['diff'])).points()}; above the baseline "
                      f"with an interval above 0: {', '.join(sig) if sig else 'none'}")

@@ -135,3 +135,27 @@ def test_the_findings_compare_each_method_with_its_students_baseline_seed_by_see
 def test_without_a_confirmation_no_gain_is_reported():
     lines = Findings(metric="bma").lines()
     assert any(line.startswith("no confirmation stage (confirm.seeds 0): no distillation gain") for line in lines)
+
+
+def test_an_arm_tuned_with_one_trial_reuses_it_as_its_own_seeds_run_only(tmp_path):
+    from raykd.artifact.rundir import RunDir
+    from raykd.tune.confirm import _reuse
+    from raykd.tune.plan import TrialPlan, absolute_paths
+    from raykd.tune.search import TrialRecord
+
+    plan = TrialPlan(absolute_paths(_space(tmp_path)), tmp_path / "exp", {"t": str(tmp_path / "teacher")})
+    rec = TrialRecord(trial_id="abc", config={"method": "baseline", "optim.lr": 1e-3,
+                                              "baseline.student": "raykd_test_tiny_cnn"},
+                      status="TERMINATED", error=None, last_result={"best_bma": 0.3})
+
+    def run(seed):
+        return ConfirmedRun(label="baseline", method="baseline", student="raykd_test_tiny_cnn", teacher=None,
+                            seed=seed, trial_id="abc", run_dir="unset")
+
+    first = run(0)
+    assert not _reuse(plan, rec, 0, first)  # the trial never finished (stopped early): train it anew
+    (plan.runs_dir / "abc").mkdir(parents=True)
+    RunDir(plan.runs_dir / "abc").write_summary({"best": 0.3, "test": {"bma": 0.25}})
+    assert _reuse(plan, rec, 0, first) and first.reused and first.test == {"bma": 0.25}
+    assert first.run_dir == str(plan.runs_dir / "abc")
+    assert not _reuse(plan, rec, 1, run(1))  # the trial trained with seed 0 (the base train.seed) only

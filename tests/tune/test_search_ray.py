@@ -311,7 +311,7 @@ def test_each_arms_best_trial_is_retrained_on_the_same_seeds_and_compared_seed_b
     (kd,) = c["arms"]
     assert kd["diff"]["mean"] == pytest.approx(d.mean) and kd["diff"]["wins"] == d.wins
     lines = json.loads((outcome.experiment_dir / "findings.json").read_text())["lines"]
-    assert any(line.startswith("student raykd_test_tiny_cnn: baseline baseline test bma") for line in lines)
+    assert any(line.startswith("student raykd_test_tiny_cnn: alone (baseline) test bma") for line in lines)
     assert any(line.startswith("  kd (kd): test bma") and "wins" in line for line in lines)
     assert any("stage 2b (confirmation)" in line for line in lines)
 
