@@ -162,15 +162,30 @@ class ClassMatch:
         return mapped
 
 
+#: The same diagnosis under the codes of ISIC 2019, HAM10000 and PAD-UFES-20: HAM10000's ``akiec``
+#: and PAD-UFES-20's ``ACK`` are ISIC 2019's ``AK`` (ISIC 2019 relabelled HAM10000 so), ``NEV`` is
+#: ``NV``, and PAD-UFES-20's seborrheic keratoses ``SEK`` fall under ``BKL``.
+SAME_CLASS = {"akiec": "ak", "ack": "ak", "nev": "nv", "sek": "bkl"}
+
+
+def canonical_class(name: str) -> str:
+    """A class name as matched across datasets: case-insensitive, with :data:`SAME_CLASS`."""
+    key = name.strip().lower()
+    return SAME_CLASS.get(key, key)
+
+
 def match_classes(model_names: list[str], dataset_names: list[str], counts: dict[str, int], *,
                   model: str = "the model", dataset: str = "the dataset") -> ClassMatch:
-    """Match classes by name; ``counts`` are the scored split's images per dataset class.
+    """Match classes by name (:func:`canonical_class`: ``mel`` is ``MEL``, ``akiec`` is ``AK``);
+    ``counts`` are the scored split's images per dataset class.
 
     Raises:
         ClassMismatchError: naming every dataset class with images that the model does not have,
             and the model's classes.
     """
-    unknown = [n for n in dataset_names if n not in model_names]
+    keys = [canonical_class(n) for n in model_names]
+    index = {k: i for i, k in enumerate(keys)}
+    unknown = [n for n in dataset_names if canonical_class(n) not in index]
     scored = [n for n in unknown if counts.get(n, 0) > 0]
     if scored:
         listed = ", ".join(f"{n} ({counts[n]} images)" for n in scored)
@@ -184,8 +199,9 @@ def match_classes(model_names: list[str], dataset_names: list[str], counts: dict
                  unknown)
     return ClassMatch(
         model=list(model_names), dataset=list(dataset_names),
-        label_map=[model_names.index(n) if n in model_names else -1 for n in dataset_names],
-        not_in_dataset=[n for n in model_names if n not in dataset_names], ignored=unknown,
+        label_map=[index.get(canonical_class(n), -1) for n in dataset_names],
+        not_in_dataset=[n for n, k in zip(model_names, keys) if k not in {canonical_class(d) for d in dataset_names}],
+        ignored=unknown,
     )
 
 

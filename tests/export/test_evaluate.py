@@ -266,3 +266,15 @@ def test_the_help_names_every_option_with_its_default(capsys):
     assert text.startswith("usage: raykd evaluate ")
     for invocation, help_text in option_entries(text)[1:]:
         assert "default" in help_text or "required" in help_text, invocation
+
+
+def test_classes_match_across_the_datasets_codes_for_the_same_diagnosis():
+    from raykd.export.evaluate import match_classes
+
+    model = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]  # ISIC 2019
+    ham = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]  # HAM10000's codes
+    m = match_classes(model, ham, dict.fromkeys(ham, 3))
+    assert m.label_map == [3, 2, 4, 5, 0, 1, 6]  # akiec is AK, and case does not matter
+    assert m.not_in_dataset == ["SCC"]
+    pad = ["ACK", "BCC", "MEL", "NEV", "SCC", "SEK"]  # PAD-UFES-20's codes
+    assert match_classes(model, pad, dict.fromkeys(pad, 1)).label_map == [3, 2, 0, 1, 7, 4]
