@@ -7,6 +7,7 @@ image id, unreadable or truncated image, ...) goes to the manifest's quarantine 
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import random
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from raykd.data.manifest import SHARDS_DIR, Manifest
+from raykd.data.manifest import MANIFEST_NAME, SHARDS_DIR, Manifest
 from raykd.data.schema import SCHEMA, Item
 from raykd.data.splits import assign_splits, group_ids
 
@@ -57,7 +58,9 @@ def check_image(data: bytes) -> tuple[bytes, str]:
     """Fully decode ``data`` (so truncated files are caught) and return the bytes to store.
 
     JPEG and PNG are stored as given; any other format PIL can read (BMP, TIFF, ...) is re-encoded
-    losslessly as PNG. Raises ValueError with the reason otherwise.
+    losslessly as PNG. Raises ValueError with the reason otherwise, for any decoder failure:
+    unknown or truncated data, an image whose header claims more pixels than
+    ``PIL.Image.MAX_IMAGE_PIXELS`` allows (a decompression bomb), or a decoder crash.
     """
     import io
 
@@ -76,8 +79,14 @@ def check_image(data: bytes) -> tuple[bytes, str]:
             if im.width < 8 or im.height < 8:
                 raise ValueError(f"image too small ({im.width}x{im.height})")
             return data, fmt
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"decompression bomb: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"unreadable image: {e}") from None
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL decoders raise many types on malformed input
+        raise ValueError(f"unreadable image: {type(e).__name__}: {e}") from None
 
 
 class _ShardWriter:
@@ -108,13 +117,93 @@ class _ShardWriter:
         self._rows, self._rows_bytes = [], 0
 
 
-def _clear_output(out: Path, overwrite: bool) -> None:
-    """Remove an earlier dataset in ``out`` when ``overwrite``; refuse to replace it otherwise."""
-    if (out / "manifest.json").exists() or (out / SHARDS_DIR).exists():
-        if not overwrite:
-            raise IngestError(f"{out} already holds a dataset; pass --overwrite to replace it")
-        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
-        (out / "manifest.json").unlink(missing_ok=True)
+def _holds_dataset(out: Path) -> bool:
+    return (out / MANIFEST_NAME).exists() or (out / SHARDS_DIR).exists()
+
+
+def _dead_sibling(path: Path, out: Path, kind: str) -> bool:
+    """Whether ``path`` is ``<out>.<kind>-<pid>`` of a process that no longer runs."""
+    pid = path.name[len(f"{out.name}.{kind}-"):]
+    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(out: Path) -> None:
+    """Clean up after an earlier ingest into ``out`` that was killed before it finished.
+
+    Its staging folder (``<out>.tmp-<pid>``) is removed. Its set-aside old dataset
+    (``<out>.old-<pid>``) is put back when ``out`` is missing (killed mid-swap), else removed.
+    """
+    if not out.parent.is_dir():
+        return
+    for stale in sorted(out.parent.glob(glob.escape(out.name) + ".tmp-*")):
+        if _dead_sibling(stale, out, "tmp"):
+            log.info("removing %s, left by an ingest that did not finish", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    for old in sorted(out.parent.glob(glob.escape(out.name) + ".old-*")):
+        if not _dead_sibling(old, out, "old"):
+            continue
+        if not out.exists():
+            log.warning("restoring the dataset %s from %s (an ingest was stopped while replacing it)",
+                        out, old)
+            os.replace(old, out)
+        else:
+            _carry_over(old, out)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _carry_over(old: Path, out: Path) -> None:
+    """Move the files of ``old`` that are not part of a dataset into ``out`` (unless already there)."""
+    for entry in old.iterdir():
+        dataset_part = entry.name in (MANIFEST_NAME, SHARDS_DIR, SHARDS_DIR + ".tmp")
+        if not dataset_part and not (out / entry.name).exists():
+            os.replace(entry, out / entry.name)
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh ``<out>.tmp-<pid>/shards`` beside ``out`` (same filesystem: the swap is a rename)."""
+    staging = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / SHARDS_DIR).mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Make the complete dataset in ``staging`` the dataset at ``out``.
+
+    Without an earlier dataset the shards and then the manifest are moved into ``out``. With one,
+    ``out`` is renamed aside, ``staging`` renamed to ``out`` and the old folder deleted: at every
+    moment either the old dataset or the new one is whole. Other files kept in ``out`` (a contact
+    sheet, notes) are carried over into the new folder.
+    """
+    try:
+        if not _holds_dataset(out):
+            out.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / SHARDS_DIR, out / SHARDS_DIR)
+            os.replace(staging / MANIFEST_NAME, out / MANIFEST_NAME)
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    except OSError as e:
+        raise IngestError(f"cannot move the new dataset into {out}: {e}") from None
+    try:
+        os.replace(staging, out)
+    except OSError as e:
+        os.replace(old, out)  # put the old dataset back before reporting the failure
+        raise IngestError(f"cannot move the new dataset into {out} (the old one is kept): {e}") from None
+    _carry_over(old, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _screen_metadata(
@@ -141,7 +230,11 @@ def _screen_metadata(
 
 
 def _read_checked(item: Item) -> tuple[bytes | None, str, str]:
-    """``(bytes to store, format, "")`` for a readable image, else ``(None, "", reason)``."""
+    """``(bytes to store, format, "")`` for a readable image, else ``(None, "", reason)``.
+
+    Never raises for a bad image: one file that cannot be read or decoded is quarantined, and the
+    ingest goes on with the others.
+    """
     try:
         data, fmt = check_image(item.load())
         return data, fmt, ""
@@ -151,6 +244,8 @@ def _read_checked(item: Item) -> tuple[bytes | None, str, str]:
         return None, "", str(e)
     except OSError as e:
         return None, "", f"cannot read image: {e}"
+    except Exception as e:  # noqa: BLE001 - a loader or decoder failure must not end the ingest
+        return None, "", f"cannot read image: {type(e).__name__}: {e}"
 
 
 def _write_images(
@@ -213,10 +308,16 @@ def write_dataset(
 ) -> Manifest:
     """Write ``items`` as sharded Parquet in ``out_dir``; returns the saved manifest.
 
+    The dataset is built in ``<out_dir>.tmp-<pid>`` beside ``out_dir`` and moved in only once
+    complete, so with ``overwrite`` the earlier dataset stays whole and readable until the new one
+    replaces it, and an ingest that fails or is killed leaves it as it was.
+
     ``label_groups`` (label -> source classes merged into it) is recorded in the manifest.
     """
-    out = Path(out_dir)
-    _clear_output(out, overwrite)
+    out = Path(out_dir).expanduser().resolve()  # a symlinked ``out``: the swap happens at its target
+    _recover(out)
+    if _holds_dataset(out) and not overwrite:
+        raise IngestError(f"{out_dir} already holds a dataset; pass --overwrite to replace it")
     label_index = {name: i for i, name in enumerate(label_names)}
     bad = list(quarantine)
 
@@ -230,34 +331,35 @@ def write_dataset(
     order = list(range(len(good)))
     random.Random(split_seed).shuffle(order)  # mix classes and splits across shards
 
-    # 3. Read, check and write into a temporary folder, renamed once complete.
-    shard_dir = out / SHARDS_DIR
-    tmp_dir = out / (SHARDS_DIR + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    writer = _ShardWriter(tmp_dir, int(shard_mb * 1024 * 1024))
-    counts: dict[str, Counter] = {s: Counter() for s in fractions}
-    _write_images(good, order, labels=labels, splits=splits, source=source, writer=writer, counts=counts,
-                  bad=bad, threads=threads)
-
-    if not writer.shards:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        reasons = Counter(q.reason.split(":")[0] for q in bad).most_common(3)
-        raise IngestError(f"no usable images in {source_dir or source}: {len(bad)} quarantined {reasons}")
-    os.replace(tmp_dir, shard_dir)
-    manifest = Manifest(
-        source=source,
-        label_names=list(label_names),
-        malignant=[m for m in malignant if m in label_index],
-        split_seed=split_seed,
-        split_fractions=dict(fractions),
-        class_counts={s: {n: counts[s].get(n, 0) for n in label_names} for s in fractions},
-        shards=writer.shards,
-        quarantine=[q.as_dict() for q in bad],
-        source_dir=source_dir,
-        label_groups={k: list(v) for k, v in (label_groups or {}).items()},
-    )
-    manifest.save(out)
+    # 3. Read, check and write into a staging folder beside ``out``; an earlier dataset in ``out``
+    #    stays untouched until the new one is complete (4.), so a failed or killed ingest loses nothing.
+    staging = _staging_dir(out)
+    try:
+        writer = _ShardWriter(staging / SHARDS_DIR, int(shard_mb * 1024 * 1024))
+        counts: dict[str, Counter] = {s: Counter() for s in fractions}
+        _write_images(good, order, labels=labels, splits=splits, source=source, writer=writer, counts=counts,
+                      bad=bad, threads=threads)
+        if not writer.shards:
+            reasons = Counter(q.reason.split(":")[0] for q in bad).most_common(3)
+            raise IngestError(f"no usable images in {source_dir or source}: {len(bad)} quarantined {reasons}")
+        manifest = Manifest(
+            source=source,
+            label_names=list(label_names),
+            malignant=[m for m in malignant if m in label_index],
+            split_seed=split_seed,
+            split_fractions=dict(fractions),
+            class_counts={s: {n: counts[s].get(n, 0) for n in label_names} for s in fractions},
+            shards=writer.shards,
+            quarantine=[q.as_dict() for q in bad],
+            source_dir=source_dir,
+            label_groups={k: list(v) for k, v in (label_groups or {}).items()},
+        )
+        manifest.save(staging)
+        # 4. Swap the complete dataset in.
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return manifest
 
 

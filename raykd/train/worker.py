@@ -28,7 +28,7 @@ from raykd.config import RunConfig, from_dict
 from raykd.data.manifest import Manifest, resolve_location
 from raykd.metrics import ClassificationMetrics, is_better, metric_mode, write_report
 from raykd.storage import Mirror, mirrored, run_reads
-from raykd.train.checkpoint import load_state, rng_state, save_state, set_rng_state
+from raykd.train.checkpoint import has_state, load_state, rng_state, save_state, set_rng_state
 from raykd.train.loop import build_run, device_batches, evaluate, set_seed, student_identity, train_epoch
 from raykd.train.optim import Schedule, build_optimizer, head_parameter_names
 
@@ -180,7 +180,7 @@ class LocalSession(Session):
 
     def restore(self):
         path = RunDir(self.run_dir).checkpoint_dir
-        return load_state(path) if (path / "state.pt").is_file() else None
+        return load_state(path) if has_state(path) else None
 
     def report(self, metrics, state):
         save_state(RunDir(self.run_dir).checkpoint_dir, state)

@@ -340,7 +340,7 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
 
 def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bool) -> SearchOutcome:
     from raykd.cluster import check_storage_on_every_node, cluster_capacity, init_local_ray
-    from raykd.tune.confirm import run_confirmation
+    from raykd.tune.confirm import CONFIRM_DIR, run_confirmation
     from raykd.tune.findings import STAGE_2, STAGE_2B, collect_findings
     from raykd.tune.leaderboard import build_leaderboard
     from raykd.tune.publish import publish
@@ -373,8 +373,10 @@ def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bo
         stage_s[STAGE_2B] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if mirror is not None:  # the trials' folders, written on their nodes
+    if mirror is not None:  # the trials' and confirmation runs' folders, written on their nodes
         mirror.pull(plan.runs_dir)
+        if confirmed:
+            mirror.pull(experiment_dir / CONFIRM_DIR)
     board = build_leaderboard(plan, records)  # stage 3
     board.write(experiment_dir)
     published = publish(plan, board)

@@ -112,3 +112,145 @@ def test_shards_respect_the_target_size(tmp_path):
     assert len(m.shards) > 3  # ~1 KB images, 2 KB shards
     _, rows = read_rows(tmp_path / "out")
     assert len(rows) == 21
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG file whose header claims ``width`` x ``height`` pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_and_truncated_image_are_quarantined_and_ingest_goes_on(tmp_path):
+    src = tmp_path / "src"
+    expected = fixtures.folder(src)
+    (src / "malignant" / "bomb.png").write_bytes(_png_claiming(100_000, 100_000))  # 1e10 pixels
+    (src / "benign" / "torn.jpg").write_bytes(fixtures.truncated_jpeg(7))
+    manifest = ingest_mod.ingest("folder", src, tmp_path / "out", fractions=FRACTIONS, split_seed=1)
+    reasons = {q["image_id"]: q["reason"] for q in manifest.quarantine}
+    assert "decompression bomb" in reasons["malignant/bomb"]
+    assert "unreadable image" in reasons["benign/torn"]
+    _, rows = read_rows(tmp_path / "out")
+    assert len(rows) == manifest.num_images == expected["good"]
+
+
+def test_any_decoder_error_becomes_a_quarantine_reason(monkeypatch):
+    import struct
+
+    from PIL import Image
+
+    from raykd.data.schema import Item
+    from raykd.data.writer import _read_checked, check_image
+
+    png = fixtures.image_bytes(5, ".png")  # 24x24 = 576 pixels
+    assert check_image(png)[1] == "png"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 576 > 2 * 200: a decompression bomb
+    with pytest.raises(ValueError, match="decompression bomb"):
+        check_image(png)
+    monkeypatch.undo()
+
+    def crash(*args, **kwargs):
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(Image, "open", crash)  # a decoder failure of an unexpected type
+    with pytest.raises(ValueError, match="unreadable image: error: unpack requires"):
+        check_image(png)
+
+    def broken_loader() -> bytes:
+        raise RuntimeError("storage went away")
+
+    data, _, reason = _read_checked(Item(image_id="x", label_name="a", load=broken_loader))
+    assert data is None and "RuntimeError: storage went away" in reason
+
+
+def _dataset_snapshot(out):
+    manifest = Manifest.load(out)
+    table = pads.dataset(manifest.shard_paths(out), format="parquet").to_table()
+    return manifest, sorted(zip(table.column("image_id").to_pylist(), table.column("image").to_pylist()))
+
+
+def test_failed_overwrite_leaves_the_old_dataset_intact(tmp_path, monkeypatch):
+    from raykd.data import writer
+
+    fixtures.folder(tmp_path / "old")
+    fixtures.ham10000(tmp_path / "new")
+    out = tmp_path / "out"
+    ingest_mod.ingest("folder", tmp_path / "old", out, fractions=FRACTIONS)
+    (out / "notes.txt").write_text("kept")
+    before = _dataset_snapshot(out)
+
+    real_flush = writer._ShardWriter.flush
+
+    def flush_then_fail(self):
+        real_flush(self)
+        if len(self.shards) >= 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr(writer._ShardWriter, "flush", flush_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        ingest_mod.ingest("ham10000", tmp_path / "new", out, fractions=FRACTIONS, shard_mb=0.002,
+                          overwrite=True)
+    after = _dataset_snapshot(out)
+    assert after[0] == before[0] and after[1] == before[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "out"]  # no staging folder left
+
+    monkeypatch.undo()
+    m = ingest_mod.ingest("ham10000", tmp_path / "new", out, fractions=FRACTIONS, shard_mb=0.002,
+                          overwrite=True)
+    assert m.source == "ham10000" and Manifest.load(out).num_images == m.num_images == 21
+    assert (out / "notes.txt").read_text() == "kept"  # files beside the dataset are carried over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "out"]
+
+
+def test_overwrite_killed_mid_ingest_keeps_the_old_dataset(tmp_path):
+    """The real check: ``python -m raykd.data ingest --overwrite`` killed with SIGKILL while writing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    fixtures.folder(tmp_path / "old")
+    out = tmp_path / "out"
+    ingest_mod.ingest("folder", tmp_path / "old", out, fractions=FRACTIONS)
+    before = _dataset_snapshot(out)
+
+    rng = np.random.default_rng(0)
+    for k in range(300):  # noise PNGs of ~50 KB: a few hundred shards at --shard-mb 0.1
+        img = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+        path = tmp_path / "big" / ("a" if k % 2 else "b") / f"img{k:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path, compress_level=0)
+
+    cmd = [sys.executable, "-m", "raykd.data", "ingest", "--format", "folder", "--src", str(tmp_path / "big"),
+           "--out", str(out), "--shard-mb", "0.1", "--overwrite"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        staging = tmp_path / f"out.tmp-{proc.pid}" / "shards"
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            if staging.is_dir() and len(list(staging.glob("part-*.parquet"))) >= 2:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the ingest finished (or failed) before it could be killed mid-way"
+        assert len(list(staging.glob("part-*.parquet"))) >= 2, "the ingest did not start writing within 15 s"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+    after = _dataset_snapshot(out)  # loadable, and the very same manifest and shards
+    assert after[0] == before[0] and after[1] == before[1]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == sorted(before[0].shards)
+
+    # the next ingest removes the killed one's staging folder
+    ingest_mod.ingest("folder", tmp_path / "old", out, fractions=FRACTIONS, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "old", "out"]

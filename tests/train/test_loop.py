@@ -1,5 +1,6 @@
 """The Ray-free parts of a run: schedules, checkpoints, the epoch loop and its guards."""
 
+import logging
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from torch import nn
 
 from raykd.config import OptimConfig
 from raykd.distill import build_method
-from raykd.train.checkpoint import load_state, rng_state, save_state, set_rng_state
+from raykd.train.checkpoint import has_state, load_state, rng_state, save_state, set_rng_state
 from raykd.train.loop import NonFiniteLossError, check_finite, train_epoch
 from raykd.train.optim import Schedule, build_optimizer, head_parameter_names, lr_factor
 
@@ -48,6 +49,36 @@ def test_checkpoint_round_trip_restores_rng_and_loads_weights_only(tmp_path):
     assert torch.equal(torch.rand(3), expected)
     assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["weight"], model.weight)
     assert not (tmp_path / "state.pt.tmp").exists()
+
+
+def test_torn_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path, caplog):
+    save_state(tmp_path, {"epoch": 1, "w": torch.ones(64)})
+    save_state(tmp_path, {"epoch": 2, "w": torch.zeros(64)})
+    assert load_state(tmp_path)["epoch"] == 2
+    assert (tmp_path / "state.prev.pt").is_file() and not (tmp_path / "state.pt.tmp").exists()
+    latest = tmp_path / "state.pt"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # torn write
+    with caplog.at_level(logging.WARNING, logger="raykd.train.checkpoint"):
+        state = load_state(tmp_path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(64))
+    assert "cannot be read" in caplog.text and "state.prev.pt" in caplog.text
+
+
+def test_checkpoint_with_no_readable_state_names_both_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a raykd training checkpoint"):
+        load_state(tmp_path)
+    (tmp_path / "state.pt").write_bytes(b"torn")
+    (tmp_path / "state.prev.pt").write_bytes(b"also torn")
+    with pytest.raises(RuntimeError, match="no readable checkpoint") as err:
+        load_state(tmp_path)
+    assert "state.pt:" in str(err.value) and "state.prev.pt:" in str(err.value)
+
+
+def test_previous_state_is_found_when_a_save_stopped_between_its_renames(tmp_path):
+    save_state(tmp_path, {"epoch": 1})
+    save_state(tmp_path, {"epoch": 2})
+    (tmp_path / "state.pt").unlink()  # stopped between the two renames of a save
+    assert has_state(tmp_path) and load_state(tmp_path)["epoch"] == 1
 
 
 def test_non_finite_loss_names_step_method_and_parts():
