@@ -32,7 +32,7 @@ from raykd.distill import METHODS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIRM_DIR", "ConfirmedRun", "best_trials", "run_confirmation", "seeded"]
+__all__ = ["CONFIRM_DIR", "ConfirmedRun", "best_trials", "run_confirmation", "seeded", "tuned_trials"]
 
 CONFIRM_DIR = "confirm"
 
@@ -153,8 +153,7 @@ def run_confirmation(plan, records, resources: dict[str, float]) -> list[Confirm
     task = ray.remote(_confirm_task)
     options = {"max_retries": plan.space.budget.trial_retries, "retry_exceptions": True,
                **_task_options(plan, resources)}
-    tuned = Counter((r.label, r.student) for r in map(plan.resolve, (rec.config for rec in records
-                                                                     if rec.config.get("method") in plan.space.methods)))
+    tuned = tuned_trials(plan, records)
     pending, runs = {}, []
     for seed in seeds:
         for (label, student), rec in best.items():
@@ -180,6 +179,12 @@ def run_confirmation(plan, records, resources: dict[str, float]) -> list[Confirm
             run.error = summarize_error(e)
             log.warning("confirmation: %s/%s seed %d FAILED: %s", run.label, run.student, run.seed, run.error)
     return runs
+
+
+def tuned_trials(plan, records) -> Counter:
+    """``(label, student) -> trials`` the search ran for each arm (finished or not)."""
+    arms = (plan.resolve(rec.config) for rec in records if rec.config.get("method") in plan.space.methods)
+    return Counter((r.label, r.student) for r in arms)
 
 
 def _reuse(plan, record, seed: int, run: ConfirmedRun) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 from raykd.artifact.rundir import RunDir, TrialDir
 from raykd.metrics.compare import Interval, mean_interval, paired_difference
+from raykd.tune.confirm import tuned_trials
 
 __all__ = ["FINDINGS_FILE", "Findings", "collect_findings", "compare_arms"]
 
@@ -148,7 +149,7 @@ def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots
         if s is not None and s.get("best") is not None:
             f.teachers[name] = {"val": float(s["best"]), "test": (s.get("test") or {}).get(metric),
                                 "epochs": s.get("epochs"), "best_epoch": s.get("best_epoch"), "flops": _flops(folder)}
-    f.trials_per_arm = _tuned(plan, records or [])
+    f.trials_per_arm = {f"{label}/{student}": n for (label, student), n in tuned_trials(plan, records or []).items()}
     f.comparisons = compare_arms(confirmed, f.teachers, metric, f.trials_per_arm, plan.space.confirm.level)
     timings = [TrialDir(d).read_trial_timing() for d in sorted(plan.runs_dir.glob("*"))]
     runs = [RunDir(r.run_dir).read_timing() for r in confirmed if r.error is None]
@@ -158,15 +159,6 @@ def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots
         f.trials_timed += 1
     f.runs_timed = sum(1 for t in runs if t)
     return f
-
-
-def _tuned(plan, records: list) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for rec in records:
-        if rec.config.get("method") in plan.space.methods:
-            r = plan.resolve(rec.config)
-            out[f"{r.label}/{r.student}"] = out.get(f"{r.label}/{r.student}", 0) + 1
-    return out
 
 
 def _flops(folder: str) -> float | None:
