@@ -155,9 +155,10 @@ def test_every_trial_records_where_its_wall_time_went(smoke):
         run = json.loads((runs / rec.trial_id / "timing.json").read_text())  # the run's own record
         assert 0 < run["compute_share"] <= 1 and run["train_s"] == pytest.approx(timing["train_s"])
     f = outcome.findings
-    assert f.trials_timed == 4 and 0 < f.compute_share <= 1
+    # 4 finished trials and 4 confirmation runs (2 arms x 2 seeds), each with its timing record
+    assert f.trials_timed == 8 and f.runs_timed == 4 and 0 < f.compute_share <= 1
     assert any(line.startswith("compute share:") for line in f.lines())
-    assert json.loads((outcome.experiment_dir / "findings.json").read_text())["trials_timed"] == 4
+    assert json.loads((outcome.experiment_dir / "findings.json").read_text())["trials_timed"] == 8
 
 
 def test_each_methods_first_trial_runs_its_paper_setting_and_is_marked(smoke):

@@ -60,7 +60,8 @@ def test_the_cpu_spaces_fit_every_method_to_a_student_before_ray_starts(name, tm
         assert spec.method == "cascade" or spec.students
     if "fitnet" in space.methods:  # a ViT student has no feature map: fitnet keeps only the CNNs
         assert "raykd_test_fcvit" not in space.methods["fitnet"].students
-        assert space.methods["fcvit"].students == ("raykd_test_fcvit",)
+        if "fcvit" in space.methods:
+            assert space.methods["fcvit"].students == ("raykd_test_fcvit",)
     assert ray.is_initialized() == was_up
 
 
