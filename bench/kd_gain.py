@@ -152,6 +152,13 @@ def _train(name: str, sets: list[str], out: Path) -> tuple[float, float, float, 
     return r.best, r.test["bma"], time.perf_counter() - t0, run_dir
 
 
+def _model_name(run_dir: Path) -> str:
+    """The model a run trained (its saved artifact's name)."""
+    from raykd.artifact import read_meta
+
+    return read_meta(run_dir).model_name
+
+
 def flops_of(run_dir: Path) -> float:
     """FLOPs of one image through the best model of a run, at the image size it was trained at."""
     from raykd.artifact import load_artifact
@@ -257,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                     "optim.schedule=cosine", "optim.early_stop_patience=10", f"train.epochs={args.teacher_epochs}",
                     *args.teacher_set]
     t_val, t_test, _, teacher_dir = _train("teacher", teacher_sets, out)
-    teacher = {"val": t_val, "test": t_test, "flops": flops_of(teacher_dir), "run": teacher_dir.name}
+    teacher = {"val": t_val, "test": t_test, "flops": flops_of(teacher_dir), "run": teacher_dir.name,
+               "model": _model_name(teacher_dir)}
     print(f"teacher {teacher_dir.name}: val bma {t_val:.4f}, test bma {t_test:.4f}, "
           f"{teacher['flops'] / 1e6:.1f} MFLOPs ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -292,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cal['ece_before']:.4f} -> {cal['ece_after']:.4f} (T {cal['temperature']:.2f})  ({secs:.0f} s)",
                   flush=True)
 
+    args.student_model = _model_name(run_dir) if results else None
     print(table(results, args, pair, teacher))
     (out / "kd_gain.json").write_text(json.dumps({"teacher": teacher, "args": {k: v for k, v in vars(args).items()},
                                                   "runs": [r.__dict__ for r in results]}, indent=2, default=str))
@@ -304,8 +313,9 @@ def table(results: list[Outcome], args, pair, teacher: dict | None = None) -> st
     paired difference against the baseline [its 95 % t interval], wins, the paired t-test p, the
     retention of the teacher's test BMA and the FLOPs ratio; the mean test ECE before -> after."""
     base = {r.seed: r.test for r in results if r.method == "baseline"}
-    student = pair["student"].get("name", "cut ViT")
-    head = (f"\nkd_gain: pair {args.pair} ({pair['teacher']['name']} -> {student}), {args.data_label}, "
+    student = getattr(args, "student_model", None) or pair["student"].get("name", "cut ViT")
+    t_name = (teacher or {}).get("model") or pair["teacher"]["name"]
+    head = (f"\nkd_gain: pair {args.pair} ({t_name} -> {student}), {args.data_label}, "
             f"{args.epochs} epochs, seeds {args.seeds}; test BMA, 95 % intervals: Student t over seeds "
             "(the paired difference: per seed, method - baseline); test ECE (15 bins) before -> after a "
             "temperature fitted on val, mean over seeds")
