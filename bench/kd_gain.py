@@ -161,11 +161,9 @@ def _model_name(run_dir: Path) -> str:
 
 def flops_of(run_dir: Path) -> float:
     """FLOPs of one image through the best model of a run, at the image size it was trained at."""
-    from raykd.artifact import load_artifact
-    from raykd.artifact.measure import measure_flops
+    from raykd.artifact.measure import artifact_flops
 
-    model, meta = load_artifact(run_dir)
-    return measure_flops(model, int(meta.preprocess["image_size"]))
+    return artifact_flops(run_dir)
 
 
 def _cascade(name: str, base: list[str], teacher_dir: Path, depth: int, stop: int, out: Path) -> tuple:

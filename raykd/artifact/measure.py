@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-__all__ = ["measure_flops", "measure_latency", "model_cost"]
+__all__ = ["artifact_flops", "measure_flops", "measure_latency", "model_cost"]
 
 
 def model_cost(model: nn.Module) -> dict[str, float]:
@@ -40,6 +40,15 @@ def measure_flops(model: nn.Module, image_size: int) -> float:
         return float(counter.get_total_flops())
     finally:
         model.train(was_training)
+
+
+def artifact_flops(folder) -> float:
+    """FLOPs of one image through a saved model (a run folder's best model or an artifact folder)
+    at the image size it was trained at."""
+    from raykd.artifact import load_artifact
+
+    model, meta = load_artifact(folder)
+    return measure_flops(model, int(meta.preprocess["image_size"]))
 
 
 @torch.no_grad()

@@ -203,14 +203,7 @@ def _reuse(plan, record, seed: int, run: ConfirmedRun) -> bool:
 
 
 def _all_arms(plan) -> list[tuple[str, str]]:
-    out = []
-    for label, spec in plan.space.methods.items():
-        if METHODS.get(spec.method).student_from_teacher:
-            teacher = plan.space.teachers[spec.teacher]
-            out.append((label, f"{(teacher.model or {}).get('name', teacher.name)}-cut"))
-        else:
-            out += [(label, sid) for sid in spec.students]
-    return out
+    return [(label, plan.arm_student(label, sid or None)) for label, sid in plan.space.arms()]
 
 
 def _slug(text: str) -> str:

@@ -163,12 +163,10 @@ def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots
 
 def _flops(folder: str) -> float | None:
     """FLOPs of one image through the best model of a run or artifact folder (None if unreadable)."""
-    from raykd.artifact import load_artifact
-    from raykd.artifact.measure import measure_flops
+    from raykd.artifact.measure import artifact_flops
 
     try:
-        model, meta = load_artifact(folder)
-        return measure_flops(model, int(meta.preprocess["image_size"]))
+        return artifact_flops(folder)
     except (OSError, ValueError, KeyError, RuntimeError):
         return None
 

@@ -249,6 +249,19 @@ class TrialPlan:
     def runs_dir(self) -> Path:
         return self.experiment_dir / RUNS_DIR
 
+    def arm_student(self, label: str, chosen: str | None = None) -> str:
+        """The student id of method ``label``'s trials: ``chosen`` among several, its only one, or
+        ``<teacher model>-cut`` for a method that makes its student from the teacher."""
+        spec = self.space.methods[label]
+        if METHODS.get(spec.method).student_from_teacher:
+            teacher = self.space.teachers[spec.teacher]
+            return f"{(teacher.model or {}).get('name', teacher.name)}-cut"
+        if len(spec.students) == 1:
+            return spec.students[0]
+        if chosen is None:
+            raise KeyError(f"{label}.student")
+        return chosen
+
     def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
         label = config["method"]
         spec: MethodSpec = self.space.methods[label]
@@ -256,13 +269,7 @@ class TrialPlan:
         def value(name: str, dist) -> Any:
             return dist.args[0] if dist.fixed else config[name]
 
-        if METHODS.get(spec.method).student_from_teacher:
-            teacher = self.space.teachers[spec.teacher]
-            student = f"{(teacher.model or {}).get('name', teacher.name)}-cut"
-        elif len(spec.students) == 1:
-            student = spec.students[0]
-        else:
-            student = config[f"{label}.student"]
+        student = self.arm_student(label, config.get(f"{label}.student"))
         params = {k: value(f"{label}.{k}", d) for k, d in spec.params.items()}
         settings = {k: value(k, d) for k, d in self.space.shared.items()}
         settings.update(spec.overrides)
