@@ -59,7 +59,7 @@ def main() -> None:
 
     from raykd.cluster import init_local_ray
     from raykd.data.dataset import PipelineSpec
-    from raykd.data.synth import make_synthetic
+    from raykd.data.synthetic import make_synthetic
     from raykd.data.transforms import PreprocessSpec
 
     with tempfile.TemporaryDirectory() as tmp:

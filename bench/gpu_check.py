@@ -2,7 +2,7 @@
 CUDA torch against ONNX Runtime inference, and a Serve replica on the GPU answering HTTP.
 
 Run on a machine with a CUDA GPU (``bash bench/gpu_check.sh``); never in CI. Each check prints one
-line; the summary block at the end goes into the README with the date. Without a GPU (or with
+line; the summary block at the end goes into a dated page under docs/results/. Without a GPU (or with
 ``--cpu``) the same checks run on the CPU with gloo, so the script itself can be tried anywhere:
 that run says so in every line and proves nothing about a GPU.
 

@@ -38,8 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_MALIGNANT  # noqa: E402
 from raykd.artifact import ArtifactMeta, build_model  # noqa: E402
+from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_MALIGNANT  # noqa: E402
 from raykd.export.onnx import convert_fp16, export_onnx, quantize_int8  # noqa: E402
 
 #: key -> (label, timm name, extra kwargs, input size)

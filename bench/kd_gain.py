@@ -183,7 +183,7 @@ def _store(student: list[str], teacher_dir: Path, methods: list[str], views: int
     """The teacher store of ``views`` views in the student's contract, and the methods that read it."""
     from raykd.config import RunConfig, load_config
     from raykd.data.manifest import Manifest
-    from raykd.train.loop import build_run
+    from raykd.train.build import build_run
     from raykd.train.store import build_store, store_key
 
     readers, spec = [], None

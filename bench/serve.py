@@ -49,8 +49,8 @@ def make_model(key: str, workdir: Path) -> Path:
     """Random-weight artifact + ONNX export of ``key`` (what a CPU replica serves)."""
     import torch
 
-    from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_MALIGNANT
     from raykd.artifact import ArtifactMeta, build_model, save_artifact
+    from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_MALIGNANT
     from raykd.export.onnx import export_onnx
 
     name, kwargs, size = MODELS[key]
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from raykd.cluster import init_local_ray
-    from raykd.serve.app import ServeArgs, build_app
     from raykd.serve.__main__ import direct_ingress_env
+    from raykd.serve.app import ServeArgs, build_app
 
     load0 = os.getloadavg()
     direct_port = None if args.no_direct_ingress else _free_port_range(8)

@@ -128,7 +128,7 @@ def main() -> None:
     import ray
 
     from raykd.cluster import init_local_ray
-    from raykd.data.synth import make_synthetic
+    from raykd.data.synthetic import make_synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -9,7 +9,7 @@ Ray Data execution (one per epoch and split) then starts fresh task workers that
 albumentations again: measured on 2 cores, a 74-image validation pass took 6.5-8.7 s that way and
 1.7 s with the idle workers kept. Local clusters therefore keep up to ``DATA_TASKS_PER_CPU`` idle
 workers per CPU, as many as 0.25-CPU data tasks can run at once. For a small cluster started with
-``ray start``, export ``RAY_num_workers_soft_limit`` before it (README, "Search"); nodes with many
+``ray start``, export ``RAY_num_workers_soft_limit`` before it (docs/cluster.md); nodes with many
 cores have room enough under the default.
 """
 

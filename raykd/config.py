@@ -1,36 +1,40 @@
-"""Typed configuration: the single home of every default.
+"""Typed configuration: the single home of every default of a training run.
 
-Configs are nested frozen-free dataclasses. :func:`load_config` builds one from an optional YAML
-file plus ``--set a.b=value`` overrides and validates everything before any Ray work starts: an
-unknown key, a value of the wrong type or one outside its range raises :class:`ConfigError` naming
-the key, the file and the valid choices.
+Configs are nested dataclasses. :func:`load_config` builds one from an optional YAML file plus
+``--set a.b=value`` overrides and validates everything before any Ray work starts: an unknown key,
+a value of the wrong type or one outside its range raises :class:`ConfigError` naming the key, the
+file and the valid choices. The loading and checking is :mod:`raykd.typed`'s, shared with the
+methods' ``Params``; ``distill.params`` becomes the method's typed ``Params`` as the config loads.
 
-Ranges and choices are declared on fields with ``metadata={"range": (lo, hi)}`` or
+Ranges and choices are declared on fields with ``metadata=bounded(lo, hi)`` or
 ``metadata={"choices": (...)}`` (``Literal`` types work too).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
-import yaml
+from raykd.typed import (
+    ConfigError,
+    Knobs,
+    bounded,
+    dump_yaml,
+    from_dict,
+    load_config,
+    make_knobs,
+    parse_override,
+    set_dotted,
+    to_dict,
+    validate,
+)
 
-from raykd.registry import did_you_mean
+__all__ = [
+    "ConfigError", "DataConfig", "DistillConfig", "ModelConfig", "OptimConfig", "RunConfig", "SamplingConfig",
+    "ScalingConfig", "SplitConfig", "SynthConfig", "TrainConfig", "dump_yaml", "from_dict", "load_config",
+    "parse_override", "set_dotted", "to_dict", "validate",
+]
 
-C = TypeVar("C")
-
-
-class ConfigError(ValueError):
-    """A user error in a config file or an override."""
-
-
-def _range(lo: float | None, hi: float | None) -> dict:
-    return {"range": (lo, hi)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,9 +46,9 @@ def _range(lo: float | None, hi: float | None) -> dict:
 class SplitConfig:
     """Train/val/test fractions; splits are stratified by class and grouped by lesion and patient."""
 
-    train: float = field(default=0.7, metadata=_range(0.0, 1.0))
-    val: float = field(default=0.15, metadata=_range(0.0, 1.0))
-    test: float = field(default=0.15, metadata=_range(0.0, 1.0))
+    train: float = field(default=0.7, metadata=bounded(0.0, 1.0))
+    val: float = field(default=0.15, metadata=bounded(0.0, 1.0))
+    test: float = field(default=0.15, metadata=bounded(0.0, 1.0))
     seed: int = 42
 
     def validate(self, where: str) -> None:
@@ -59,12 +63,12 @@ class SplitConfig:
 class SynthConfig:
     """The procedural dataset used when no real dataset is named."""
 
-    num_images: int = field(default=2000, metadata=_range(8, 10_000_000))
-    image_size: int = field(default=128, metadata=_range(16, 1024))
+    num_images: int = field(default=2000, metadata=bounded(8, 10_000_000))
+    image_size: int = field(default=128, metadata=bounded(16, 1024))
     seed: int = 0
     #: Probability that each cue group of a lesion (shape, colour, texture) is borrowed from a
     #: look-alike class: the difficulty of the set (raykd.data.synthetic).
-    atypical: float = field(default=0.22, metadata=_range(0.0, 1.0))
+    atypical: float = field(default=0.22, metadata=bounded(0.0, 1.0))
 
 
 @dataclass
@@ -76,7 +80,7 @@ class SamplingConfig:
     strategy: Literal["none", "oversample", "undersample", "instance_hardness"] = "none"
     #: Per-class target count for over/undersampling; None means the largest (oversample) or the
     #: smallest (undersample) class count of the training split.
-    target_count: int | None = field(default=None, metadata=_range(1, None))
+    target_count: int | None = field(default=None, metadata=bounded(1, None))
     #: Class weights for the (weighted) cross-entropy: inverse frequency as in SSD-KD, or none.
     class_weights: Literal["none", "inverse_frequency"] = "inverse_frequency"
     seed: int = 0
@@ -95,7 +99,7 @@ class DataConfig:
     synth: SynthConfig = field(default_factory=SynthConfig)
     splits: SplitConfig = field(default_factory=SplitConfig)
     #: Target size of one Parquet shard.
-    shard_mb: float = field(default=64.0, metadata=_range(0.01, 4096))
+    shard_mb: float = field(default=64.0, metadata=bounded(0.01, 4096))
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     #: Crop the dermatoscope's black vignette first (SkinDistilViT, HierAttn).
     crop_black_border: bool = False
@@ -124,7 +128,7 @@ class ModelConfig:
     #: A trained raykd model (artifact folder or run folder with ``best/``); for teachers.
     checkpoint: str | None = None
     #: Input size override; default is the model's own ``pretrained_cfg``.
-    image_size: int | None = field(default=None, metadata=_range(16, 2048))
+    image_size: int | None = field(default=None, metadata=bounded(16, 2048))
     #: Student only: build it by copying these blocks out of the teacher ViT (SkinDistilViT cuts
     #: blocks 0, 2, 4, 7, 9, 11 of ViT-B/16); ``name`` is then ignored.
     cut_blocks: list[int] | None = None
@@ -135,10 +139,11 @@ class DistillConfig:
     """The distillation method (``baseline`` = plain supervised training) and its parameters."""
 
     method: str = "baseline"
-    #: Fields of the method's ``Params`` dataclass (checked against it before Ray starts).
-    params: dict = field(default_factory=dict)
+    #: The method's typed ``Params`` (``raykd.distill``): given as a mapping of its fields, resolved
+    #: and checked against the method when the config is built.
+    params: Knobs = field(default=None, metadata={"typed_by": "method"})  # type: ignore[assignment]
     #: Epochs of a method's teacher-side stage (SSKD's projection-head pre-training; paper: 60).
-    stage_epochs: int = field(default=5, metadata=_range(1, 10_000))
+    stage_epochs: int = field(default=5, metadata=bounded(1, 10_000))
     #: The saved output of the method's teacher-side stage (a safetensors file). ``raykd train``
     #: runs the stage into the run folder when this is empty; a search runs it once per teacher in
     #: its stage 1 and sets this for every trial.
@@ -147,6 +152,17 @@ class DistillConfig:
     #: the teacher (single-process runs of methods that declare the outputs they read). The search
     #: builds one per teacher and student contract in its stage 1 (``search.teacher_store_views``).
     teacher_store: str | None = None
+
+    def __post_init__(self) -> None:
+        # lazy: the method registry imports torch and the models, which a config need not load first
+        from raykd.distill.base import method_params
+
+        try:
+            cls = method_params(self.method)
+        except KeyError as e:
+            raise ConfigError(f"distill.method: {e.args[0]}") from None
+        self.params = make_knobs(cls, self.params,
+                                 owner=f"distill.params (method {self.method!r})")
 
 
 @dataclass
@@ -163,34 +179,34 @@ class OptimConfig:
     #: ``adafactor`` is ``torch.optim.Adafactor``: ``lr`` caps its relative step size, as Keras'
     #: Adafactor does (the fusion paper's optimiser); ``momentum`` is not used.
     name: Literal["adamw", "sgd", "adafactor"] = "adamw"
-    lr: float = field(default=1e-3, metadata=_range(1e-8, 10.0))
-    weight_decay: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    lr: float = field(default=1e-3, metadata=bounded(1e-8, 10.0))
+    weight_decay: float = field(default=0.0, metadata=bounded(0.0, 1.0))
+    momentum: float = field(default=0.9, metadata=bounded(0.0, 1.0))
     #: ``cosine_restarts``: a linear warm-up from ``min_lr`` to ``lr`` over ``warmup_epochs``, then a
     #: cosine down to ``min_lr``, started again at each of ``restart_epochs`` (HierAttn, SGDR-style).
     schedule: Literal["constant", "linear", "cosine", "plateau", "cosine_restarts"] = "cosine"
-    warmup_epochs: int = field(default=0, metadata=_range(0, 10_000))
+    warmup_epochs: int = field(default=0, metadata=bounded(0, 10_000))
     #: Epochs (increasing, > 0) at which ``cosine_restarts`` starts a new cycle; one at or past the
     #: run's last epoch is never reached.
     restart_epochs: list[int] = field(default_factory=list)
-    min_lr: float = field(default=0.0, metadata=_range(0.0, 10.0))
-    plateau_factor: float = field(default=0.1, metadata=_range(1e-4, 1.0))
-    plateau_patience: int = field(default=10, metadata=_range(0, 10_000))
+    min_lr: float = field(default=0.0, metadata=bounded(0.0, 10.0))
+    plateau_factor: float = field(default=0.1, metadata=bounded(1e-4, 1.0))
+    plateau_patience: int = field(default=10, metadata=bounded(0, 10_000))
     #: Stop when the selection metric has not improved for this many epochs (None: never).
-    early_stop_patience: int | None = field(default=None, metadata=_range(1, 10_000))
+    early_stop_patience: int | None = field(default=None, metadata=bounded(1, 10_000))
     #: Transfer-learning warm-up: only the classifier head trains for the first N epochs.
-    freeze_epochs: int = field(default=0, metadata=_range(0, 10_000))
-    grad_clip: float | None = field(default=None, metadata=_range(0.0, 1e6))
+    freeze_epochs: int = field(default=0, metadata=bounded(0, 10_000))
+    grad_clip: float | None = field(default=None, metadata=bounded(0.0, 1e6))
 
 
 @dataclass
 class ScalingConfig:
     """Ray Train workers. 0.5 CPU per worker leaves room for Ray Data on small machines."""
 
-    num_workers: int = field(default=2, metadata=_range(0, 4096))
-    cpus_per_worker: float = field(default=0.5, metadata=_range(0.0, 512))
+    num_workers: int = field(default=2, metadata=bounded(0, 4096))
+    cpus_per_worker: float = field(default=0.5, metadata=bounded(0.0, 512))
     use_gpu: bool = False
-    gpus_per_worker: float = field(default=1.0, metadata=_range(0.0, 16))
+    gpus_per_worker: float = field(default=1.0, metadata=bounded(0.0, 16))
     #: Where the run trains: ``trainer`` (a Ray Train TorchTrainer: DDP workers, Ray Data shards),
     #: ``local`` (one process, the dataset held in memory: no worker group or pipeline to start) or
     #: ``auto`` (local for a single-worker run on a small dataset, see raykd.train.driver).
@@ -198,7 +214,7 @@ class ScalingConfig:
     #: Elastic Ray Train runs: when set below ``num_workers``, the worker group runs with as many
     #: workers as the cluster can host between ``min_workers`` and ``num_workers`` (a lost node
     #: shrinks it, a new one grows it back); None keeps the group at ``num_workers``.
-    min_workers: int | None = field(default=None, metadata=_range(1, 4096))
+    min_workers: int | None = field(default=None, metadata=bounded(1, 4096))
     #: Where Ray Train places its workers: ``pack`` (fewest nodes) or ``spread`` (one per node
     #: where possible, so a lost node costs the fewest workers).
     placement: Literal["pack", "spread"] = "pack"
@@ -211,10 +227,10 @@ class ScalingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = field(default=3, metadata=_range(1, 100_000))
+    epochs: int = field(default=3, metadata=bounded(1, 100_000))
     #: Per-worker batch size.
-    batch_size: int = field(default=32, metadata=_range(1, 65_536))
-    eval_batch_size: int = field(default=64, metadata=_range(1, 65_536))
+    batch_size: int = field(default=32, metadata=bounded(1, 65_536))
+    eval_batch_size: int = field(default=64, metadata=bounded(1, 65_536))
     #: Augmentation recipe of ``raykd.data.transforms`` (skindistilvit, ssdkd, hierattn, light).
     recipe: str = "light"
     #: Mixed precision on GPU (bf16 where supported, else fp16 with a grad scaler); ignored on CPU.
@@ -222,16 +238,16 @@ class TrainConfig:
     #: Metric that picks the best epoch (``loss`` is minimised, every other metric maximised).
     select_metric: str = "bma"
     #: Worker-group restarts from the last checkpoint before the run fails.
-    max_failures: int = field(default=1, metadata=_range(-1, 1000))
+    max_failures: int = field(default=1, metadata=bounded(-1, 1000))
     #: How long a Ray Train worker group may wait for its resources (at start, or after a node is
     #: lost) before the run stops with an error naming what is missing; never a silent hang.
-    resource_wait_s: float = field(default=600.0, metadata=_range(1.0, 86_400.0))
+    resource_wait_s: float = field(default=600.0, metadata=bounded(1.0, 86_400.0))
     seed: int = 0
     #: Shuffle buffer (rows) of the training iterator.
-    shuffle_buffer: int = field(default=256, metadata=_range(0, 1_000_000))
+    shuffle_buffer: int = field(default=256, metadata=bounded(0, 1_000_000))
     #: Fault injection for tests: the worker of rank 0 exits hard once, in this epoch (1-based),
     #: halfway through it. None in real runs.
-    crash_in_epoch: int | None = field(default=None, metadata=_range(1, 100_000))
+    crash_in_epoch: int | None = field(default=None, metadata=bounded(1, 100_000))
 
 
 @dataclass
@@ -257,171 +273,3 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading and validation
-# --------------------------------------------------------------------------------------------------
-
-
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> C:
-    """Build a ``cls`` from defaults, then the YAML file at ``path``, then ``key=value`` overrides."""
-    where = str(path) if path else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        raw = loaded
-    for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(raw, key, value)
-    cfg = from_dict(cls, raw, where=where)
-    validate(cfg, where=where)
-    return cfg
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; the value is parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.sub=value")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return key, value
-
-
-def set_dotted(raw: dict, key: str, value: Any) -> None:
-    """Set ``raw[a][b][c] = value`` for ``key = "a.b.c"``, creating (or replacing non-dict) levels."""
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        nxt = node.get(part)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[part] = nxt
-        node = nxt
-    node[parts[-1]] = value
-
-
-def from_dict(cls: type[C], raw: dict, *, where: str = "<defaults>", prefix: str = "") -> C:
-    """Build dataclass ``cls`` from a nested dict, converting and checking every value."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: {prefix or 'config'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            hint = did_you_mean(key, fields, n=1, prefix=prefix)
-            raise ConfigError(
-                f"{where}: unknown key {dotted!r}.{hint} Valid keys here: {', '.join(sorted(fields))}"
-            )
-        kwargs[key] = _convert(hints[key], value, fields[key], where=where, key=dotted)
-    return cls(**kwargs)
-
-
-def _convert(tp: Any, value: Any, f: dataclasses.Field | None, *, where: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for a in non_none:
-            try:
-                return _convert(a, value, f, where=where, key=key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {key}={value!r} matches none of {tp}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where=where, prefix=f"{key}.")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {key}={value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if tp is Any:
-        return value
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
-        return dict(value)
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
-        inner = args[0] if args else Any
-        items = [_convert(inner, v, None, where=where, key=f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def validate(cfg: Any, *, where: str = "<defaults>", prefix: str = "") -> None:
-    """Check ranges and choices declared in field metadata, recursively, then ``validate()`` hooks."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(value):
-            validate(value, where=where, prefix=f"{key}.")
-            continue
-        rng = f.metadata.get("range")
-        if rng is not None and value is not None:
-            lo, hi = rng
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
-                lo_s = "-inf" if lo is None else f"{lo:g}"
-                hi_s = "inf" if hi is None else f"{hi:g}"
-                raise ConfigError(f"{where}: {key}={value!r} is out of range [{lo_s}, {hi_s}]")
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{where}: {key}={value!r} is not one of {', '.join(map(repr, choices))}")
-    hook = getattr(cfg, "validate", None)
-    if callable(hook):
-        hook(where)
-
-
-def to_dict(cfg: Any) -> dict:
-    """The resolved config as plain data (written next to every run)."""
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

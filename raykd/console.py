@@ -8,12 +8,14 @@ known. Ray's per-process logs stay where Ray writes them (``/tmp/ray/session_lat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["LOG_FILE", "configure", "log_to_file"]
+__all__ = ["LOG_FILE", "configure", "log_to_file", "quieted", "worker_logging"]
 
 LOG_FILE = "raykd.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -69,3 +71,27 @@ def log_to_file(directory: str | os.PathLike) -> Path:
     handler._raykd = "file"  # type: ignore[attr-defined]
     root.addHandler(handler)
     return path
+
+
+def worker_logging(*, progress: bool = False) -> None:
+    """Logging inside a Ray task or Ray Train worker: Ray Train's per-report INFO lines are dropped;
+    with ``progress``, raykd's INFO lines go to stderr, which Ray copies to the driver's console."""
+    raykd = logging.getLogger("raykd")
+    if progress and not raykd.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        raykd.addHandler(handler)
+        raykd.setLevel(logging.INFO)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Moving model to device", every report
+
+
+@contextlib.contextmanager
+def quieted(name: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise logger ``name`` to ``level`` for the block (e.g. the epoch lines of background runs)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

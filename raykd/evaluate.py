@@ -12,10 +12,10 @@ Everything but the argument parsing is :func:`raykd.export.evaluate.run_evaluate
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from raykd.cli import HelpFormatter
+from raykd.console import configure
 
 PROG = "python -m raykd.evaluate"
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = parse_args(argv, prog=prog)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure()
     from raykd.export.evaluate import run_evaluate
 
     try:

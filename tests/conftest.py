@@ -83,7 +83,7 @@ def s3_dataset(s3, tmp_path_factory):
     """A generated dataset uploaded to the store; returns its URI."""
     import pyarrow.fs as pafs
 
-    from raykd.data.synth import make_synthetic
+    from raykd.data.synthetic import make_synthetic
 
     local = tmp_path_factory.mktemp("s3data") / "data"
     make_synthetic(local, num_images=120, image_size=32, seed=0)

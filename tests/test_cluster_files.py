@@ -64,7 +64,7 @@ def check_tune_command(command: str) -> None:
     """``python -m raykd.tune ...`` parses with the tune CLI's own parser, and its space, config and
     overrides pass the same validation the CLI runs before Ray starts."""
     from raykd.tune.__main__ import DEFAULT_SPACE, parse_args
-    from raykd.tune.space import load_space
+    from raykd.tune.space_file import load_space
 
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "raykd.tune"], command

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from raykd.data.synth import make_synthetic
+from raykd.data.synthetic import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))

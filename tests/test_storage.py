@@ -193,7 +193,7 @@ def test_a_run_reads_its_data_from_s3_and_its_outputs_land_there_from_the_node_t
 def test_a_search_with_its_outputs_in_s3_resumes_on_a_machine_that_has_none_of_them(ray_cluster, s3, s3_dataset,
                                                                                   tmp_path, caplog):
     from raykd.tune.search import run_tune
-    from raykd.tune.space import load_space
+    from raykd.tune.space_file import load_space
 
     doc = {
         "name": "s3search", "output_dir": s3("tune"), "mirror_dir": str(tmp_path / "mirror"),

@@ -16,8 +16,8 @@ from raykd.artifact.format import (
     find_artifact,
     load_artifact,
     read_meta,
-    write_meta,
     save_artifact,
+    write_meta,
 )
 
 __all__ = ["BEST_DIR", "META_NAME", "WEIGHTS_NAME", "ArtifactMeta", "build_model", "count_params", "find_artifact",

@@ -10,8 +10,8 @@ rounding. The export parity check compares exactly these two classes; the Serve 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
 from raykd.cli import HelpFormatter
 from raykd.config import ConfigError
+from raykd.console import configure
 from raykd.data.writer import IngestError
 
 PROG = "python -m raykd.data"
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     i.add_argument("--per-class", type=int, default=6, help="images per class on the contact sheet")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure()
     try:
         return _run(args)
     except (ConfigError, IngestError, FileNotFoundError, ValueError) as e:
@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     from raykd.data.writer import summary
 
     if args.cmd == "synth":
-        from raykd.data.synth import make_synthetic
+        from raykd.data.synthetic import make_synthetic
 
         t0 = time.perf_counter()
         manifest = make_synthetic(

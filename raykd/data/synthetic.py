@@ -28,13 +28,16 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
 
-from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_COUNTS, Item
+from raykd.data.manifest import Manifest
+from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_COUNTS, ISIC2019_MALIGNANT, Item
+from raykd.data.writer import write_dataset
 
-__all__ = ["SITES", "class_counts", "render_image", "synth_items"]
+__all__ = ["SITES", "class_counts", "make_synthetic", "render_image", "synth_items"]
 
 RGB = tuple[float, float, float]
 
@@ -488,3 +491,32 @@ def synth_items(num_images: int, image_size: int = 128, seed: int = 0, atypical:
 assert all(len(look.sites) == len(SITES) for look in _LOOKS.values())
 assert set(_LOOKS) == set(ISIC2019_CLASSES) and set(_CONFUSERS) == set(ISIC2019_CLASSES)
 assert {f.name for f in fields(_Look)} >= set(_SHAPE + _COLOUR + _TEXTURE)
+
+
+def make_synthetic(
+    out: str | Path,
+    *,
+    num_images: int = 2000,
+    image_size: int = 128,
+    seed: int = 0,
+    atypical: float | None = None,
+    fractions: dict[str, float] | None = None,
+    split_seed: int = 42,
+    shard_mb: float = 64.0,
+    overwrite: bool = False,
+) -> Manifest:
+    """Generate ``num_images`` images and write them as raykd shards, as ``ingest`` does."""
+    kw = {} if atypical is None else {"atypical": atypical}
+    items = synth_items(num_images, image_size=image_size, seed=seed, **kw)
+    return write_dataset(
+        items,
+        out,
+        source="synthetic",
+        label_names=ISIC2019_CLASSES,
+        malignant=ISIC2019_MALIGNANT,
+        fractions=fractions or {"train": 0.7, "val": 0.15, "test": 0.15},
+        split_seed=split_seed,
+        shard_mb=shard_mb,
+        source_dir=f"synthetic(seed={seed}, size={image_size}" + ("" if atypical is None else f", atypical={atypical}") + ")",
+        overwrite=overwrite,
+    )

@@ -38,8 +38,8 @@ from typing import Any, Mapping
 import albumentations as A  # raykd/__init__ turned off its PyPI version check
 import cv2
 import numpy as np
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from raykd.data.preprocess import CropBlackBorder, Preprocess004

@@ -325,11 +325,7 @@ def write_dataset(
     good = _screen_metadata(items, label_names, label_index, bad)
 
     # 2. Splits from metadata alone, so every image is read exactly once below.
-    labels = [label_index[it.label_name] for it in good]
-    groups = group_ids([it.lesion_id for it in good], [it.patient_id for it in good])
-    splits = assign_splits(labels, groups, fractions, split_seed)
-    order = list(range(len(good)))
-    random.Random(split_seed).shuffle(order)  # mix classes and splits across shards
+    labels, splits, order = _plan_splits(good, label_index, fractions, split_seed)
 
     # 3. Read, check and write into a staging folder beside ``out``; an earlier dataset in ``out``
     #    stays untouched until the new one is complete (4.), so a failed or killed ingest loses nothing.
@@ -342,18 +338,9 @@ def write_dataset(
         if not writer.shards:
             reasons = Counter(q.reason.split(":")[0] for q in bad).most_common(3)
             raise IngestError(f"no usable images in {source_dir or source}: {len(bad)} quarantined {reasons}")
-        manifest = Manifest(
-            source=source,
-            label_names=list(label_names),
-            malignant=[m for m in malignant if m in label_index],
-            split_seed=split_seed,
-            split_fractions=dict(fractions),
-            class_counts={s: {n: counts[s].get(n, 0) for n in label_names} for s in fractions},
-            shards=writer.shards,
-            quarantine=[q.as_dict() for q in bad],
-            source_dir=source_dir,
-            label_groups={k: list(v) for k, v in (label_groups or {}).items()},
-        )
+        manifest = _manifest(writer, counts, bad, source=source, label_names=label_names, malignant=malignant,
+                             split_seed=split_seed, fractions=fractions, source_dir=source_dir,
+                             label_groups=label_groups)
         manifest.save(staging)
         # 4. Swap the complete dataset in.
         _publish(staging, out)
@@ -361,6 +348,37 @@ def write_dataset(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _plan_splits(good: Sequence[Item], label_index: dict[str, int], fractions: dict[str, float],
+                 split_seed: int) -> tuple[list[int], list[str], list[int]]:
+    """Each item's label index and split (lesions and patients kept within one split), and the
+    shuffled order the items are written in (classes and splits mixed across shards)."""
+    labels = [label_index[it.label_name] for it in good]
+    groups = group_ids([it.lesion_id for it in good], [it.patient_id for it in good])
+    splits = assign_splits(labels, groups, fractions, split_seed)
+    order = list(range(len(good)))
+    random.Random(split_seed).shuffle(order)  # mix classes and splits across shards
+    return labels, splits, order
+
+
+def _manifest(writer: _ShardWriter, counts: dict[str, Counter], bad: list[Quarantined], *, source: str,
+              label_names: Sequence[str], malignant: Sequence[str], split_seed: int,
+              fractions: dict[str, float], source_dir: str | None,
+              label_groups: dict[str, list[str]] | None) -> Manifest:
+    """The manifest of the written shards: labels, splits, class counts and quarantined images."""
+    return Manifest(
+        source=source,
+        label_names=list(label_names),
+        malignant=[m for m in malignant if m in label_names],
+        split_seed=split_seed,
+        split_fractions=dict(fractions),
+        class_counts={s: {n: counts[s].get(n, 0) for n in label_names} for s in fractions},
+        shards=writer.shards,
+        quarantine=[q.as_dict() for q in bad],
+        source_dir=source_dir,
+        label_groups={k: list(v) for k, v in (label_groups or {}).items()},
+    )
 
 
 def summary(manifest: Manifest) -> str:

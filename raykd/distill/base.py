@@ -23,7 +23,7 @@ import abc
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from raykd.distill.losses import weighted_cross_entropy
 from raykd.models import Features, features
 from raykd.registry import Registry
+from raykd.typed import Knobs, knob, make_knobs
 
 __all__ = [
     "METHODS",
@@ -53,49 +54,8 @@ logger = logging.getLogger(__name__)
 METHODS: Registry[type[Method]] = Registry("distillation method")
 
 
-def knob(
-    default: Any, *, range: tuple[float, float] | None = None, choices: list | None = None, help: str = ""
-) -> Any:
-    """A Params field with its default and valid ``range`` (inclusive) or ``choices``."""
-    if (range is None) == (choices is None):
-        raise TypeError("knob() takes exactly one of range= or choices=")
-    meta: dict[str, Any] = {"help": help}
-    if range is not None:
-        meta["range"] = (range[0], range[1])
-    else:
-        meta["choices"] = list(choices)
-    return field(default=default, metadata=meta)
-
-
-def _check_field(cls_name: str, f, value: Any) -> Any:
-    default = f.default
-    where = f"{cls_name}.{f.name}"
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        value = float(value)
-    elif isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"{where} must be a string, got {value!r}")
-    meta = f.metadata
-    if "range" in meta:
-        lo, hi = meta["range"]
-        if not lo <= value <= hi:
-            raise ValueError(f"{where} = {value!r} is outside its range [{lo}, {hi}]")
-    elif "choices" in meta and value not in meta["choices"]:
-        raise ValueError(f"{where} = {value!r} is not one of {meta['choices']}")
-    return value
-
-
 @dataclass(frozen=True)
-class MethodParams:
+class MethodParams(Knobs):
     """Knobs shared by every method: the supervised task loss.
 
     Attributes:
@@ -107,33 +67,12 @@ class MethodParams:
     weighted_ce: bool = knob(True, choices=[True, False], help="class-weighted CE when weights are given")
     label_smoothing: float = knob(0.0, range=(0.0, 0.5), help="label smoothing epsilon")
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            object.__setattr__(self, f.name, _check_field(type(self).__name__, f, getattr(self, f.name)))
-
 
 def make_params(
     params_cls: type[MethodParams], values: MethodParams | Mapping[str, Any] | None, method: str
 ) -> MethodParams:
     """Build and validate a Params instance from ``None`` (defaults), a mapping or an instance."""
-    if values is None:
-        return params_cls()
-    if isinstance(values, params_cls):
-        return values
-    if isinstance(values, MethodParams):
-        raise TypeError(f"method {method!r} takes {params_cls.__name__}, got {type(values).__name__}")
-    if not isinstance(values, Mapping):
-        raise TypeError(
-            f"method {method!r}: params must be a dict or {params_cls.__name__}, got {type(values).__name__}"
-        )
-    valid = [f.name for f in fields(params_cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"method {method!r}: unknown parameter(s) {unknown}; valid parameters are {valid}")
-    try:
-        return params_cls(**values)
-    except ValueError as e:
-        raise ValueError(f"method {method!r}: {e}") from None
+    return make_knobs(params_cls, values, owner=f"method {method!r}")
 
 
 def register_method(name: str):

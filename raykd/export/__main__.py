@@ -10,15 +10,38 @@ and writes ``export_report.json``, ``reliability.png`` and the model card (``mod
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import typing
 
 from raykd.cli import HelpFormatter
-from raykd.export.calibrate import DEFAULT_TARGET_SENSITIVITY
+from raykd.console import configure
 from raykd.export.onnx import ExportError
-from raykd.export.run import DEFAULT_TOLERANCE, ParityError, run_export
+from raykd.export.options import ExportConfig
+from raykd.export.run import ParityError, run_export
 
 PROG = "python -m raykd.export"
+
+#: The :class:`ExportConfig` fields that are flags, in the order ``--help`` lists them
+#: (``latency_reps`` is set by a search space only).
+FLAGS = ("split", "fp16", "int8", "tolerance", "max_images", "batch_size", "opset", "calibrate",
+         "target_sensitivity")
+
+
+def _add_option(p: argparse.ArgumentParser, f: dataclasses.Field, tp: type) -> None:
+    """One :class:`ExportConfig` field as a flag: ``--name-with-dashes``, its type, default and help;
+    a boolean off by default is ``--name``, one on by default is ``--no-name``."""
+    flag, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+    if tp is bool:
+        if f.default:
+            p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                           help=f.metadata.get("off_help", f"do not {help_}"))
+        else:
+            p.add_argument(flag, action="store_true", help=help_)
+        return
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]  # ``int | None`` -> int
+    p.add_argument(flag, type=inner[0] if inner else tp, default=f.default, help=help_)
 
 
 def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
@@ -29,33 +52,22 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
     p.add_argument("--data", default=None,
                    help="dataset folder (default: the dataset the model was trained on)")
     p.add_argument("--out", default=None, help="output folder (default: the artifact folder)")
-    p.add_argument("--split", default="val", help="split for the parity check and BMA (default: val)")
-    p.add_argument("--fp16", action="store_true", help="also write and measure a float16 model")
-    p.add_argument("--int8", action="store_true",
-                   help="also write and measure an int8 dynamically quantised model")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="max |p_onnx - p_torch| allowed")
-    p.add_argument("--max-images", type=int, default=None,
-                   help="use only the first N images of the split (default: all)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="keep the model's temperature and decision as they are (default: fit both on val)")
-    p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY,
-                   help="validation sensitivity the cancer-vs-benign threshold must reach, in (0, 1]")
+    fields, hints = {f.name: f for f in dataclasses.fields(ExportConfig)}, typing.get_type_hints(ExportConfig)
+    for name in FLAGS:
+        _add_option(p, fields[name], hints[name])
     return p.parse_args(argv)
 
 
+def export_config(args: argparse.Namespace) -> ExportConfig:
+    """The :class:`ExportConfig` the parsed flags give (every other field at its default)."""
+    return ExportConfig(**{name: getattr(args, name) for name in FLAGS})
+
+
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure()
     args = parse_args(argv, prog=prog)
     try:
-        report = run_export(
-            args.model, data=args.data, out=args.out, split=args.split, fp16=args.fp16,
-            int8=args.int8, tolerance=args.tolerance, max_images=args.max_images,
-            batch_size=args.batch_size, opset=args.opset, calibrate=args.calibrate,
-            target_sensitivity=args.target_sensitivity,
-        )
+        report = run_export(export_config(args), args.model, data=args.data, out=args.out)
     except (FileNotFoundError, ValueError) as exc:  # a wrong folder, file or option: the user's to fix
         print(f"error: {exc}", file=sys.stderr)
         return 2

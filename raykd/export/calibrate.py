@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raykd.export.options import ExportConfig
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 DEFAULT_BINS = 15
-DEFAULT_TARGET_SENSITIVITY = 0.95
+DEFAULT_TARGET_SENSITIVITY = ExportConfig.target_sensitivity
 #: The temperature is searched in this interval: wide enough for any real model (a 20x sharpening or
 #: flattening), bounded so that a validation split the model separates perfectly (whose NLL keeps
 #: falling as T -> 0) still gets a finite answer.

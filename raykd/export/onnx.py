@@ -39,6 +39,7 @@ from raykd.artifact.onnx_meta import (  # noqa: F401 - part of this module's API
     read_onnx_meta,
     read_onnx_props,
 )
+from raykd.export.options import ExportConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ __all__ = [
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = ExportConfig.opset
 
 
 class ExportError(RuntimeError):

@@ -2,16 +2,16 @@
 
 Right after export, ONNX Runtime and torch score the same validation images through the serving
 predictors (:mod:`raykd.serve.predictor`, which run the training-time evaluation transform). The
-largest absolute difference of their probabilities must stay within ``tolerance`` or the export
+largest absolute difference of their probabilities must stay within ``cfg.tolerance`` or the export
 fails (:class:`ParityError`) — a model that serves different answers than it was evaluated with is
 worse than no model. The fp16 (paper 004, section 3.7) and int8 variants are reported with their
 file size and their change in balanced multi-class accuracy (BMA) on the validation split, so the
 size/accuracy trade-off is a measured number rather than an assumption.
 
 Before the ONNX file is written, the torch model scores the whole validation split (and the test
-split when the dataset has one) and, unless ``calibrate=False``, the export fits a temperature on
-the validation logits and chooses the cancer-vs-benign threshold that reaches
-``target_sensitivity`` there (:mod:`raykd.export.calibrate`). Both go into the artifact's
+split when the dataset has one) and, unless ``cfg.calibrate`` is False, the export fits a temperature
+on the validation logits and chooses the cancer-vs-benign threshold that reaches
+``cfg.target_sensitivity`` there (:mod:`raykd.export.calibrate`). Both go into the artifact's
 ``meta.json`` (``temperature``, ``decision``) and hence into the ONNX metadata, so torch and ONNX
 Runtime serve the same calibrated probabilities and the parity check compares them. ECE and Brier
 before/after go into the report, a reliability diagram into ``reliability.png`` and, once parity
@@ -36,19 +36,19 @@ import numpy as np
 from tqdm import tqdm
 
 from raykd.artifact import BEST_DIR, WEIGHTS_NAME, count_params, find_artifact, load_artifact, write_meta
-from raykd.export.calibrate import DEFAULT_BINS, DEFAULT_TARGET_SENSITIVITY
+from raykd.export.calibrate import DEFAULT_BINS
 from raykd.export.onnx import FP16_NAME, INT8_NAME, ONNX_NAME, convert_fp16, export_onnx, quantize_int8
+from raykd.export.options import ExportConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExportReport", "ParityError", "ScoredSplit", "VariantReport", "load_split_images", "run_export",
-           "score_split", "split_size"]
+__all__ = ["ExportConfig", "ExportReport", "ParityError", "ScoredSplit", "VariantReport", "load_split_images",
+           "run_export", "score_split", "split_size"]
 
 REPORT_NAME = "export_report.json"
 RELIABILITY_NAME = "reliability.png"
 DECISION_RULE = ("malignant when P(malignant) >= threshold, P(malignant) being the sum of the served "
                  "(temperature-scaled) probabilities of the malignant classes")
-DEFAULT_TOLERANCE = 1e-4
 
 
 class ParityError(RuntimeError):
@@ -186,8 +186,8 @@ class ScoredSplit:
         return len(self.labels) / max(self.seconds, 1e-9)
 
 
-def score_split(predictor, dataset: str | os.PathLike, split: str, *, batch_size: int = 32,
-                limit: int | None = None) -> ScoredSplit:
+def score_split(predictor, dataset: str | os.PathLike, split: str, *,
+                batch_size: int = ExportConfig.batch_size, limit: int | None = None) -> ScoredSplit:
     """Logits of every image of ``split`` through ``predictor.logits`` (a :class:`TorchPredictor`).
 
     Images are decoded one batch at a time, so a large split never sits decoded in memory.
@@ -218,113 +218,123 @@ def _bma(probs: np.ndarray, labels: np.ndarray, meta) -> float | None:
     return float(compute_from_arrays(probs, labels, meta.label_names, meta.malignant)["bma"])
 
 
-def run_export(
-    checkpoint: str | os.PathLike,
-    *,
-    data: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    split: str = "val",
-    fp16: bool = False,
-    int8: bool = False,
-    tolerance: float = DEFAULT_TOLERANCE,
-    max_images: int | None = None,
-    batch_size: int = 32,
-    opset: int = 17,
-    calibrate: bool = True,
-    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
-    run_metrics: dict[str, dict] | None = None,
-    latency_reps: int = 20,
-) -> ExportReport:
+def run_export(cfg: ExportConfig, checkpoint: str | os.PathLike, *, data: str | os.PathLike | None = None,
+               out: str | os.PathLike | None = None,
+               run_metrics: dict[str, dict] | None = None) -> ExportReport:
     """Calibrate the artifact of ``checkpoint``, export it to ONNX, check parity, write its card.
 
     Args:
+        cfg: How: the split, the variants, the parity tolerance, the calibration and the rest
+            (:class:`~raykd.export.options.ExportConfig`, which documents each option).
         checkpoint: Run folder (holding ``best/``) or artifact folder.
         data: Dataset folder for the parity/BMA images (default: the artifact's ``meta.dataset``).
         out: Output folder (default: the artifact folder, next to ``model.safetensors``).
-        split: Split to measure on.
-        fp16: Also write ``model.fp16.onnx``.
-        int8: Also write ``model.int8.onnx`` (dynamic quantisation).
-        tolerance: Largest allowed |p_onnx - p_torch| for the fp32 export.
-        max_images: Use only the first N images of the split for the parity check (default: all).
-            Calibration and the model card always use whole splits.
-        batch_size: Images per forward pass.
-        opset: ONNX opset.
-        calibrate: Fit the temperature and choose the cancer-vs-benign threshold on the validation
-            split and write them into ``meta.json`` (False: keep the artifact's meta as it is).
-        target_sensitivity: Validation sensitivity the threshold must reach, in ``(0, 1]``.
         run_metrics: The run's own ``{"val": {...}, "test": {...}}`` metrics for the model card's
             headline numbers (the search passes its leaderboard row's, so card and leaderboard
             agree); default: the run folder's ``summary.json`` when there is one, else the
             export's own scoring.
-        latency_reps: Batch-1 forward passes timed for the card's latency.
 
     Returns:
         The report (also written to ``out/export_report.json``).
 
     Raises:
-        ParityError: when the fp32 ONNX model disagrees with torch beyond ``tolerance``.
+        ParityError: when the fp32 ONNX model disagrees with torch beyond ``cfg.tolerance``.
     """
-    from raykd.artifact.predict import TorchPredictor, softmax
+    from raykd.artifact.predict import TorchPredictor
 
-    if not 0.0 < target_sensitivity <= 1.0:
-        raise ValueError(f"target_sensitivity must lie in (0, 1], got {target_sensitivity} "
-                         "(--target-sensitivity / export.target_sensitivity)")
+    _check_options(cfg)
     artifact, model, meta, dataset = _open_artifact(checkpoint, data)
     out_dir = Path(out) if out else artifact
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = TorchPredictor(model, meta, device="cpu")
 
-    variants = [name for name, wanted in (("onnx", True), ("fp16", fp16), ("int8", int8)) if wanted]
+    variants = [name for name, wanted in (("onnx", True), ("fp16", cfg.fp16), ("int8", cfg.int8)) if wanted]
     # score, calibrate, read images, torch reference, write and check each variant, latency, card
     steps = 6 + 2 * len(variants)
     with tqdm(total=steps, desc=f"export {meta.model_name}", unit="step", disable=None) as bar:
         with _step(bar, "score val and test"):
-            present = [name for name in ("val", "test") if split_size(dataset, name)]
-            if calibrate and "val" not in present:
-                raise ValueError(f"{dataset} has no val split to fit the temperature and threshold on: pass "
-                                 "--no-calibrate, or --data with a dataset that has one")
-            scored = {name: score_split(predictor, dataset, name, batch_size=batch_size)
-                      for name in present or [split]}
+            scored = _score_splits(predictor, dataset, cfg)
         with _step(bar, "calibrate"):
-            calibration, reliability = None, None
-            if calibrate:
-                calibration = _calibrate(meta, scored, target_sensitivity)
-                reliability = _reliability(meta, scored, calibration, out_dir / RELIABILITY_NAME)
-                write_meta(artifact, meta)  # before the ONNX file, which embeds the meta
-            else:
-                log.info("calibration skipped: serving temperature %.3g and decision %s as in %s",
-                         meta.temperature, meta.decision or "none", artifact)
-        with _step(bar, f"read {split} images"):
-            images, labels = _decoded_split(dataset, split, max_images)
+            calibration, reliability = _calibrate_step(meta, scored, artifact, out_dir, cfg)
+        with _step(bar, f"read {cfg.split} images"):
+            images, labels = _decoded_split(dataset, cfg.split, cfg.max_images)
         with _step(bar, "torch reference"):
-            if split in scored:  # the rows of _decoded_split are the first rows of the scored split
-                ref = softmax(scored[split].logits[: len(images)] / meta.temperature)
-                torch_ips = scored[split].images_per_s
-            else:
-                ref, torch_ips = _predict_all(predictor, images, batch_size)
+            ref, torch_ips = _torch_reference(predictor, meta, scored, images, cfg)
             torch_bma = _bma(ref, labels, meta)
-        report = ExportReport(
-            artifact=str(artifact), model_name=meta.model_name, dataset=str(dataset), split=split,
-            num_images=len(images), tolerance=tolerance, torch_bma=torch_bma,
-            torch_size_bytes=(artifact / WEIGHTS_NAME).stat().st_size, torch_images_per_s=torch_ips,
-            calibration=calibration, decision=dict(meta.decision),
-            reliability=str(reliability) if reliability else None,
-            predictions={name: (softmax(sc.logits / meta.temperature), sc.labels) for name, sc in scored.items()},
-        )
-        paths = _write_variants(model, meta, out_dir, variants, opset=opset, bar=bar)
+        report = _reference_report(cfg, artifact, meta, dataset, scored, images, torch_bma, torch_ips,
+                                   calibration, reliability)
+        paths = _write_variants(model, meta, out_dir, variants, opset=cfg.opset, bar=bar)
         for name, path in paths.items():
             with _step(bar, f"parity {name}"):
-                variant = _measure_variant(name, path, images, labels, ref, torch_bma, meta, batch_size)
+                variant = _measure_variant(name, path, images, labels, ref, torch_bma, meta, cfg.batch_size)
             report.variants.append(variant)
         _save_report(report, out_dir)
         _check_parity(report, out_dir)
         with _step(bar, "latency"):
-            report.latency_ms = _latency(model, meta, paths["onnx"], latency_reps)
+            report.latency_ms = _latency(model, meta, paths["onnx"], cfg.latency_reps)
         with _step(bar, "model card"):
             report.card = str(_write_model_card(report, meta, artifact, out_dir, dataset, scored, paths,
                                                 run_metrics))
     _save_report(report, out_dir)
     return report
+
+
+def _check_options(cfg: ExportConfig) -> None:
+    """Refuse an option no export can honour, before any file is opened."""
+    if not 0.0 < cfg.target_sensitivity <= 1.0:
+        raise ValueError(f"target_sensitivity must lie in (0, 1], got {cfg.target_sensitivity} "
+                         "(--target-sensitivity / export.target_sensitivity)")
+
+
+def _score_splits(predictor, dataset, cfg: ExportConfig) -> dict[str, ScoredSplit]:
+    """Raw logits of the whole val and test splits (those the dataset has; else ``cfg.split``)."""
+    present = [name for name in ("val", "test") if split_size(dataset, name)]
+    if cfg.calibrate and "val" not in present:
+        raise ValueError(f"{dataset} has no val split to fit the temperature and threshold on: pass "
+                         "--no-calibrate, or --data with a dataset that has one")
+    return {name: score_split(predictor, dataset, name, batch_size=cfg.batch_size)
+            for name in present or [cfg.split]}
+
+
+def _calibrate_step(meta, scored: dict[str, ScoredSplit], artifact: Path, out_dir: Path,
+                    cfg: ExportConfig) -> tuple[dict | None, Path | None]:
+    """Fit and record the temperature and decision (``cfg.calibrate``): the calibration scores and
+    the reliability diagram, or ``(None, None)`` when the artifact keeps its meta as it is."""
+    if not cfg.calibrate:
+        log.info("calibration skipped: serving temperature %.3g and decision %s as in %s",
+                 meta.temperature, meta.decision or "none", artifact)
+        return None, None
+    calibration = _calibrate(meta, scored, cfg.target_sensitivity)
+    reliability = _reliability(meta, scored, calibration, out_dir / RELIABILITY_NAME)
+    write_meta(artifact, meta)  # before the ONNX file, which embeds the meta
+    return calibration, reliability
+
+
+def _torch_reference(predictor, meta, scored: dict[str, ScoredSplit], images: list[np.ndarray],
+                     cfg: ExportConfig) -> tuple[np.ndarray, float]:
+    """Torch's served probabilities of ``images`` (the parity reference) and its images/s."""
+    from raykd.artifact.predict import softmax
+
+    if cfg.split in scored:  # the rows of _decoded_split are the first rows of the scored split
+        return (softmax(scored[cfg.split].logits[: len(images)] / meta.temperature),
+                scored[cfg.split].images_per_s)
+    return _predict_all(predictor, images, cfg.batch_size)
+
+
+def _reference_report(cfg: ExportConfig, artifact: Path, meta, dataset, scored: dict[str, ScoredSplit],
+                      images: list[np.ndarray], torch_bma: float | None, torch_ips: float,
+                      calibration: dict | None, reliability: Path | None) -> ExportReport:
+    """The report as far as torch goes (the variants and the rest are added as they are measured)."""
+    from raykd.artifact.predict import softmax
+
+    return ExportReport(
+        artifact=str(artifact), model_name=meta.model_name, dataset=str(dataset), split=cfg.split,
+        num_images=len(images), tolerance=cfg.tolerance, torch_bma=torch_bma,
+        torch_size_bytes=(artifact / WEIGHTS_NAME).stat().st_size, torch_images_per_s=torch_ips,
+        calibration=calibration, decision=dict(meta.decision),
+        reliability=str(reliability) if reliability else None,
+        predictions={name: (softmax(sc.logits / meta.temperature), sc.labels) for name, sc in scored.items()},
+    )
 
 
 def _save_report(report: ExportReport, out_dir: Path) -> None:
@@ -473,9 +483,9 @@ def _latency(model, meta, onnx_path: Path, reps: int) -> dict[str, float]:
     """Median single-image CPU milliseconds on one thread: torch (as the leaderboard measures it) and ONNX."""
     import statistics
 
+    from raykd.artifact.measure import measure_latency
     from raykd.artifact.predict import OnnxPredictor
     from raykd.data.transforms import PreprocessSpec
-    from raykd.artifact.measure import measure_latency
 
     size = PreprocessSpec.from_dict(meta.preprocess).image_size
     torch_ms = measure_latency(model, size, reps=reps)

@@ -161,8 +161,8 @@ def create_model(
     Example:
         >>> create_model("vit_base_patch16_224", 8, pretrained_file="/models/vit_b16_in21k.safetensors")
     """
-    import raykd.models  # noqa: F401  (registers raykd_* names with timm)
-
+    # raykd_* names are registered with timm by raykd/models/__init__.py, which Python runs before
+    # this module whichever way it is imported
     if not timm.is_model(name):
         from raykd.registry import did_you_mean
 

@@ -22,11 +22,14 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from raykd.config import ConfigError, ModelConfig
+from raykd.typed import ConfigError
 
-__all__ = ["HUB_TIMEOUT_S", "check_file", "check_run_weights", "check_space_weights", "check_weights",
+if TYPE_CHECKING:  # annotations only: the models do not depend on the run config
+    from raykd.config import ModelConfig
+
+__all__ = ["HUB_TIMEOUT_S", "check_file", "check_run_weights", "check_weights",
            "hub_source"]
 
 #: Seconds a hub reachability request may take.
@@ -271,21 +274,3 @@ def check_run_weights(cfg: Any) -> None:
     """:func:`check_weights` for a :class:`~raykd.config.RunConfig`'s student and teacher."""
     check_weights(cfg.student, "student")
     check_weights(cfg.teacher, "teacher")
-
-
-def check_space_weights(space: Any, timeout: float = HUB_TIMEOUT_S) -> None:
-    """:func:`check_weights` for every teacher a method of a search space uses and every student."""
-    from raykd.config import from_dict
-
-    used_teachers = {m.teacher for m in space.methods.values() if m.teacher}
-    used_students: set[str] = set()
-    for m in space.methods.values():
-        used_students.update(m.students)
-    for name, t in space.teachers.items():
-        if t.model is not None and name in used_teachers:
-            check_weights(from_dict(ModelConfig, t.model), f"teachers.{name}.model", where=space.source,
-                          timeout=timeout)
-    for i, (sid, s) in enumerate(space.students.items()):
-        if sid in used_students:
-            check_weights(from_dict(ModelConfig, s.model), f"students[{i}]", where=space.source,
-                          settable=False, timeout=timeout)

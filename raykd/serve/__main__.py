@@ -13,46 +13,62 @@ import argparse
 import logging
 import signal
 import sys
+import typing
 
 from raykd.cli import HelpFormatter
-from raykd.serve.intake import Limits
+from raykd.console import configure
+from raykd.serve.options import ServeArgs, ServerOptions, default
 
 APP_NAME = "raykd"
 PROG = "python -m raykd.serve"
+
+#: Flags that are not spelled from their field's name, or take more than a value: argparse keywords
+#: (``help_suffix`` is appended to the field's description). ``registry`` and ``models`` are the
+#: two sources, one of which is required.
+FLAG_OVERRIDES: dict[str, dict] = {
+    "registry": {"flags": ("--family", "--registry"), "metavar": "FILE",
+                 "help_suffix": " (this or --model is required)"},
+    "models": {"flags": ("--model",), "action": "append", "metavar": "[NAME=]PATH", "default": None,
+               "help_suffix": "; repeatable (this or --family is required)"},
+    "direct_port": {"metavar": "PORT"},
+}
+SOURCES = ("registry", "models")
+#: ServeArgs fields that only a Serve config or ``serve run`` sets (no flag).
+NOT_FLAGS = ("max_ongoing_requests", "onnx_cache_dir")
+
+
+def _flag_fields() -> list[tuple[type, str]]:
+    """``(model, field name)`` of every flag, in the order ``--help`` lists them."""
+    return ([(ServeArgs, name) for name in ServeArgs.model_fields if name not in NOT_FLAGS]
+            + [(ServerOptions, name) for name in ServerOptions.model_fields])
+
+
+def _add_option(p, model: type, name: str) -> None:
+    """One field as a flag: ``--name-with-dashes``, its type (a ``Literal``'s values as choices),
+    default and help (the field's description); a boolean is ``--name/--no-name``."""
+    info = model.model_fields[name]
+    extra = dict(FLAG_OVERRIDES.get(name, {}))
+    flags = extra.pop("flags", ("--" + name.replace("_", "-"),))
+    kwargs: dict = {"dest": name, "default": info.get_default(call_default_factory=True),
+                    "help": info.description + extra.pop("help_suffix", "")}
+    tp = info.annotation
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    inner = args[0] if len(args) == 1 else tp  # ``int | None`` -> int (and ``list[str]`` -> str)
+    if typing.get_origin(tp) is typing.Literal:
+        kwargs["choices"] = args
+    elif inner is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif inner in (int, float):
+        kwargs["type"] = inner
+    p.add_argument(*flags, **{**kwargs, **extra})
 
 
 def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--family", "--registry", dest="registry", metavar="FILE",
-                     help="family file (family.json) written by the tune job, a path or a URI such as s3://bucket/runs/family.json (this or --model is required)")
-    src.add_argument("--model", action="append", dest="models", metavar="[NAME=]PATH",
-                     help="artifact/run folder or .onnx file; repeatable (this or --family is required)")
-    p.add_argument("--winner", help="default model (default: the family's winner / first --model)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
-                   help="auto: torch on GPU when present, else ONNX Runtime on CPU")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="device of the torch backend; auto picks cuda when present")
-    p.add_argument("--max-batch-size", type=int, default=8,
-                   help="most requests a replica runs as one batch; 1 turns batching off")
-    p.add_argument("--batch-wait-timeout-s", type=float, default=0.0,
-                   help="seconds a replica waits to fill a batch")
-    p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
-                   help="largest request body accepted")
-    p.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels,
-                   help="largest image accepted, in width x height pixels")
-    p.add_argument("--request-timeout-s", type=float, default=30.0,
-                   help="seconds a prediction may take before it answers 503")
-    p.add_argument("--num-replicas", type=int, default=1, help="replicas of the deployment")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address; 0.0.0.0 to expose")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--direct-port", type=int, default=None, metavar="PORT",
-                   help="also answer on each replica's own port (PORT, PORT+1, ...), skipping Serve's proxy "
-                        "hop (Ray Serve's direct ingress; a local cluster started here only)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    for model, name in _flag_fields():
+        _add_option(src if name in SOURCES else p, model, name)
     return p.parse_args(argv)
 
 
@@ -74,22 +90,22 @@ def direct_ingress_env(first_port: int, replicas: int = 1) -> dict[str, str]:
     }
 
 
-def args_to_serve_args(ns: argparse.Namespace):
-    from raykd.serve.app import ServeArgs
-
-    return ServeArgs(
-        registry=ns.registry, models=ns.models or [], winner=ns.winner, backend=ns.backend,
-        device=ns.device, max_batch_size=ns.max_batch_size, batch_wait_timeout_s=ns.batch_wait_timeout_s,
-        max_body_bytes=ns.max_body_bytes, max_image_pixels=ns.max_image_pixels,
-        request_timeout_s=ns.request_timeout_s,
-        num_replicas=ns.num_replicas, num_cpus=ns.num_cpus, num_gpus=ns.num_gpus,
-    )
+def args_to_serve_args(ns: argparse.Namespace) -> ServeArgs:
+    """The :class:`ServeArgs` of the parsed flags (the fields without a flag at their defaults)."""
+    values = {name: getattr(ns, name) for model, name in _flag_fields() if model is ServeArgs}
+    return ServeArgs(**{**values, "models": ns.models or []})
 
 
-def run_serve(args, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-              name: str = APP_NAME, blocking: bool = True, env_vars: dict[str, str] | None = None,
-              direct_port: int | None = None):
-    """Start Serve on ``host:port`` and run the app built from ``args`` (a ``ServeArgs``).
+def server_options(ns: argparse.Namespace) -> ServerOptions:
+    """Where the parsed flags say to serve."""
+    return ServerOptions(**{name: getattr(ns, name) for name in ServerOptions.model_fields})
+
+
+def run_serve(args, *, host: str = default(ServerOptions, "host"), port: int = default(ServerOptions, "port"),
+              address: str | None = None, name: str = APP_NAME, blocking: bool = True,
+              env_vars: dict[str, str] | None = None, direct_port: int | None = None):
+    """Start Serve on ``host:port`` and run the app built from ``args`` (a ``ServeArgs``); ``host``,
+    ``port``, ``address`` and ``direct_port`` are :class:`ServerOptions`' (with its defaults).
 
     ``env_vars`` are set in the replicas' environment (``runtime_env``), e.g. ``RAYKD_API_KEY`` in
     tests. Returns the app's deployment handle when ``blocking`` is False (tests, benchmarks).
@@ -118,14 +134,14 @@ def _interrupt(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure()
     ns = parse_args(argv, prog=prog)
     # Ctrl-C stops serving even when a shell started us in the background with SIGINT ignored
     # (SIGTERM is handled by Ray itself: it drains the node and stops its processes).
     signal.signal(signal.SIGINT, _interrupt)
     try:
         serve_args = args_to_serve_args(ns)
-        run_serve(serve_args, host=ns.host, port=ns.port, address=ns.address, direct_port=ns.direct_port)
+        run_serve(serve_args, **server_options(ns).model_dump())
     except (FileNotFoundError, ValueError, KeyError) as exc:  # a wrong file, model name or option
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError quotes str()
         print(f"error: {message}", file=sys.stderr)

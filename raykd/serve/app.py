@@ -62,13 +62,12 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -93,6 +92,7 @@ from raykd.serve.intake import (
     precheck,
     read_body,
 )
+from raykd.serve.options import ServeArgs
 
 if TYPE_CHECKING:
     from raykd.artifact.format import ArtifactMeta
@@ -104,37 +104,6 @@ CARD_FILES = {"json": "model_card.json", "md": "model_card.md"}
 __all__ = ["ServeArgs", "ModelServer", "build_app", "bind_app", "resolve_family"]
 
 DEPLOYMENT_NAME = "ModelServer"
-
-
-class ServeArgs(BaseModel):
-    """Arguments of :func:`build_app` (``serve run ... key=value`` or the config's ``args``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    registry: str | None = Field(None, description="family JSON written by the tune job")
-    models: list[str] = Field(default_factory=list,
-                              description="artifact/run folders or .onnx files ([NAME=]PATH)")
-    winner: str | None = Field(None, description="default model (default: the family's winner)")
-    backend: Literal["auto", "torch", "onnx"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_batch_size: int = Field(8, ge=1, description="1 turns batching off")
-    batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="wait for a fuller batch (0: take what is queued)")
-    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_image_pixels: int = Field(Limits.max_image_pixels, gt=0,
-                                  description="largest width x height accepted (from the image header)")
-    request_timeout_s: float = Field(30.0, gt=0.0,
-                                     description="a prediction taking longer answers 503")
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
-    max_ongoing_requests: int = Field(64, ge=1)
-    onnx_cache_dir: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ServeArgs":
-        if bool(self.registry) == bool(self.models):
-            raise ValueError("give exactly one of 'registry' (a family file) or 'models' (paths)")
-        return self
 
 
 def resolve_family(args: ServeArgs) -> Family:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raykd.serve.options import ServeArgs, default
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Limits", "RequestError", "check_content_type", "read_body", "extract_image_bytes",
@@ -49,15 +51,16 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Request limits (configurable through ``ServeArgs``).
+    """Request limits: :class:`~raykd.serve.options.ServeArgs`' ``max_body_bytes`` and
+    ``max_image_pixels``, whose defaults and descriptions are theirs too.
 
     Attributes:
         max_body_bytes: Largest accepted request body (the multipart envelope included).
         max_image_pixels: Largest accepted width x height declared by the image header.
     """
 
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 25_000_000
+    max_body_bytes: int = default(ServeArgs, "max_body_bytes")
+    max_image_pixels: int = default(ServeArgs, "max_image_pixels")
 
     def __post_init__(self) -> None:
         if self.max_body_bytes <= 0 or self.max_image_pixels <= 0:

@@ -8,8 +8,8 @@ import sys
 
 from raykd.artifact.rundir import RunDir
 from raykd.cli import HelpFormatter
-from raykd.console import configure, log_to_file
 from raykd.config import ConfigError, RunConfig, load_config
+from raykd.console import configure, log_to_file
 
 PROG = "python -m raykd.train"
 
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         print(list_methods())
         return 0
     configure(verbose=args.verbose)
-    from raykd.train.driver import ClusterResourcesError, resolve_outputs, run_train
+    from raykd.train.driver import resolve_outputs, run_train
+    from raykd.train.trainer import ClusterResourcesError
 
     try:
         cfg = load_config(RunConfig, args.config, args.overrides + ([f"address={args.address}"] if args.address else []))

@@ -1,4 +1,5 @@
-"""The driver of one training run: validate, prepare data, build the TorchTrainer, fit.
+"""The driver of one training run: validate, prepare data, build the TorchTrainer, fit (its shared
+helpers: :mod:`raykd.train.trainer`).
 
 Everything that can be wrong with a config (unknown keys, a method that does not fit the
 student/teacher pair, a missing dataset) fails here, before any Ray worker starts.
@@ -7,7 +8,6 @@ student/teacher pair, a missing dataset) fails here, before any Ray worker start
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +15,9 @@ from typing import Any
 
 from raykd.artifact.rundir import RunDir
 from raykd.config import DataConfig, RunConfig, dump_yaml, to_dict
+from raykd.console import worker_logging
 from raykd.data.manifest import Manifest, is_uri, resolve_location
+from raykd.train.trainer import _warn_data_cpus, _worker_count, failure_config, fit_bounded, worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ def ensure_dataset(data: DataConfig) -> Manifest:
         return Manifest.load(path)
     if not data.generate_if_missing:
         raise FileNotFoundError(f"no dataset at {path} (data.generate_if_missing is false)")
-    from raykd.data.synth import make_synthetic
+    from raykd.data.synthetic import make_synthetic
 
     s = data.synth
     log.info("no dataset at %s: generating %d synthetic %dpx images", path, s.num_images, s.image_size)
@@ -127,9 +129,9 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
     """Resolve paths, make sure the data exists, run the method's teacher-side stage when it has
     one and the config names no output of it, and build the run (which checks that the method
     fits); returns the resolved config, manifest, built run parts, run folder."""
-    from raykd.models.weights import check_run_weights
     from raykd.cluster import refuse_relative_in_job
-    from raykd.train.loop import build_run, set_seed
+    from raykd.models.weights import check_run_weights
+    from raykd.train.build import build_run, set_seed
     from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
 
     refuse_relative_in_job({"data.path": cfg.data.path, "output_dir": cfg.output_dir}, "run config")
@@ -220,8 +222,9 @@ def _local_fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, *, on_r
 
     import torch
 
-    from raykd.train.loop import set_seed
-    from raykd.train.worker import LocalSession, fit
+    from raykd.train.build import set_seed
+    from raykd.train.loop import fit
+    from raykd.train.worker import LocalSession
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
@@ -239,13 +242,9 @@ def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """A Ray task body: rebuild the run (models are cheap next to shipping them) and fit it."""
     from raykd.config import from_dict
     from raykd.storage import Mirror, mirrored, run_reads
-    from raykd.train.loop import build_run, set_seed
+    from raykd.train.build import build_run, set_seed
 
-    if not logging.getLogger("raykd").handlers:  # the epoch lines reach the driver's console
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("raykd").addHandler(handler)
-        logging.getLogger("raykd").setLevel(logging.INFO)
+    worker_logging(progress=True)  # the epoch lines reach the driver's console
     cfg = from_dict(RunConfig, cfg_dict, where="run config")
     with mirrored(Mirror.of(cfg), own=run_dir, reads=run_reads(cfg)):  # this node may not have them
         manifest = Manifest.load(cfg.data.path)
@@ -326,93 +325,3 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
     out = dict(result.return_value or {})
     out.setdefault("timing", {})["data_s"] = data_s
     return out
-
-
-def fit_bounded(trainer, cfg: RunConfig):
-    """``trainer.fit()``; a worker group that got no resources within ``train.resource_wait_s``
-    (Train's controller gave up placing it) becomes a :class:`ClusterResourcesError` naming them."""
-    import ray.train
-
-    try:
-        return trainer.fit()
-    except ray.train.ControllerError as exc:
-        if type(exc.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
-            raise
-        raise ClusterResourcesError(missing_resources_message(cfg)) from None
-
-
-class ClusterResourcesError(RuntimeError):
-    """A Ray Train worker group could not get its resources within ``train.resource_wait_s``."""
-
-
-def worker_resources(cfg: RunConfig) -> dict[str, float]:
-    """One Ray Train worker's resources."""
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
-    return resources
-
-
-def _warn_data_cpus(cfg: RunConfig) -> None:
-    """An elastic group fills each node with as many workers as fit; warn where that would leave
-    the data pipeline less than one read task's CPU (the run would then wait on its data)."""
-    import ray
-
-    from raykd.data.dataset import DATA_TASK_CPUS
-
-    per = cfg.scaling.cpus_per_worker
-    for node in ray.nodes():
-        cpus = float(node.get("Resources", {}).get("CPU", 0.0)) if node.get("Alive") else 0.0
-        if per <= 0 or cpus < per:
-            continue
-        spare = cpus - math.floor(cpus / per + 1e-9) * per
-        if spare < DATA_TASK_CPUS:
-            log.warning("node %s: %g CPUs hold %d workers of scaling.cpus_per_worker=%g and leave %g CPU to "
-                        "Ray Data (< %g): if the group shrinks onto it, its data may starve; pick a "
-                        "cpus_per_worker that leaves a remainder", node["NodeID"][:8], cpus,
-                        math.floor(cpus / per + 1e-9), per, spare, DATA_TASK_CPUS)
-
-
-def _worker_count(cfg: RunConfig) -> int | tuple[int, int]:
-    """``num_workers``, or Train's elastic ``(min, max)`` when ``scaling.min_workers`` is below it."""
-    low, high = cfg.scaling.min_workers, cfg.scaling.num_workers
-    return (low, high) if low is not None and low < high else high
-
-
-def failure_config(cfg: RunConfig):
-    """Ray Train's ``FailureConfig`` of a run: ``train.max_failures`` worker-group restarts, and
-    as many start attempts as fit in ``train.resource_wait_s`` (Ray's default, -1, retries a
-    worker group that cannot be placed forever: the silent hang after a lost node)."""
-    import ray.train
-
-    from raykd.raycompat import train_group_start_timeout_s
-
-    retries = max(0, math.ceil(cfg.train.resource_wait_s / train_group_start_timeout_s()) - 1)
-    return ray.train.FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=retries)
-
-
-def missing_resources_message(cfg: RunConfig) -> str:
-    """What the run asked for, next to what each alive node has free."""
-    import ray
-
-    need = worker_resources(cfg)
-    low = cfg.scaling.min_workers or cfg.scaling.num_workers
-    want = f"{cfg.scaling.num_workers} workers" if low == cfg.scaling.num_workers else \
-        f"{low} to {cfg.scaling.num_workers} workers"
-    from raykd.raycompat import free_resources_per_node
-
-    nodes = []
-    free = free_resources_per_node()
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        avail = free.get(node["NodeID"], {})
-        have = ", ".join(f"{k} {avail.get(k, 0.0):g} free of {node['Resources'].get(k, 0.0):g}" for k in need)
-        nodes.append(f"node {node['NodeID'][:8]} ({node.get('NodeManagerAddress', '?')}): {have}")
-    return (
-        f"run {cfg.name}: the cluster could not host {want} x {need} for "
-        f"{cfg.train.resource_wait_s:g} s (train.resource_wait_s). Alive nodes: "
-        + ("; ".join(nodes) or "none")
-        + ". Add nodes, lower scaling.num_workers or scaling.cpus_per_worker, or set scaling.min_workers "
-        "so the run continues with fewer workers."
-    )

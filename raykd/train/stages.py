@@ -25,9 +25,11 @@ import torch
 from torch import nn
 
 from raykd.config import RunConfig, to_dict
+from raykd.console import worker_logging
 from raykd.data.manifest import Manifest
 from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_image, to_chw_batch
 from raykd.storage import Mirror, mirrored, run_reads, train_storage
+from raykd.train.trainer import failure_config, fit_bounded, worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +114,11 @@ def _train_stage(cfg: RunConfig, out: Path, *, rank: int = 0, world: int = 1, de
     rank 0 also writes into the file's safetensors metadata. ``gather`` collects one object from
     every rank (default: this rank's alone)."""
     from raykd.distill import METHODS
-    from raykd.train.loop import build_model, set_seed, teacher_stage_spec
+    from raykd.train.build import build_network, set_seed, teacher_stage_spec
 
     set_seed(cfg.train.seed)  # the same teacher and initial head on every rank
     manifest = Manifest.load(cfg.data.path)
-    teacher = build_model(cfg.teacher, manifest.num_classes)
+    teacher = build_network(cfg.teacher, manifest.num_classes)
     if device is not None:
         teacher.to(device)  # the stage trains where its teacher is
     spec = teacher_stage_spec(cfg, teacher)
@@ -178,7 +180,7 @@ def _stage_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from raykd.config import from_dict
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # "Moving model to device" and report lines
+    worker_logging()
     cfg = from_dict(RunConfig, config["run"], where="teacher stage")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -268,7 +270,6 @@ def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
 
     from raykd.cluster import cluster_capacity, init_local_ray
     from raykd.distill import METHODS
-    from raykd.train.driver import failure_config, fit_bounded, worker_resources
 
     out = Path(out_file).resolve()
     name = METHODS.get(cfg.distill.method).teacher_stage.name

@@ -4,8 +4,9 @@
 :func:`load_space` reads and validates a space, :func:`run_tune` runs stages 1-3.
 """
 
-from raykd.tune.space import SpaceSampler, load_space
-from raykd.tune.spec import BudgetConfig, ExportConfig, SearchConfig, SearchSpace
+from raykd.tune.sampler import SpaceSampler
+from raykd.tune.space import BudgetConfig, ExportConfig, SearchConfig, SearchSpace
+from raykd.tune.space_file import load_space
 
 __all__ = ["BudgetConfig", "ExportConfig", "SearchConfig", "SearchSpace", "SpaceSampler", "load_space",
            "run_tune"]

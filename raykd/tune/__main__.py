@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     from raykd.console import configure
 
     configure(verbose=args.verbose)  # raykd's lines on the console; Ray's detail in <experiment>/raykd.log
-    from raykd.tune.space import load_space
+    from raykd.tune.space_file import load_space
 
     overrides = list(args.overrides) + ([f"address={args.address}"] if args.address else [])
     try:

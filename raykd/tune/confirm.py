@@ -6,7 +6,7 @@ validation metric. Picking the best of N noisy trials inflates its score, so tha
 never compared with anything: its configuration is trained again with ``confirm.seeds`` new seeds,
 and each run scores the test split once with its best validation epoch. Seed k is the same for
 every arm (``train.seed`` and ``data.sampling.seed``): the student starts from the same initial
-weights (:func:`raykd.train.loop.build_run` seeds it on its own), sees the same data order and the
+weights (:func:`raykd.train.build.build_run` seeds it on its own), sees the same data order and the
 same augmentations. The findings then compare each method with the baseline of its student seed
 by seed (:mod:`raykd.metrics.compare`).
 
@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from raykd.artifact.rundir import RunDir, TrialDir
 from raykd.config import RunConfig
+from raykd.console import quieted
 from raykd.distill import METHODS
+from raykd.tune.errors import summarize_error
+from raykd.tune.findings import tuned_trials
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIRM_DIR", "ConfirmedRun", "best_trials", "run_confirmation", "seeded", "tuned_trials"]
+__all__ = ["CONFIRM_DIR", "ConfirmedRun", "best_trials", "run_confirmation", "seeded"]
 
 CONFIRM_DIR = "confirm"
 
@@ -95,13 +97,8 @@ def _confirm_task(plan, config: dict[str, Any], name: str, seed: int) -> dict[st
     """A Ray task body: train (or read back) one confirmation run; returns its summary."""
     folder = plan.experiment_dir / CONFIRM_DIR
     cfg = seeded(plan.run_config(config, name, output_dir=folder), seed)
-    quiet = logging.getLogger("raykd.train")  # the epoch lines are in each run's metrics, not on the console
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
-    try:
+    with quieted("raykd.train"):  # the epoch lines are in each run's metrics, not on the console
         return _confirm_run(plan, config, cfg, folder, name)
-    finally:
-        quiet.setLevel(level)
 
 
 def _confirm_run(plan, config: dict[str, Any], cfg: RunConfig, folder: Path, name: str) -> dict[str, Any]:
@@ -137,8 +134,6 @@ def run_confirmation(plan, records, resources: dict[str, float]) -> list[Confirm
     """Retrain each arm's best trial with ``confirm.seeds`` seeds (seed-major, so an interrupted
     stage leaves whole seeds); returns every run, failed ones with their error."""
     import ray
-
-    from raykd.tune.search import summarize_error
 
     c = plan.space.confirm
     if c.seeds == 0:
@@ -179,12 +174,6 @@ def run_confirmation(plan, records, resources: dict[str, float]) -> list[Confirm
             run.error = summarize_error(e)
             log.warning("confirmation: %s/%s seed %d FAILED: %s", run.label, run.student, run.seed, run.error)
     return runs
-
-
-def tuned_trials(plan, records) -> Counter:
-    """``(label, student) -> trials`` the search ran for each arm (finished or not)."""
-    arms = (plan.resolve(rec.config) for rec in records if rec.config.get("method") in plan.space.methods)
-    return Counter((r.label, r.student) for r in arms)
 
 
 def _reuse(plan, record, seed: int, run: ConfirmedRun) -> bool:

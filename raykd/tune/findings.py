@@ -16,15 +16,15 @@ share is the part of the runs' wall time spent in training and evaluation steps 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raykd.artifact.rundir import RunDir, TrialDir
 from raykd.metrics.compare import Interval, mean_interval, paired_difference
-from raykd.tune.confirm import tuned_trials
 
-__all__ = ["FINDINGS_FILE", "Findings", "collect_findings", "compare_arms"]
+__all__ = ["FINDINGS_FILE", "Findings", "collect_findings", "compare_arms", "tuned_trials"]
 
 FINDINGS_FILE = "findings.json"
 STAGE_2 = "stage 2 (trials)"
@@ -134,6 +134,12 @@ def _comparison_lines(c: dict[str, Any], m: str) -> list[str]:
 
 def _iv(d: dict[str, Any]) -> dict[str, Any]:
     return {k: d[k] for k in ("mean", "low", "high", "n", "level")}
+
+
+def tuned_trials(plan, records) -> Counter:
+    """``(label, student) -> trials`` the search ran for each arm (finished or not)."""
+    arms = (plan.resolve(rec.config) for rec in records if rec.config.get("method") in plan.space.methods)
+    return Counter((r.label, r.student) for r in arms)
 
 
 def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots: int = 1,

@@ -24,6 +24,7 @@ from typing import Any
 
 from raykd.artifact.rundir import RunDir, TrialDir
 from raykd.metrics import metric_mode
+from raykd.tune.space import trial_key, trial_knob
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +268,9 @@ def _best_row(run_dir: Path, metric: str) -> tuple[dict[str, float], int]:
 def _hparams(config: dict[str, Any], label: str) -> dict[str, Any]:
     out = {}
     for k, v in config.items():
-        if k in ("method", f"{label}.student"):
+        if k in ("method", trial_key(label, "student")):
             continue
-        out[k[len(label) + 1:] if k.startswith(f"{label}.") else k] = v
+        out[trial_knob(k, label) or k] = v
     return out
 
 

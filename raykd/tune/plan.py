@@ -1,8 +1,9 @@
-"""From a validated space to runs: which (method, student) pairs fit, the teachers of stage 1, and
-the typed :class:`~raykd.config.RunConfig` of every trial.
+"""From a validated space to runs: which (method, student) pairs fit, the run configs of stage 1's
+teachers, and the typed :class:`~raykd.config.RunConfig` of every trial. Stage 1 itself (training
+the teachers, their stages and stores) runs in :mod:`raykd.tune.teachers`.
 
 Everything here runs on the driver before the Tuner starts (the compatibility check builds each
-pair once on the CPU with :func:`raykd.train.loop.build_run`, which refuses a misfit with a
+pair once on the CPU with :func:`raykd.train.build.build_run`, which refuses a misfit with a
 ``ValueError``), except :meth:`TrialPlan.run_config`, which every trial calls to rebuild its typed
 config from the few values Optuna drew.
 """
@@ -15,18 +16,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from raykd.artifact.rundir import RunDir
-from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict, validate
+from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict, set_dotted, validate
 from raykd.data.manifest import is_uri
 from raykd.distill import METHODS
+from raykd.models.weights import HUB_TIMEOUT_S, check_weights
 from raykd.storage import resolve_output
-from raykd.tune.spec import MethodSpec, SearchSpace, set_dotted
+from raykd.tune.space import MethodSpec, SearchSpace, trial_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResolvedTrial", "TeacherTooWeakError", "TrialPlan", "absolute_paths", "check_combinations",
-           "build_teacher_stores", "check_teacher", "is_paper_setting", "pipeline_knobs", "run_teacher_stages", "stage_key", "train_teachers",
-           "teacher_run_config"]
+__all__ = ["ResolvedTrial", "TrialPlan", "absolute_paths", "build_run_config", "check_combinations",
+           "is_paper_setting", "pipeline_knobs", "stage_key", "teacher_run_config"]
 
 TEACHERS_DIR = "teachers"
 RUNS_DIR = "runs"
@@ -90,139 +90,6 @@ def teacher_run_config(space: SearchSpace, name: str, experiment_dir: Path) -> R
     return cfg
 
 
-class TeacherTooWeakError(ConfigError):
-    """A stage-1 teacher ended too close to chance to be worth distilling from."""
-
-
-def chance_level(metric: str, num_classes: int) -> float | None:
-    """What guessing scores on ``metric`` (None where raykd does not know it)."""
-    return {"bma": 1.0 / max(num_classes, 1), "auroc_macro": 0.5, "mcc": 0.0}.get(metric)
-
-
-def check_teacher(name: str, summary: dict[str, Any], metric: str, margin: float | None, *, classes: int,
-                  where: str) -> None:
-    """Refuse a teacher whose best validation ``metric`` is within ``margin`` of chance
-    (``classes``: the classes present in the validation split)."""
-    if margin is None:
-        return
-    best = summary.get("best")
-    chance = chance_level(metric, classes)
-    if chance is None or best is None:
-        return
-    if best < chance + margin:
-        raise TeacherTooWeakError(
-            f"stage 1: teacher {name!r} reached val {metric} {best:.4f}, not clearly above chance "
-            f"({chance:.4f} + margin {margin}): distilling from it would search over noise. Give it more "
-            f"epochs or data ({where}: teachers.{name}.set), a checkpoint (teachers.{name}.checkpoint), or "
-            "lower search.teacher_margin")
-
-
-def train_teachers(space: SearchSpace, experiment_dir: Path) -> dict[str, str]:
-    """Stage 1: train every teacher a method uses (or reuse a finished run), all at once (each run
-    holds its own CPUs, so teachers train side by side); returns name -> folder.
-
-    Raises:
-        TeacherTooWeakError: a trained teacher is not clearly above chance (``search.teacher_margin``).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from raykd.train.driver import run_train
-
-    out: dict[str, str] = {}
-    todo: dict[str, RunConfig] = {}
-    for name in _needed_teachers(space):
-        t = space.teachers[name]
-        if t.checkpoint:
-            log.info("stage 1: teacher %r reuses %s", name, t.checkpoint)
-            out[name] = t.checkpoint
-            continue
-        cfg = teacher_run_config(space, name, experiment_dir)
-        run_dir = RunDir.of(cfg)
-        out[name] = str(run_dir)
-        if run_dir.finished():
-            log.info("stage 1: teacher %r already trained in %s", name, run_dir)
-        else:
-            log.info("stage 1: training teacher %r (%s, up to %d epochs, patience %s)", name, cfg.student.name,
-                     cfg.train.epochs, cfg.optim.early_stop_patience)
-            todo[name] = cfg
-    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
-        futures = {name: pool.submit(run_train, cfg, resume=True) for name, cfg in todo.items()}
-        for name, future in futures.items():
-            result = future.result()
-            log.info("stage 1: teacher %r done: val %s %.4f at epoch %s of %d (%s)", name, space.search.metric,
-                     result.best if result.best is not None else float("nan"), result.best_epoch, result.epochs,
-                     result.run_dir)
-    from raykd.data.manifest import Manifest
-
-    classes = sum(1 for c in Manifest.load(space.base_config.data.path).counts("val") if c)
-    for name, folder in out.items():
-        summary = RunDir(folder).read_summary()
-        if summary is not None:
-            check_teacher(name, summary, space.search.metric, space.search.teacher_margin, classes=classes,
-                          where=space.source)
-    return out
-
-
-def run_teacher_stages(space: SearchSpace, experiment_dir: Path, teachers: dict[str, str]) -> dict[tuple, str]:
-    """Stage 1, after the teachers: every teacher-side stage a method needs (SSKD's projection
-    head), run once per (teacher, stage, epochs) into ``<experiment>/teachers/<teacher>/stages``
-    and shared by every trial of every method that needs it; returns key -> file
-    (see :meth:`TrialPlan.stage_key`)."""
-    from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
-
-    out: dict[tuple, str] = {}
-    for label, spec in space.methods.items():
-        if METHODS.get(spec.method).teacher_stage is None or spec.teacher is None:
-            continue
-        cfg = build_run_config(space, _probe_trial(spec, spec.students[0] if spec.students else ""),
-                               name=f"stage-{label}", output_dir=experiment_dir,
-                               teacher_path=teachers.get(spec.teacher))
-        key = stage_key(cfg, spec.teacher)
-        if key in out or not needs_teacher_stage(cfg):
-            continue
-        where = RunDir(experiment_dir / TEACHERS_DIR / spec.teacher).stage_file(stage_file_name(cfg))
-        out[key] = run_teacher_stage(cfg, where).distill.teacher_stage_file
-    return out
-
-
-def build_teacher_stores(space: SearchSpace, experiment_dir: Path, teachers: dict[str, str]) -> dict[tuple, str]:
-    """Stage 1, last: with ``search.teacher_store_views`` K, one teacher store per (teacher,
-    student) pair that a distilling method trains (K views of every training image, one Ray Data
-    job each; ``raykd.train.store``), shared by every trial of every method; returns
-    (teacher, student) -> store folder. Pairs with the same student contract share a store."""
-    from raykd.data.manifest import Manifest
-    from raykd.train.loop import build_run
-    from raykd.train.store import build_store, store_key
-
-    views = space.search.teacher_store_views
-    if not views:
-        return {}
-    manifest = Manifest.load(space.base_config.data.path)
-    out: dict[tuple, str] = {}
-    for label, spec in space.methods.items():
-        cls = METHODS.get(spec.method)
-        if spec.teacher is None or cls.multi_run or cls.teacher_stage is not None:
-            continue
-        for sid in spec.students:
-            if (spec.teacher, sid) in out:
-                continue
-            cfg = build_run_config(space, _probe_trial(spec, sid), name="store", output_dir=experiment_dir,
-                                   teacher_path=teachers[spec.teacher])
-            spec_view = build_run(cfg, manifest, probe=True).preprocess
-            key = store_key(cfg.data.path, teachers[spec.teacher], cfg.train.recipe, spec_view, views=views,
-                            seed=space.search.seed)
-            out[(spec.teacher, sid)] = str(build_store(cfg.data.path, teachers[spec.teacher], key,
-                                                       cpus_per_actor=cfg.scaling.cpus_per_worker,
-                                                       use_gpu=cfg.scaling.use_gpu,
-                                                       mirror=(cfg.mirror_uri, cfg.mirror_dir) if cfg.mirror_uri
-                                                       else None))
-            images = sum(manifest.counts("train"))
-            log.info("stage 1: teacher store of %r for %s: %d teacher forward passes = %d views x %d training "
-                     "images, for every trial and epoch (online: trials x epochs x images)", spec.teacher, sid,
-                     views * images, views, images)
-    return out
-
-
 def stage_key(cfg: RunConfig, teacher: str) -> tuple:
     """What makes a teacher stage's output: the teacher, the stage and its epochs."""
     return (teacher, METHODS.get(cfg.distill.method).teacher_stage.name, cfg.distill.stage_epochs)
@@ -259,7 +126,7 @@ class TrialPlan:
         if len(spec.students) == 1:
             return spec.students[0]
         if chosen is None:
-            raise KeyError(f"{label}.student")
+            raise KeyError(trial_key(label, "student"))
         return chosen
 
     def resolve(self, config: dict[str, Any]) -> ResolvedTrial:
@@ -269,11 +136,11 @@ class TrialPlan:
         def value(name: str, dist) -> Any:
             return dist.args[0] if dist.fixed else config[name]
 
-        student = self.arm_student(label, config.get(f"{label}.student"))
-        params = {k: value(f"{label}.{k}", d) for k, d in spec.params.items()}
+        student = self.arm_student(label, config.get(trial_key(label, "student")))
+        params = {k: value(trial_key(label, k), d) for k, d in spec.params.items()}
         settings = {k: value(k, d) for k, d in self.space.shared.items()}
         settings.update(spec.overrides)
-        settings.update({k: value(f"{label}.{k}", d) for k, d in spec.search.items()})
+        settings.update({k: value(trial_key(label, k), d) for k, d in spec.search.items()})
         return ResolvedTrial(label=label, method=spec.method, student=student, teacher=spec.teacher,
                              params=params, settings=settings)
 
@@ -336,6 +203,22 @@ def _probe_trial(spec: MethodSpec, student: str) -> ResolvedTrial:
                          params=params, settings=dict(spec.overrides))
 
 
+def check_space_weights(space: SearchSpace, timeout: float = HUB_TIMEOUT_S) -> None:
+    """:func:`check_weights` for every teacher a method of a search space uses and every student."""
+    used_teachers = {m.teacher for m in space.methods.values() if m.teacher}
+    used_students: set[str] = set()
+    for m in space.methods.values():
+        used_students.update(m.students)
+    for name, t in space.teachers.items():
+        if t.model is not None and name in used_teachers:
+            check_weights(from_dict(ModelConfig, t.model), f"teachers.{name}.model", where=space.source,
+                          timeout=timeout)
+    for i, (sid, s) in enumerate(space.students.items()):
+        if sid in used_students:
+            check_weights(from_dict(ModelConfig, s.model), f"students[{i}]", where=space.source,
+                          settable=False, timeout=timeout)
+
+
 def check_combinations(space: SearchSpace) -> SearchSpace:
     """Build every (method, student) pair once on the CPU and drop those the method refuses.
 
@@ -347,7 +230,6 @@ def check_combinations(space: SearchSpace) -> SearchSpace:
     """
     import torch
 
-    from raykd.models.weights import check_space_weights
     from raykd.train.driver import ensure_dataset
 
     check_space_weights(space)  # pretrained weights of every teacher and student: file or hub
@@ -363,7 +245,7 @@ def check_combinations(space: SearchSpace) -> SearchSpace:
 def _check_all(space: SearchSpace, manifest) -> SearchSpace:
     import torch
 
-    from raykd.train.loop import build_run
+    from raykd.train.build import build_run
 
     methods = {}
     torch.manual_seed(0)
@@ -406,14 +288,14 @@ def pipeline_knobs(spec: MethodSpec) -> dict[str, Any]:
 def _check_pipeline(space: SearchSpace, spec: MethodSpec, manifest) -> None:
     """A method made of several runs: its pipeline must accept the teacher (the parent) and its
     knobs, and its first step must build."""
-    from raykd.train.loop import build_model, build_run
+    from raykd.train.build import build_network, build_run
 
     t = space.teachers[spec.teacher]
     where = f"{space.source}: methods.{spec.label}"
     model_cfg = ModelConfig(checkpoint=t.checkpoint) if t.checkpoint else from_dict(ModelConfig, t.model)
     cls = METHODS.get(spec.method)
     try:
-        steps = cls.pipeline(build_model(model_cfg, manifest.num_classes), image_size=None, **pipeline_knobs(spec))
+        steps = cls.pipeline(build_network(model_cfg, manifest.num_classes), image_size=None, **pipeline_knobs(spec))
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{where}: teacher {t.name!r}: {e}") from None
     cfg = build_run_config(space, _probe_trial(spec, ""), name="compat-check", output_dir=Path(space.output_dir),

@@ -65,11 +65,11 @@ def export_row(row: Row, export) -> Any:
     Returns:
         The :class:`~raykd.export.run.ExportReport`.
     """
+    from raykd.export.options import ExportConfig
     from raykd.export.run import run_export
 
-    report = run_export(row.run_dir, tolerance=export.tolerance, max_images=export.max_images,
-                        calibrate=export.calibrate, target_sensitivity=export.target_sensitivity,
-                        run_metrics={"val": row.val, "test": row.test}, latency_reps=export.latency_reps)
+    report = run_export(ExportConfig.from_checks(export), row.run_dir,
+                        run_metrics={"val": row.val, "test": row.test})
     row.calibration = calibration_columns(report)
     return report
 

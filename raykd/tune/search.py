@@ -3,7 +3,7 @@ winner export, family file).
 
 Stage 2 is a ``ray.tune.Tuner`` over :func:`raykd.tune.trial.trial_main`, one Ray Train run per
 trial named after the trial id. ``OptunaSearch`` samples the define-by-run space of
-:class:`raykd.tune.space.SpaceSampler` with a seeded TPE (multivariate and grouped, which is how
+:class:`raykd.tune.sampler.SpaceSampler` with a seeded TPE (multivariate and grouped, which is how
 TPE handles parameters that exist only in some trials) and keeps the study in SQLite
 (``<experiment>/optuna.db``) or the database URL of ``search.storage``. ASHA stops weak trials
 early. With ``search.objectives`` the study is multi-objective (validation metric against latency
@@ -21,7 +21,6 @@ import functools
 import logging
 import math
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,16 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from raykd.config import ConfigError
+from raykd.tune.errors import summarize_error
 from raykd.tune.plan import (  # noqa: F401 - is_paper_setting: part of this module's API
     TrialPlan,
     absolute_paths,
-    build_teacher_stores,
     check_combinations,
     is_paper_setting,
-    run_teacher_stages,
-    train_teachers,
 )
-from raykd.tune.spec import SearchSpace
+from raykd.tune.space import SearchSpace, trial_key
+from raykd.tune.teachers import build_teacher_stores, run_teacher_stages, train_teachers
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +153,7 @@ def _searcher(space: SearchSpace, experiment_dir: Path):
     from ray.tune.search.optuna import OptunaSearch
 
     from raykd.metrics import metric_mode
-    from raykd.tune.space import SpaceSampler
+    from raykd.tune.sampler import SpaceSampler
     from raykd.tune.trial import objective_key
 
     s = space.search
@@ -197,7 +195,7 @@ def first_points(space: SearchSpace) -> list[dict[str, Any]]:
             else:
                 point = {"method": label}
             if len(space.methods[label].students) > 1:
-                point[f"{label}.student"] = sid
+                point[trial_key(label, "student")] = sid
             points.append(point)
         return points
     labels = list(space.methods)
@@ -233,7 +231,7 @@ def paper_point(space: SearchSpace, label: str) -> dict[str, Any]:
     point: dict[str, Any] = {"method": label, **shared_start(space)}
     for name, dist in spec.params.items():
         if not dist.fixed and name in paper and dist.contains(paper[name]):
-            point[f"{label}.{name}"] = paper[name]
+            point[trial_key(label, name)] = paper[name]
     return point
 
 
@@ -274,30 +272,6 @@ def _experiment_exists(experiment_dir: Path) -> bool:
                                         or (experiment_dir / STUDY_FILE).exists())
 
 
-_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit|Warning)\w*)(?:\([\w.]+\))?: (.*)$")
-
-
-def summarize_error(error: BaseException | str) -> str:
-    """The innermost ``SomeError: message`` line of a (Ray-wrapped) traceback, and when the message
-    ends with a colon the lines that complete it: the cause a leaderboard reader needs, not the stack."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    found = None
-    for i, line in enumerate(lines):
-        m = _ERROR_LINE.match(line)
-        if m and "ray::" not in m.group(2):
-            found = i
-    if found is None:
-        last = lines[-1] if lines else ""
-        return (f"{type(error).__name__}: {last}" if isinstance(error, BaseException) else last)[:300]
-    m = _ERROR_LINE.match(lines[found])
-    text = f"{m.group(1)}: {m.group(2)}"
-    for line in lines[found + 1:found + 4]:
-        if not text.endswith(":") or line.endswith("("):
-            break
-        text += " " + line
-    return text[:300]
-
-
 def _records(grid) -> list[TrialRecord]:
     out = []
     for result in grid:
@@ -317,7 +291,7 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
     """Run the whole search job (see the module docstring) and return its records and leaderboard.
 
     Args:
-        space: a space from :func:`raykd.tune.space.load_space`.
+        space: a space from :func:`raykd.tune.space_file.load_space`.
         resume: continue the experiment of the same name: finished trials are kept, unfinished ones
             continue (a new experiment starts when there is nothing to restore).
         prepared: ``space`` already went through :func:`prepare_search`.

@@ -204,8 +204,8 @@ def _pipeline(plan, template, resolved, trial_dir: TrialDir, trained: list[RunDi
     metrics, size and latency, the parent first. ``report`` gets every epoch (default
     ``tune.report``). Returns the last step's run folder."""
     from raykd.artifact import load_artifact
-    from raykd.distill import METHODS
     from raykd.artifact.measure import model_cost
+    from raykd.distill import METHODS
     from raykd.tune.plan import pipeline_knobs
 
     metric = plan.space.search.metric

@@ -70,7 +70,7 @@ def test_instance_hardness_subset_is_a_fixed_filter(ray_cluster, isic):
 
 
 def test_instance_hardness_plan_rebalances_to_the_target(tmp_path):
-    from raykd.data.synth import make_synthetic
+    from raykd.data.synthetic import make_synthetic
 
     make_synthetic(tmp_path / "d", num_images=160, image_size=24, seed=1)
     counts = np.asarray(Manifest.load(tmp_path / "d").counts("train"))

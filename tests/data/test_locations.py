@@ -8,7 +8,7 @@ import pytest
 
 from raykd.config import RunConfig, load_config
 from raykd.data.manifest import Manifest, is_uri, resolve_location
-from raykd.data.synth import make_synthetic
+from raykd.data.synthetic import make_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from raykd.data.preprocess import (
-    CropBlackBorder, Preprocess004, bilateral, crop_black_border, highlight_lesion, preprocess_004,
-    remove_hair, unsharp_mask,
+    CropBlackBorder,
+    Preprocess004,
+    bilateral,
+    crop_black_border,
+    highlight_lesion,
+    preprocess_004,
+    remove_hair,
+    unsharp_mask,
 )
 
 

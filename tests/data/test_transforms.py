@@ -16,8 +16,14 @@ from torch import nn
 from raykd.data.preprocess import CropBlackBorder, Preprocess004
 from raykd.data.synthetic import render_image
 from raykd.data.transforms import (
-    RECIPES, PreprocessSpec, build_eval_transform, build_train_transform, decode_image,
-    normalize_chw, spec_from_model, to_chw_batch,
+    RECIPES,
+    PreprocessSpec,
+    build_eval_transform,
+    build_train_transform,
+    decode_image,
+    normalize_chw,
+    spec_from_model,
+    to_chw_batch,
 )
 
 SMALL = PreprocessSpec(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

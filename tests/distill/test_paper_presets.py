@@ -22,7 +22,7 @@ import yaml
 
 from raykd.config import RunConfig, from_dict, load_config, set_dotted
 from raykd.distill.paper import paper_params
-from raykd.tune.space import load_space
+from raykd.tune.space_file import load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "raykd" / "distill" / "METHODS.md"
@@ -203,7 +203,7 @@ def problem(run: Run, key: str, expected: Any) -> str | None:
             if not _same(paper[knob], expected):
                 return f"{knob} is searched and its paper setting (the first trial) is {paper[knob]!r}"
             return None
-        actual = cfg.distill.params.get(knob, paper[knob])
+        actual = getattr(cfg.distill.params, knob)
     elif key in run.searched:
         dist = run.searched[key]
         return None if dist.contains(float(expected) if isinstance(expected, str) else expected) else (

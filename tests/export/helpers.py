@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from raykd.artifact import ArtifactMeta, build_model, save_artifact
 from raykd.data.manifest import Manifest
 from raykd.data.schema import SCHEMA
-from raykd.artifact import ArtifactMeta, build_model, save_artifact
 
 LABELS = ["MEL", "NV", "BCC", "BKL"]
 MALIGNANT = ["MEL", "BCC"]

@@ -16,6 +16,7 @@ from raykd.export.__main__ import parse_args
 from raykd.export.calibrate import softmax_t
 from raykd.export.card import CARD_JSON, CARD_KEYS, CARD_MD
 from raykd.export.onnx import read_onnx_meta
+from raykd.export.options import ExportConfig
 from raykd.export.run import load_split_images, run_export
 from tests.export.helpers import RUN_CONFIG, make_dataset, make_run
 
@@ -42,7 +43,7 @@ def dataset_with_test(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, dataset_with_test):
     run = make_run(tmp_path_factory.mktemp("card") / "run", dataset_with_test)
-    return run, run_export(run, max_images=8, latency_reps=2)
+    return run, run_export(ExportConfig(max_images=8, latency_reps=2), run)
 
 
 def _card(run) -> dict:
@@ -121,7 +122,7 @@ def test_the_threshold_reaches_the_target_sensitivity_on_validation_and_is_repor
 def test_no_calibrate_keeps_the_meta_as_it_was(tmp_path, dataset_with_test):
     run = make_run(tmp_path / "plain", dataset_with_test, summary=False)
     before = (run / "best" / "meta.json").read_text()
-    report = run_export(run, calibrate=False, max_images=4, latency_reps=1)
+    report = run_export(ExportConfig(calibrate=False, max_images=4, latency_reps=1), run)
     assert (run / "best" / "meta.json").read_text() == before
     assert report.calibration is None and report.decision == {} and read_onnx_meta(report.variants[0].path).temperature == 1.0
     card = _card(run)
@@ -132,7 +133,7 @@ def test_no_calibrate_keeps_the_meta_as_it_was(tmp_path, dataset_with_test):
 def test_a_model_without_malignant_classes_gets_no_decision(tmp_path, dataset_with_test, caplog):
     run = make_run(tmp_path / "benign", dataset_with_test, summary=False, malignant=())
     with caplog.at_level(logging.INFO, logger="raykd.export.run"):
-        report = run_export(run, max_images=4, latency_reps=1)
+        report = run_export(ExportConfig(max_images=4, latency_reps=1), run)
     assert report.decision == {} and read_meta(run).decision == {}
     assert report.calibration["temperature"] == read_meta(run).temperature
     assert "no malignant class" in caplog.text
@@ -148,4 +149,4 @@ def test_the_cli_takes_the_calibration_options():
 def test_a_target_sensitivity_outside_zero_one_is_refused(tmp_path, dataset_with_test):
     run = make_run(tmp_path / "r", dataset_with_test, summary=False)
     with pytest.raises(ValueError, match="target-sensitivity"):
-        run_export(run, target_sensitivity=1.5)
+        run_export(ExportConfig(target_sensitivity=1.5), run)

@@ -11,10 +11,11 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from raykd.artifact import load_artifact
 from raykd.data.transforms import decode_image
 from raykd.export.__main__ import main as export_main
-from raykd.artifact import load_artifact
 from raykd.export.onnx import export_onnx, read_onnx_meta
+from raykd.export.options import ExportConfig
 from raykd.export.run import ParityError, load_split_images, run_export
 from raykd.serve.predictor import OnnxPredictor, TorchPredictor
 from tests.export.helpers import LABELS, make_artifact
@@ -41,7 +42,7 @@ def onnx_trace_trap_for_tests(pretrained: bool = False, **kwargs) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def report(vit_run, dataset):
-    return run_export(vit_run, fp16=True, int8=True)
+    return run_export(ExportConfig(fp16=True, int8=True), vit_run)
 
 
 def test_export_matches_torch_on_real_validation_images(report, dataset):
@@ -98,14 +99,14 @@ def test_an_export_that_disagrees_with_torch_fails(tmp_path, dataset):
     run = tmp_path / "trap"
     make_artifact(run / "best", "onnx_trace_trap_for_tests", {}, image_size=32, dataset=dataset)
     with pytest.raises(ParityError, match="disagrees with torch"):
-        run_export(run, batch_size=8)
+        run_export(ExportConfig(batch_size=8), run)
     assert json.loads((run / "best" / "export_report.json").read_text())["variants"][0]["max_abs_diff"] > 1e-2
 
 
 def test_export_without_validation_data_names_the_flag(tmp_path):
     make_artifact(tmp_path / "best", "raykd_test_tiny_cnn", {}, image_size=32)
     with pytest.raises(ValueError, match="--data"):
-        run_export(tmp_path)
+        run_export(ExportConfig(), tmp_path)
 
 
 def test_export_to_an_explicit_path_without_a_run(tmp_path):

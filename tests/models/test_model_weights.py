@@ -16,8 +16,8 @@ import raykd.models  # noqa: F401  (registers raykd models with timm)
 from raykd.config import ConfigError, ModelConfig, RunConfig, load_config
 from raykd.models.fused_teacher import backbone_weights
 from raykd.models.weights import check_file, check_run_weights, check_weights, hub_source
-from raykd.train.loop import build_model
-from raykd.tune.space import load_space
+from raykd.train.build import build_network
+from raykd.tune.space_file import load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_CONFIGS = ["vit_teacher", "resnet50_teacher", "fused_teacher", "skindistilvit",
@@ -77,7 +77,7 @@ def test_a_paper_space_asking_for_hub_weights_offline_fails_before_the_fit_check
 
 
 def test_a_space_student_asking_for_hub_weights_names_its_list_entry(tmp_path):
-    from raykd.models.weights import check_space_weights
+    from raykd.tune.plan import check_space_weights
 
     teacher_file = _safetensors(timm.create_model("test_resnet"), tmp_path / "teacher.safetensors")
     space = load_space(ROOT / "search_spaces" / "ssdkd.yaml",
@@ -196,7 +196,7 @@ def test_a_local_file_passes_offline_and_its_weights_are_loaded(tmp_path):
     cfg = ModelConfig(name="test_resnet", pretrained=True, pretrained_file=str(path))
     check_weights(cfg, "student")
     torch.manual_seed(1)
-    model = build_model(cfg, num_classes=8)  # the training run's own builder
+    model = build_network(cfg, num_classes=8)  # the training run's own builder
     assert torch.equal(model.conv1[0].weight, src.conv1[0].weight)
     assert torch.equal(model.layer4[0].conv1.weight, src.layer4[0].conv1.weight)
     assert model.fc.out_features == 8  # the 1000-class head is left out
@@ -221,7 +221,7 @@ def test_the_fused_teacher_loads_a_file_per_backbone(tmp_path):
                       ["student.name=raykd_test_fused_teacher", "student.pretrained=true", *sets])
     check_run_weights(cfg)
     torch.manual_seed(1)
-    model = build_model(cfg.student, num_classes=3)
+    model = build_network(cfg.student, num_classes=3)
     assert torch.equal(model.cnn_a.conv1[0].weight, srcs["cnn_a"].conv1[0].weight)
     assert torch.equal(model.vit.patch_embed.proj.weight, srcs["vit"].patch_embed.proj.weight)
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import requests
 
-from raykd.data.transforms import decode_image
 from raykd.artifact import load_artifact
+from raykd.data.transforms import decode_image
 from raykd.export.onnx import export_onnx
 from raykd.serve.__main__ import run_serve
 from raykd.serve.app import ServeArgs

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from raykd.artifact import load_artifact
 from raykd.data.dataset import PipelineSpec, decode_and_transform
 from raykd.data.transforms import PreprocessSpec, decode_image, normalize_chw
-from raykd.artifact import load_artifact
 from raykd.export.onnx import export_onnx
 from raykd.serve.family import FamilyEntry
 from raykd.serve.predictor import (

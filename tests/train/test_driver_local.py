@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raykd.config import RunConfig, load_config
-from raykd.data.synth import make_synthetic
+from raykd.data.synthetic import make_synthetic
 from raykd.train.driver import prepare, uses_local
 
 

@@ -14,7 +14,7 @@ from raykd.artifact import ArtifactMeta, build_model, save_artifact
 from raykd.config import RunConfig, load_config
 from raykd.data.manifest import Manifest
 from raykd.data.memory import MemorySplit
-from raykd.data.synth import make_synthetic
+from raykd.data.synthetic import make_synthetic
 from raykd.data.transforms import PreprocessSpec, normalizer, to_chw_batch
 from raykd.train.store import (
     StaleStoreError,
@@ -141,7 +141,7 @@ def test_a_kd_run_reads_the_store_and_a_feature_map_method_keeps_the_online_teac
         run_train(cfg, in_process=True)
 
     # A store made in the student's own contract is read: no teacher forward pass in training.
-    from raykd.train.loop import build_run
+    from raykd.train.build import build_run
 
     spec = build_run(replace(cfg, distill=replace(cfg.distill, teacher_store=None)), Manifest.load(data)).preprocess
     own = build_store(data, teacher_dir, store_key(data, teacher_dir, "light", spec, views=2, seed=0), actors=1)

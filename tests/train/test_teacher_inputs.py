@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from raykd.config import RunConfig, load_config, to_dict
-from raykd.data.synth import make_synthetic
+from raykd.data.synthetic import make_synthetic
 from raykd.data.transforms import PreprocessSpec, normalizer
-from raykd.train.loop import build_run
+from raykd.train.build import build_run
 from raykd.train.stages import _stage_task, needs_teacher_stage
 
 

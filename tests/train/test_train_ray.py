@@ -4,8 +4,8 @@ import json
 import time
 
 import numpy as np
-import pytest
 import pyarrow.dataset as pads
+import pytest
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -17,8 +17,9 @@ from sklearn.metrics import (
 
 from raykd.config import ConfigError, RunConfig, load_config
 from raykd.data.manifest import Manifest
-from raykd.data.synth import make_synthetic
-from raykd.train.driver import ClusterResourcesError, prepare, run_train
+from raykd.data.synthetic import make_synthetic
+from raykd.train.driver import prepare, run_train
+from raykd.train.trainer import ClusterResourcesError
 
 EPOCHS = 4
 
@@ -61,8 +62,8 @@ def test_validation_metrics_equal_sklearn_on_the_same_predictions(teacher, synth
     """Re-predict the whole val split outside Ray with the best model and score it with sklearn."""
     import torch
 
-    from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_image, to_chw_batch
     from raykd.artifact import load_artifact
+    from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_image, to_chw_batch
 
     model, meta = load_artifact(teacher.run_dir)
     manifest = Manifest.load(synth / "data")

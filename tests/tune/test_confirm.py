@@ -13,12 +13,12 @@ import yaml
 from scipy import stats
 
 from raykd.config import ConfigError, RunConfig, load_config
-from raykd.data.synth import make_synthetic
+from raykd.data.synthetic import make_synthetic
 from raykd.metrics.compare import mean_interval, paired_difference
-from raykd.train.loop import build_run
+from raykd.train.build import build_run
 from raykd.tune.confirm import ConfirmedRun, seeded
 from raykd.tune.findings import Findings, compare_arms
-from raykd.tune.space import load_space
+from raykd.tune.space_file import load_space
 
 
 def _space(tmp_path: Path, **extra):

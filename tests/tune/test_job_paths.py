@@ -10,7 +10,7 @@ import pytest
 from raykd.cluster import job_working_dir
 from raykd.config import ConfigError
 from raykd.tune.search import prepare_search
-from raykd.tune.space import load_space
+from raykd.tune.space_file import load_space
 
 SMOKE = "search_spaces/smoke.yaml"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from raykd.tune.leaderboard import Leaderboard, Row, cascade_markdown, pareto_front
 from raykd.artifact.measure import measure_latency, model_cost
+from raykd.tune.leaderboard import Leaderboard, Row, cascade_markdown, pareto_front
 
 
 def row(run, bma, status="ok", latency=None, params=None, error=None, **kw):
@@ -101,7 +101,7 @@ def test_latency_is_measured_on_one_thread_and_restores_the_model_and_thread_cou
 
 
 def test_a_failed_trial_is_summarised_by_its_innermost_error_line():
-    from raykd.tune.search import summarize_error
+    from raykd.tune.errors import summarize_error
 
     wrapped = "\n".join([
         "ray.exceptions.RayTaskError(WorkerGroupError): \x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=9416)",

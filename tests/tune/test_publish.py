@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from raykd.artifact import load_artifact
+from raykd.artifact.measure import measure_latency
 from raykd.artifact.rundir import RunDir
 from raykd.metrics.plots import plot_pareto, plot_roc_curves
 from raykd.tune.leaderboard import CALIBRATION_COLUMNS, Leaderboard, _run_row
-from raykd.artifact.measure import measure_latency
 from raykd.tune.publish import PARETO_PLOT, ROC_PLOT, _plots, export_row
-from raykd.tune.spec import ExportConfig
+from raykd.tune.space import ExportConfig
 from tests.export.helpers import LABELS, make_dataset, make_run
 
 PNG = b"\x89PNG\r\n\x1a\n"

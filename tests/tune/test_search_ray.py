@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from raykd.tune.space import load_space
+from raykd.tune.space_file import load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 

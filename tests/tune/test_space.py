@@ -10,7 +10,8 @@ import yaml
 
 from raykd.config import ConfigError
 from raykd.distill import METHODS
-from raykd.tune.space import SpaceSampler, load_space
+from raykd.tune.sampler import SpaceSampler
+from raykd.tune.space_file import load_space
 
 ROOT = Path(__file__).resolve().parents[2]
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
@@ -85,7 +86,7 @@ BASE = {"students": ["raykd_test_tiny_cnn"], "teachers": {"t": {"model": {"name"
      r"methods\.kd\.params\.temperature: unknown distribution 'normal'"
      r".*Valid distributions: uniform, loguniform, int, choice"),
     ({"kd": {"params": {"alpha": {"uniform": [0.1, 1.5]}}}},
-     r"methods\.kd\.params\.alpha=uniform\[0\.1, 1\.5\].*outside its range \[0\.0, 1\.0\]"),
+     r"methods\.kd\.params\.alpha=uniform\[0\.1, 1\.5\].*alpha=1\.5 is out of range \[0, 1\]"),
     ({"dkd": {"params": {"warmup_epochs": {"uniform": [1, 5]}}}},
      r"warmup_epochs is an integer parameter; use \{int"),
     ({"kd": {"params": {"temperature": {"loguniform": [0, 5]}}}}, r"loguniform needs lo > 0"),
@@ -235,11 +236,12 @@ def test_the_sampler_resolves_a_trial_into_a_typed_run_config(tmp_path):
         assert cfg.name == "abc123" and cfg.output_dir == str(tmp_path / "runs")
         assert cfg.distill.method == label and cfg.optim.lr == trial.params["optim.lr"]
         if label == "dkd":
-            assert cfg.distill.params == {"temperature": trial.params["dkd.temperature"], "dkd_beta": 8.0,
-                                          "warmup_epochs": trial.params["dkd.warmup_epochs"]}
+            p = cfg.distill.params
+            assert (p.temperature, p.dkd_beta, p.warmup_epochs) == (
+                trial.params["dkd.temperature"], 8.0, trial.params["dkd.warmup_epochs"])
             assert cfg.teacher.checkpoint == str(tmp_path / "teacher")
         if label == "baseline":
-            assert cfg.teacher is None and cfg.distill.params == {}
+            assert cfg.teacher is None and cfg.distill.params == METHODS.get("baseline").Params()
             assert cfg.student.name == trial.params["baseline.student"]
 
 

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from raykd.data.manifest import Manifest
-from raykd.data.synth import make_synthetic
-from raykd.tune.plan import TeacherTooWeakError, absolute_paths, chance_level, train_teachers
-from raykd.tune.space import load_space
+from raykd.data.synthetic import make_synthetic
+from raykd.tune.plan import absolute_paths
+from raykd.tune.space_file import load_space
+from raykd.tune.teachers import TeacherTooWeakError, chance_level, train_teachers
 
 
 def space_with_trained_teacher(tmp_path, best: float, margin=0.1, methods=None, base=None):
@@ -77,7 +78,8 @@ def save_teacher_artifact(run_dir, data):
 def test_a_teacher_stage_runs_once_and_every_trial_reads_its_output(ray_cluster, tmp_path):
     from raykd.train.driver import prepare
     from raykd.train.stages import stage_record
-    from raykd.tune.plan import TrialPlan, run_teacher_stages
+    from raykd.tune.plan import TrialPlan
+    from raykd.tune.teachers import run_teacher_stages
 
     space, exp = space_with_trained_teacher(tmp_path, best=0.6, methods={"sskd": {}, "ssdkd": {}},
                                             base={"distill": {"stage_epochs": 1}, "scaling": {"num_workers": 1}})
@@ -158,7 +160,7 @@ def test_the_stage_is_a_ray_train_run_over_two_ranks_and_its_head_loads_into_ssk
     from safetensors.torch import load_file
 
     from raykd.config import RunConfig, load_config
-    from raykd.train.loop import build_run
+    from raykd.train.build import build_run
     from raykd.train.stages import run_teacher_stage, stage_record
 
     data = tmp_path / "data"
@@ -189,13 +191,14 @@ def test_the_stage_is_a_ray_train_run_over_two_ranks_and_its_head_loads_into_ssk
 def test_stage_one_builds_one_teacher_store_per_teacher_and_student_for_every_trial(ray_cluster, tmp_path, caplog):
     import logging
 
-    from raykd.tune.plan import TrialPlan, build_teacher_stores
+    from raykd.tune.plan import TrialPlan
+    from raykd.tune.teachers import build_teacher_stores
 
     space, exp = space_with_trained_teacher(tmp_path, best=0.6, methods={"kd": {}, "dkd": {}, "fitnet": {}})
     space = replace(space, search=replace(space.search, teacher_store_views=2))
     save_teacher_artifact(exp / "teachers" / "cnn", tmp_path / "data")
     teachers = train_teachers(space, exp)
-    with caplog.at_level(logging.INFO, logger="raykd.tune.plan"):
+    with caplog.at_level(logging.INFO, logger="raykd.tune.teachers"):
         stores = build_teacher_stores(space, exp, teachers)
     (store,) = stores.values()  # kd, dkd and fitnet share the one store of (cnn, the student)
     images = sum(Manifest.load(tmp_path / "data").counts("train"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-import raykd.train.loop
 import raykd.artifact.measure
+import raykd.train.build
 from raykd.config import RunConfig, load_config
-from raykd.data.synth import make_synthetic
+from raykd.data.synthetic import make_synthetic
 from raykd.tune.trial import _train
 
 
@@ -28,7 +28,7 @@ def count_calls(monkeypatch, module, name: str) -> list:
 
 @pytest.mark.parametrize("method", ["baseline", "kd"])
 def test_a_trial_builds_its_models_once_and_measures_latency_once(data, tmp_path, monkeypatch, method):
-    builds = count_calls(monkeypatch, raykd.train.loop, "build_run")
+    builds = count_calls(monkeypatch, raykd.train.build, "build_run")
     latencies = count_calls(monkeypatch, raykd.artifact.measure, "measure_latency")
     teacher = ["teacher.name=test_resnet", "teacher.image_size=32"] if method != "baseline" else []
     cfg = load_config(RunConfig, None, [

@@ -141,28 +141,44 @@ def pretrain_sskd_teacher_head(
         raise ValueError(f"pretrain_sskd_teacher_head: epochs={epochs} must be >= 1")
     device = torch.device(device) if device is not None else next(teacher.parameters()).device
     with _frozen_eval(teacher, device):
-        if head is None:
-            head = _default_head(teacher, batches, device)
-        head = head.to(device).train()
-        wrapped = prepare(head) if prepare is not None else head
-        head = getattr(wrapped, "module", wrapped)  # DDP trains the module it wraps: snapshot that one
-        reduce = reduce if reduce is not None else _same
+        wrapped, head = _prepared_head(teacher, batches, head, device, prepare)
         opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=0.1)
-        best = _BestByValLoss()
-        for epoch in range(epochs):
-            train_loss = _head_train_epoch(teacher, wrapped, batches, opt, device, reduce)
-            sched.step()
-            msg = f"sskd head epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}"
-            if val_batches is not None:
-                val = _head_val_loss(teacher, head, val_batches, device, reduce)
-                msg += f", val loss {val:.4f}"
-                best.update(val, head)
-            logger.info(msg)
-            if patience is not None and val_batches is not None and best.stale >= patience:
-                logger.info("sskd head: early stop after %d epochs without improvement", best.stale)
-                break
-        return best.state if best.state is not None else _cpu_state(head)
+        return _fit_head(teacher, wrapped, head, batches, val_batches, opt, sched, epochs=epochs,
+                         patience=patience, device=device, reduce=reduce if reduce is not None else _same)
+
+
+def _prepared_head(teacher: nn.Module, batches: Iterable[Any], head: nn.Module | None, device: torch.device,
+                   prepare: Callable[[nn.Module], nn.Module] | None) -> tuple[nn.Module, nn.Module]:
+    """The head to train (``head``, else a fresh one of the teacher's width) on ``device``, in train
+    mode: ``(wrapped, head)``, ``wrapped`` being what ``prepare`` made of it (or the head itself)."""
+    if head is None:
+        head = _default_head(teacher, batches, device)
+    head = head.to(device).train()
+    wrapped = prepare(head) if prepare is not None else head
+    return wrapped, getattr(wrapped, "module", wrapped)  # DDP trains the module it wraps: snapshot that one
+
+
+def _fit_head(teacher: nn.Module, wrapped: nn.Module, head: nn.Module, batches: Iterable[Any],
+              val_batches: Iterable[Any] | None, opt: torch.optim.Optimizer,
+              sched: torch.optim.lr_scheduler.LRScheduler, *, epochs: int, patience: int | None,
+              device: torch.device, reduce: Callable[[float], float]) -> dict[str, Tensor]:
+    """The epochs of :func:`pretrain_sskd_teacher_head`: the head's state at its best validation
+    loss (early stopping after ``patience`` stale epochs), else after the last epoch."""
+    best = _BestByValLoss()
+    for epoch in range(epochs):
+        train_loss = _head_train_epoch(teacher, wrapped, batches, opt, device, reduce)
+        sched.step()
+        msg = f"sskd head epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}"
+        if val_batches is not None:
+            val = _head_val_loss(teacher, head, val_batches, device, reduce)
+            msg += f", val loss {val:.4f}"
+            best.update(val, head)
+        logger.info(msg)
+        if patience is not None and val_batches is not None and best.stale >= patience:
+            logger.info("sskd head: early stop after %d epochs without improvement", best.stale)
+            break
+    return best.state if best.state is not None else _cpu_state(head)
 
 
 class _BestByValLoss:

@@ -1,0 +1,77 @@
+"""The options of serving, typed and defined once.
+
+:class:`ServeArgs` is what the Serve application is built from: ``serve run
+raykd.serve.app:build_app key=value``, the ``args`` of a Serve config file (``deploy/*.yaml``)
+and ``raykd serve``, whose flags are made from its fields (:mod:`raykd.serve.__main__`).
+:class:`ServerOptions` is what only ``raykd serve`` is told: where to listen and which Ray cluster
+to join (a Serve config file says that in its own ``http_options``).
+
+Each field's default, type, constraint and description (the flag's help) are written here and
+nowhere else: the request :class:`~raykd.serve.intake.Limits` default to these fields too. This
+module imports pydantic only (no Ray, no torch), so ``raykd serve --help`` stays fast.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["ServeArgs", "ServerOptions", "default"]
+
+
+class ServeArgs(BaseModel):
+    """Arguments of :func:`~raykd.serve.app.build_app` (``serve run ... key=value``, a config's ``args``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: str | None = Field(None, description=(
+        "family file (family.json) written by the tune job, a path or a URI such as "
+        "s3://bucket/runs/family.json"))
+    models: list[str] = Field(default_factory=list, description="artifact/run folders or .onnx files ([NAME=]PATH)")
+    winner: str | None = Field(None, description=(
+        "default model (default: the family's winner / first --model)"))
+    backend: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="auto: torch on GPU when present, else ONNX Runtime on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="device of the torch backend; auto picks cuda when present")
+    max_batch_size: int = Field(8, ge=1, description=(
+        "most requests a replica runs as one batch; 1 turns batching off"))
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, description=(
+        "seconds a replica waits to fill a batch (0: take what is queued)"))
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description=(
+        "largest request body accepted, in bytes (a multipart envelope included)"))
+    max_image_pixels: int = Field(25_000_000, gt=0, description=(
+        "largest image accepted, in width x height pixels (read from the image header)"))
+    request_timeout_s: float = Field(30.0, gt=0.0, description=(
+        "seconds a prediction may take before it answers 503"))
+    num_replicas: int = Field(1, ge=1, description="replicas of the deployment")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description=(
+        "requests a replica holds at once (queued or running)"))
+    onnx_cache_dir: str | None = Field(None, description=(
+        "folder kept for the ONNX files exported at startup for models that have none (default: a "
+        "temporary folder)"))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ServeArgs":
+        if bool(self.registry) == bool(self.models):
+            raise ValueError("give exactly one of 'registry' (a family file) or 'models' (paths)")
+        return self
+
+
+class ServerOptions(BaseModel):
+    """Where ``raykd serve`` serves: the HTTP proxy's address and the Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 to expose")
+    port: int = Field(8000, description="HTTP port")
+    direct_port: int | None = Field(None, description=(
+        "also answer on each replica's own port (PORT, PORT+1, ...), skipping Serve's proxy hop "
+        "(Ray Serve's direct ingress; a local cluster started here only)"))
+    address: str | None = Field(None, description="Ray cluster address (default: $RAY_ADDRESS or local)")
+
+
+def default(model: type[BaseModel], name: str) -> Any:
+    """The default of ``model``'s field ``name`` (a factory's value for a ``default_factory``)."""
+    return model.model_fields[name].get_default(call_default_factory=True)
