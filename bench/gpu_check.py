@@ -106,7 +106,7 @@ def make_artifact(workdir: Path) -> Path:
     """A random-weight HierAttn-xs artifact (256 px) with its ONNX export."""
     import torch
 
-    from raykd.artifact import ArtifactMeta, build_model, save_artifact
+    from raykd.artifact.format import ArtifactMeta, build_model, save_artifact
     from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_MALIGNANT
     from raykd.export.onnx import export_onnx
 

@@ -1,6 +1,6 @@
 """CPU images/s: the ViT-B teacher in torch vs each student in torch, ONNX, fp16 and int8 ONNX.
 
-SkinDistilViT's trade-off table (seed 000, table 3) measured its 6-block student at 21.36 it/s vs
+SkinDistilViT's trade-off table (SkinDistilViT, table 3) measured its 6-block student at 21.36 it/s vs
 10.79 it/s for the ViT-B/16 teacher on CPU: 1.98x, torch against torch. This bench redoes that
 row side by side in one process, and adds what serving actually runs on CPU: the same student
 exported to ONNX by ``raykd.export`` (fp32, fp16, dynamic int8), plus the other papers' students.
@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raykd.artifact import ArtifactMeta, build_model  # noqa: E402
+from raykd.artifact.format import ArtifactMeta, build_model
 from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_MALIGNANT  # noqa: E402
 from raykd.export.onnx import convert_fp16, export_onnx, quantize_int8  # noqa: E402
 
@@ -48,7 +48,7 @@ STUDENTS = {
     "vit6": ("SkinDistilViT 6-block", "vit_base_patch16_224", {"depth": 6}, 224),
     "hierattn_s": ("HierAttn-s", "raykd_hierattn_s", {}, 256),
     "mobilenetv2": ("MobileNetV2 (SSD-KD)", "mobilenetv2_100", {}, 224),
-    "tiny_cnn": ("tiny CNN (paper 004)", "raykd_tiny_cnn", {}, None),
+    "tiny_cnn": ("tiny CNN (the fusion paper)", "raykd_tiny_cnn", {}, None),
 }
 QUICK_TEACHER = ("test ViT, 4 blocks", "test_vit", {"img_size": 64, "depth": 4}, 64)
 QUICK_STUDENTS = {

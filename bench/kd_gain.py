@@ -19,15 +19,15 @@ Two pairs, as in the papers:
     python bench/kd_gain.py --pair cnn --seeds 3          # about 30 minutes on 2 CPUs
     python bench/kd_gain.py --pair vit --seeds 3
     python bench/kd_gain.py --pair cnn --methods kd,dkd --seeds 5 --epochs 30
-    python bench/kd_gain.py --pair cnn --methods kd,dkd --teacher-store 8   # + each from a teacher store
+    python bench/kd_gain.py --pair cnn --methods kd,dkd --teacher-outputs 8   # + each from teacher outputs
 
 Each student's best model is also calibrated as the export calibrates it (``raykd.export``: a
 temperature fitted on the validation logits); its test ECE (15 bins) before and after goes into the
 table and ``kd_gain.json``, so a method that distils sharper, over-confident students shows it.
 
-With ``--teacher-store K`` every method that can read teacher outputs from a store
-(``raykd.train.store``: K augmented views of every training image, built once after the teacher)
-also runs from it, as ``<method>+store``, next to the same method with the teacher online.
+With ``--teacher-outputs K`` every method that can read saved teacher outputs
+(``raykd.train.teacher_outputs``: on K augmented views of every training image, built once after the
+teacher) also runs from them, as ``<method>+outputs``, next to the same method with the teacher online.
 
 The defaults are the default search's: the same data (2,000 images, atypical 0.1), teacher budget
 (cosine, lr 1e-3, at most 40 epochs, patience 10) and student budget (15 epochs, lr 3e-3).
@@ -39,7 +39,7 @@ Any ingested dataset and any models (real images, a pretrained teacher):
         --teacher-set student.pretrained_file=../shared/weights/tf_efficientnet_lite0.in1k.safetensors \
         --teacher-set student.image_size=112 --teacher-epochs 4 \
         --student-set student.name=mobilenetv3_small_050 --student-set student.image_size=112 \
-        --epochs 10 --teacher-store 3 --store-only
+        --epochs 10 --teacher-outputs 3 --outputs-only
 
 Statistics (:mod:`raykd.metrics.compare`): per arm the mean test BMA over seeds with its 95 %
 Student-t interval; per method the paired difference against the baseline seed by seed (same
@@ -101,7 +101,7 @@ def calibration(run_dir: Path, data: Path, *, batch_size: int = 256) -> dict[str
     The model is scored with the serving predictor (``TorchPredictor``, the evaluation transform)
     exactly as ``raykd.export`` scores it; nothing is written to the run folder.
     """
-    from raykd.artifact import load_artifact
+    from raykd.artifact.format import load_artifact
     from raykd.artifact.predict import TorchPredictor
     from raykd.export.calibrate import CalibrationScores, fit_temperature
     from raykd.export.run import score_split
@@ -154,7 +154,7 @@ def _train(name: str, sets: list[str], out: Path) -> tuple[float, float, float, 
 
 def _model_name(run_dir: Path) -> str:
     """The model a run trained (its saved artifact's name)."""
-    from raykd.artifact import read_meta
+    from raykd.artifact.format import read_meta
 
     return read_meta(run_dir).model_name
 
@@ -179,24 +179,25 @@ def _cascade(name: str, base: list[str], teacher_dir: Path, depth: int, stop: in
     return val, test, total, parent
 
 
-def _store(student: list[str], teacher_dir: Path, methods: list[str], views: int) -> tuple[Path, list[str]]:
-    """The teacher store of ``views`` views in the student's contract, and the methods that read it."""
+def _teacher_outputs(student: list[str], teacher_dir: Path, methods: list[str],
+                     views: int) -> tuple[Path, list[str]]:
+    """The teacher outputs on ``views`` views in the student's contract, and the methods that read them."""
     from raykd.config import RunConfig, load_config
     from raykd.data.manifest import Manifest
     from raykd.train.build import build_run
-    from raykd.train.store import build_store, store_key
+    from raykd.train.teacher_outputs import build_outputs, outputs_key
 
     readers, spec = [], None
     for method in methods:
         cfg = load_config(RunConfig, None, [*student, f"teacher.checkpoint={teacher_dir}", f"distill.method={method}"])
         parts = build_run(cfg, Manifest.load(cfg.data.path), probe=True)
         spec = parts.preprocess
-        if parts.method.stored_outputs() is not None:
+        if parts.method.saved_outputs() is not None:
             readers.append(method)
     t0 = time.perf_counter()
-    key = store_key(cfg.data.path, teacher_dir, cfg.train.recipe, spec, views=views, seed=0)
-    path = build_store(cfg.data.path, teacher_dir, key, cpus_per_actor=1)
-    print(f"teacher store: {views} views per image, {time.perf_counter() - t0:.0f} s, read by {', '.join(readers)}",
+    key = outputs_key(cfg.data.path, teacher_dir, cfg.train.recipe, spec, views=views, seed=0)
+    path = build_outputs(cfg.data.path, teacher_dir, key, cpus_per_actor=1)
+    print(f"teacher outputs: {views} views per image, {time.perf_counter() - t0:.0f} s, read by {', '.join(readers)}",
           flush=True)
     return path, readers
 
@@ -223,15 +224,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="a method parameter for every run of that method, e.g. dkd.warmup_epochs=2 (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--out", default="runs/bench-kd-gain", help="output folder (default: runs/bench-kd-gain)")
-    p.add_argument("--teacher-store", type=int, default=None, metavar="K",
-                   help="also run each method that can from a teacher store of K views per image (default: off)")
-    p.add_argument("--store-only", action="store_true",
-                   help="with --teacher-store: the methods that can read the store run from it only")
+    p.add_argument("--teacher-outputs", type=int, default=None, metavar="K",
+                   help="also run each method that can from teacher outputs saved on K views per image "
+                        "(default: off)")
+    p.add_argument("--outputs-only", action="store_true",
+                   help="with --teacher-outputs: the methods that can read the teacher outputs run from them only")
     args = p.parse_args(argv)
     if args.seeds < 3:
         p.error("--seeds must be at least 3 for a paired comparison")
-    if args.store_only and not args.teacher_store:
-        p.error("--store-only needs --teacher-store K")
+    if args.outputs_only and not args.teacher_outputs:
+        p.error("--outputs-only needs --teacher-outputs K")
     logging.basicConfig(level=logging.WARNING)
     params: dict[str, list[str]] = {}
     for item in args.param:
@@ -272,18 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     if "cut_blocks" in pair["student"]:  # a cut ViT: its blocks come from the trained teacher
         student.append(f"teacher.checkpoint={teacher_dir}")
     depth = len(pair["student"].get("cut_blocks", []))
-    store = _store(student, teacher_dir, methods, args.teacher_store) if args.teacher_store else None
-    online = [m for m in methods if not (args.store_only and store and m in store[1])]
-    runs = ["baseline", *online] + ([f"{m}+store" for m in store[1]] if store else [])
+    saved = (_teacher_outputs(student, teacher_dir, methods, args.teacher_outputs) if args.teacher_outputs
+             else None)
+    online = [m for m in methods if not (args.outputs_only and saved and m in saved[1])]
+    runs = ["baseline", *online] + ([f"{m}+outputs" for m in saved[1]] if saved else [])
     results: list[Outcome] = []
     for seed in range(args.seeds):
         for method in runs:
             name = f"{method}-s{seed}"
             sets = [*student, f"train.seed={seed}", f"data.sampling.seed={seed}",
-                    *params.get(method.removesuffix("+store"), [])]
-            if method.endswith("+store"):
-                sets += [f"teacher.checkpoint={teacher_dir}", f"distill.teacher_store={store[0]}"]
-                val, test, secs, run_dir = _train(name, [*sets, f"distill.method={method.removesuffix('+store')}"],
+                    *params.get(method.removesuffix("+outputs"), [])]
+            if method.endswith("+outputs"):
+                sets += [f"teacher.checkpoint={teacher_dir}", f"distill.teacher_outputs={saved[0]}"]
+                val, test, secs, run_dir = _train(name, [*sets, f"distill.method={method.removesuffix('+outputs')}"],
                                                   out)
             elif method == "cascade":
                 val, test, secs, run_dir = _cascade(name, sets, teacher_dir, 4, depth, out)

@@ -49,7 +49,7 @@ def make_model(key: str, workdir: Path) -> Path:
     """Random-weight artifact + ONNX export of ``key`` (what a CPU replica serves)."""
     import torch
 
-    from raykd.artifact import ArtifactMeta, build_model, save_artifact
+    from raykd.artifact.format import ArtifactMeta, build_model, save_artifact
     from raykd.data.schema import ISIC2019_CLASSES, ISIC2019_MALIGNANT
     from raykd.export.onnx import export_onnx
 
@@ -99,9 +99,9 @@ def load(url: str, body: bytes, concurrency: int, n: int) -> tuple[list[float], 
 def direct(art: Path, body: bytes, n: int) -> list[float]:
     """Latencies (s) of the same work without HTTP or Serve: decode the JPEG and run the predictor
     the replica builds (same backend choice and preprocessing), in this process, one at a time."""
+    from raykd.serve.backend import load_predictor
     from raykd.serve.family import family_from_paths
     from raykd.serve.intake import decode
-    from raykd.serve.predictor import load_predictor
 
     predictor = load_predictor(family_from_paths([f"m={art}"]).get("m"), backend="auto", device="auto")
     for _ in range(8):  # warm-up, as the HTTP settings get

@@ -1,5 +1,5 @@
 """Training throughput: the training worker next to a bare torch loop, and a KD epoch (online
-teacher, and teacher outputs read from the teacher store) next to a baseline epoch, measured side
+teacher, and the teacher's saved outputs) next to a baseline epoch, measured side
 by side in one run.
 
 Both sides train the same model on the same synthetic shards with one torch thread, through the
@@ -8,11 +8,11 @@ bare loop decodes in-process, the Ray worker gets its batches from Ray Data. Ima
 over the epochs after the first (warm-up) one.
 
 The teacher is saved as an artifact first (random weights: throughput does not depend on them);
-the store holds ``--store-views`` views of every training image (``raykd.train.store``), and its
-build time and size are printed per 1,000 images.
+its outputs are saved on ``--output-views`` views of every training image
+(``raykd.train.teacher_outputs``), and their build time and size are printed per 1,000 images.
 
     python bench/train.py [--images 800] [--size 64] [--model mobilenetv2_100] [--teacher resnet50]
-                          [--epochs 3] [--store-views 8]
+                          [--epochs 3] [--output-views 8]
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def ray_run(root: Path, name: str, model: str, size: int, epochs: int, batch: in
 
 
 def save_teacher(root: Path, name: str, data: Path, size: int) -> Path:
-    """A randomly initialised teacher saved as a raykd artifact (what a store is built from)."""
+    """A randomly initialised teacher saved as a raykd artifact (what the teacher outputs are built from)."""
     import torch
 
-    from raykd.artifact import ArtifactMeta, save_artifact
+    from raykd.artifact.format import ArtifactMeta, save_artifact
     from raykd.data.manifest import Manifest
     from raykd.data.transforms import spec_from_model
     from raykd.models import create_model
@@ -101,16 +101,16 @@ def save_teacher(root: Path, name: str, data: Path, size: int) -> Path:
     return root / "teacher"
 
 
-def build_teacher_store(root: Path, teacher: Path, model: str, size: int, views: int) -> tuple[Path, dict]:
-    """The store of ``views`` views for the student's contract; returns it and its record."""
+def build_teacher_outputs(root: Path, teacher: Path, model: str, size: int, views: int) -> tuple[Path, dict]:
+    """The teacher outputs on ``views`` views in the student's contract; returns their folder and record."""
     from raykd.data.transforms import spec_from_model
     from raykd.models import create_model
-    from raykd.train.store import build_store, store_key
+    from raykd.train.teacher_outputs import build_outputs, outputs_key
 
     spec = spec_from_model(create_model(model, num_classes=8), image_size=size)
-    key = store_key(root / "data", teacher, "light", spec, views=views, seed=0)
-    path = build_store(root / "data", teacher, key, cpus_per_actor=1)
-    return path, json.loads((path / "store.json").read_text())
+    key = outputs_key(root / "data", teacher, "light", spec, views=views, seed=0)
+    path = build_outputs(root / "data", teacher, key, cpus_per_actor=1)
+    return path, json.loads((path / "outputs.json").read_text())
 
 
 def main() -> None:
@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--model", default="mobilenetv2_100", help="the student (default: the SSD-KD student)")
     p.add_argument("--teacher", default="resnet50", help="the teacher (default: the SSD-KD teacher)")
-    p.add_argument("--store-views", type=int, default=8, help="views per image in the teacher store")
+    p.add_argument("--output-views", type=int, default=8, help="views per image in the teacher outputs")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
     args = p.parse_args()
@@ -140,9 +140,9 @@ def main() -> None:
         worker = ray_run(root, "baseline", args.model, args.size, args.epochs, args.batch)
         kd = ray_run(root, "kd", args.model, args.size, args.epochs, args.batch, f"teacher.checkpoint={teacher}",
                      "distill.method=kd")
-        store, record = build_teacher_store(root, teacher, args.model, args.size, args.store_views)
-        kd_store = ray_run(root, "kd-store", args.model, args.size, args.epochs, args.batch,
-                           f"teacher.checkpoint={teacher}", "distill.method=kd", f"distill.teacher_store={store}")
+        outputs, record = build_teacher_outputs(root, teacher, args.model, args.size, args.output_views)
+        kd_saved = ray_run(root, "kd-outputs", args.model, args.size, args.epochs, args.batch,
+                           f"teacher.checkpoint={teacher}", "distill.method=kd", f"distill.teacher_outputs={outputs}")
         ray.shutdown()
     print(f"{args.model} at {args.size}px, batch {args.batch}, {args.epochs} epochs (first one not counted), "
           f"1 torch thread, {time.perf_counter() - t0:.0f} s in all")
@@ -151,11 +151,11 @@ def main() -> None:
     print(f"| bare torch loop (decode in-process) | {bare:.1f} | 1.00 |")
     print(f"| training worker, baseline | {worker:.1f} | {worker / bare:.2f} |")
     print(f"| training worker, kd from {args.teacher}, online teacher | {kd:.1f} | {kd / bare:.2f} |")
-    print(f"| training worker, kd from {args.teacher}, teacher store | {kd_store:.1f} | {kd_store / bare:.2f} |")
+    print(f"| training worker, kd from {args.teacher}, teacher outputs | {kd_saved:.1f} | {kd_saved / bare:.2f} |")
     print(f"KD epoch time / baseline epoch time: online teacher {worker / kd:.2f}x, "
-          f"teacher store {worker / kd_store:.2f}x")
+          f"teacher outputs {worker / kd_saved:.2f}x")
     per_k = 1000 / record["images"]
-    print(f"teacher store: {record['views']} views x {record['images']} images = {record['teacher_forward_passes']} "
+    print(f"teacher outputs: {record['views']} views x {record['images']} images = {record['teacher_forward_passes']} "
           f"teacher forward passes; built in {record['build_s']:.1f} s ({record['build_s'] * per_k:.1f} s and "
           f"{record['bytes'] * per_k / 1e6:.2f} MB per 1,000 images)")
 

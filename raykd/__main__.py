@@ -11,6 +11,11 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
+
+import raykd
+from raykd.registry import Registry
 
 __all__ = ["COMMANDS", "main", "version"]
 
@@ -27,14 +32,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def version() -> str:
     """The installed distribution's version, else the package's ``__version__``."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
     try:
         return dist_version("raykd")
     except PackageNotFoundError:
-        import raykd
-
         return getattr(raykd, "__version__", "unknown")
 
 
@@ -78,8 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized option {argv[0]}: a command's options go after it (raykd COMMAND --help)")
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        from raykd.registry import Registry
-
         known: Registry[str] = Registry("command")
         for command, (module, _) in COMMANDS.items():
             known.add(command, module)

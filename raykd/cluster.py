@@ -1,6 +1,6 @@
 """Connecting to Ray: an existing cluster when one is named, otherwise a local one.
 
-The resource choices follow measurements on 2-core machines (shared notes): Tune trial drivers
+The resource choices follow measurements on 2-core machines (docs/cluster.md): Tune trial drivers
 hold a zero-CPU custom resource ``trial_slot`` instead of CPUs, and the dashboard stays on because
 Train's placement-group cleanup queries actor state through it.
 
@@ -15,8 +15,15 @@ cores have room enough under the default.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import uuid
+from pathlib import Path
+
+from raykd.config import ConfigError
+from raykd.data.manifest import Manifest, filesystem, is_uri
+from raykd.raycompat import autoscaler_max_resources
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +40,7 @@ def init_local_ray(
     trial_slots: int = 4,
 ) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``) or start a local cluster; idempotent."""
-    import ray
+    import ray  # lazy: ray is heavy
 
     if ray.is_initialized():
         return
@@ -61,8 +68,6 @@ def job_working_dir() -> str | None:
     """The ``working_dir`` of the Ray job this process is the entrypoint of (``ray job submit
     --working-dir``), or None outside a job or without one. Relative paths in such a job resolve
     inside its temporary copy of that folder, on the node that runs the entrypoint only."""
-    import json
-
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not raw:
         return None
@@ -77,8 +82,6 @@ def refuse_relative_in_job(paths: dict[str, str | None], where: str) -> None:
     """Under ``ray job submit --working-dir``, refuse relative ``paths`` (name -> path) with an
     error naming each and the fix: they would resolve inside the job's temporary copy on the head,
     where the other nodes' tasks cannot read them and where nothing outlives the job."""
-    from raykd.config import ConfigError
-
     working_dir = job_working_dir()
     if working_dir is None:
         return
@@ -96,9 +99,7 @@ def refuse_relative_in_job(paths: dict[str, str | None], where: str) -> None:
 def cluster_capacity() -> dict[str, float]:
     """The resources work can count on now: the alive nodes' totals, raised to the autoscaler's
     maximum where the cluster has one (pending work is what makes it scale up)."""
-    import ray
-
-    from raykd.raycompat import autoscaler_max_resources
+    import ray  # lazy: ray is heavy
 
     live = {k: float(v) for k, v in ray.cluster_resources().items()}
     for key, most in autoscaler_max_resources().items():
@@ -111,10 +112,6 @@ def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str,
     """On one node: what of ``read`` (dataset folders) it cannot read, of ``write`` (folders or
     URIs) it cannot write or does not share with the driver (the driver's ``marker`` file is not
     there), and of ``local`` (this node's own folders) it cannot write."""
-    from pathlib import Path
-
-    from raykd.data.manifest import Manifest, is_uri
-
     problems = []
     for name, path in read.items():
         try:
@@ -125,7 +122,7 @@ def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str,
             problems.append(f"cannot read {name}={path} ({reason})")
     for name, path in write.items():
         if is_uri(path):
-            problems += _probe_store(name, path, marker)
+            problems += _probe_bucket(name, path, marker)
             continue
         if not (Path(path) / marker).is_file():
             problems.append(f"does not see the driver's files in {name}={path} (not storage shared with the driver)")
@@ -137,9 +134,6 @@ def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str,
 
 
 def _probe_folder(name: str, path: str) -> list[str]:
-    import uuid
-    from pathlib import Path
-
     probe = Path(path) / f".raykd-write-check-{uuid.uuid4().hex}"
     try:
         probe.parent.mkdir(parents=True, exist_ok=True)
@@ -150,18 +144,14 @@ def _probe_folder(name: str, path: str) -> list[str]:
     return []
 
 
-def _probe_store(name: str, uri: str, marker: str) -> list[str]:
-    """An object-store location: the driver's ``marker`` is visible and an object can be written."""
-    import uuid
-
-    import pyarrow.fs as pafs
-
-    from raykd.data.manifest import filesystem
+def _probe_bucket(name: str, uri: str, marker: str) -> list[str]:
+    """A bucket location: the driver's ``marker`` is visible and an object can be written."""
+    import pyarrow.fs as pafs  # lazy: pyarrow is heavy
 
     try:
         fs, root = filesystem(uri)
         if fs.get_file_info(f"{root.rstrip('/')}/{marker}").type != pafs.FileType.File:
-            return [f"does not see the driver's files in {name}={uri} (another store or account?)"]
+            return [f"does not see the driver's files in {name}={uri} (another bucket or account?)"]
         probe = f"{root.rstrip('/')}/.raykd-write-check-{uuid.uuid4().hex}"
         with fs.open_output_stream(probe) as out:
             out.write(b"ok")
@@ -172,11 +162,7 @@ def _probe_store(name: str, uri: str, marker: str) -> list[str]:
 
 
 def _write_marker(location: str, marker: str, text: str | None) -> None:
-    """Write (or with ``text`` None, remove) the file ``marker`` in a folder or store URI."""
-    from pathlib import Path
-
-    from raykd.data.manifest import filesystem, is_uri
-
+    """Write (or with ``text`` None, remove) the file ``marker`` in a folder or bucket URI."""
     if not is_uri(location):
         if text is None:
             (Path(location) / marker).unlink(missing_ok=True)
@@ -199,20 +185,17 @@ def _write_marker(location: str, marker: str, text: str | None) -> None:
 def check_storage_on_every_node(read: dict[str, str], write: dict[str, str], where: str,
                                 timeout_s: float = 120.0, *, local: dict[str, str] | None = None) -> None:
     """Before any trial: from every alive node of the cluster, the datasets of ``read`` can be read,
-    the folders or store URIs of ``write`` are shared with the driver and writable (a zero-CPU
+    the folders or bucket URIs of ``write`` are shared with the driver and writable (a zero-CPU
     task pinned to each node looks for a file the driver just wrote there, then writes its own),
     and each node's own folders of ``local`` (an output mirror) are writable. Raises ConfigError
     naming each node and path that fails; a single-node cluster has nothing to check beyond the
     driver's own checks."""
-    import ray
+    import ray  # lazy: ray is heavy
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from raykd.config import ConfigError
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
         return
-    import uuid
 
     marker = f".raykd-shared-check-{uuid.uuid4().hex}"
     for path in write.values():  # what every node must see: a file the driver wrote

@@ -103,8 +103,8 @@ class DataConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     #: Crop the dermatoscope's black vignette first (SkinDistilViT, HierAttn).
     crop_black_border: bool = False
-    #: Paper 004's six-stage preprocessing (hair removal, bilateral, Otsu highlight, unsharp mask).
-    pipeline_004: bool = False
+    #: the fusion paper's six-stage preprocessing (hair removal, bilateral, Otsu highlight, unsharp mask).
+    fusion_preprocess: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,20 +142,20 @@ class DistillConfig:
     #: The method's typed ``Params`` (``raykd.distill``): given as a mapping of its fields, resolved
     #: and checked against the method when the config is built.
     params: Knobs = field(default=None, metadata={"typed_by": "method"})  # type: ignore[assignment]
-    #: Epochs of a method's teacher-side stage (SSKD's projection-head pre-training; paper: 60).
-    stage_epochs: int = field(default=5, metadata=bounded(1, 10_000))
-    #: The saved output of the method's teacher-side stage (a safetensors file). ``raykd train``
-    #: runs the stage into the run folder when this is empty; a search runs it once per teacher in
-    #: its stage 1 and sets this for every trial.
-    teacher_stage_file: str | None = None
-    #: A teacher store (``raykd.train.store``) to read the teacher's outputs from instead of running
-    #: the teacher (single-process runs of methods that declare the outputs they read). The search
-    #: builds one per teacher and student contract in its stage 1 (``search.teacher_store_views``).
-    teacher_store: str | None = None
+    #: Epochs of a method's teacher prep (SSKD's projection-head pre-training; paper: 60).
+    prep_epochs: int = field(default=5, metadata=bounded(1, 10_000))
+    #: The saved output of the method's teacher prep (a safetensors file). ``raykd train`` runs the
+    #: prep into the run folder when this is empty; a search runs it once per teacher in its stage 1
+    #: and sets this for every trial.
+    teacher_prep_file: str | None = None
+    #: A folder of teacher outputs (``raykd.train.teacher_outputs``) to read instead of running the
+    #: teacher (single-process runs of methods that declare the outputs they read). The search builds
+    #: the teacher outputs once per teacher and student contract in its stage 1
+    #: (``search.teacher_output_views``).
+    teacher_outputs: str | None = None
 
     def __post_init__(self) -> None:
-        # lazy: the method registry imports torch and the models, which a config need not load first
-        from raykd.distill.base import method_params
+        from raykd.distill.base import method_params  # lazy: imports torch and the models
 
         try:
             cls = method_params(self.method)

@@ -48,7 +48,7 @@ def configure(*, verbose: bool = False) -> None:
     # deduplicated; Optuna's per-trial INFO lines go to the file only (through the root logger).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:
-        import optuna
+        import optuna  # lazy: optuna is heavy
 
         optuna.logging.disable_default_handler()
         optuna.logging.enable_propagation()

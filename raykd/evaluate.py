@@ -21,7 +21,7 @@ PROG = "python -m raykd.evaluate"
 
 
 def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.Namespace:
-    from raykd.export.evaluate import DEFAULT_RESAMPLES, DEFAULT_SEED, SPLITS
+    from raykd.export.evaluate import DEFAULT_RESAMPLES, DEFAULT_SEED, SPLITS  # lazy: imports torch
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[1],
                                 formatter_class=HelpFormatter)
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = parse_args(argv, prog=prog)
     configure()
-    from raykd.export.evaluate import run_evaluate
+    from raykd.export.evaluate import run_evaluate  # lazy: imports torch
 
     try:
         evaluation = run_evaluate(args.model, args.data, split=args.split, out=args.out,

@@ -27,7 +27,7 @@ WRITTEN_FOR = "2.60"
 def version_supported(version: str | None = None) -> bool:
     """Whether ``version`` (default: the installed Ray's) is the release line this module knows."""
     if version is None:
-        import ray
+        import ray  # lazy: ray is heavy
 
         version = ray.__version__
     return version == WRITTEN_FOR or version.startswith(WRITTEN_FOR + ".")
@@ -36,7 +36,7 @@ def version_supported(version: str | None = None) -> bool:
 def trial_session():
     """The running Tune trial's session (None outside a trial, or on a Ray whose internals differ)."""
     try:
-        from ray.train._internal.session import get_session
+        from ray.train._internal.session import get_session  # lazy: ray is heavy
     except ImportError:
         return None
     session = get_session()
@@ -78,7 +78,7 @@ def free_resources_per_node() -> dict[str, dict[str, float]]:
     """Each alive node's free resources, by node id (Ray's DeveloperAPI ``ray._private.state``);
     empty when this Ray cannot tell (the caller only uses it to word an error)."""
     try:
-        from ray._private.state import available_resources_per_node
+        from ray._private.state import available_resources_per_node  # lazy: ray is heavy
 
         return dict(available_resources_per_node())
     except Exception:  # noqa: BLE001 - an error message must not fail over its detail
@@ -89,7 +89,7 @@ def free_resources_per_node() -> dict[str, dict[str, float]]:
 def train_group_start_timeout_s() -> float:
     """How long Ray Train waits to place one worker group before it retries (its private
     constant, overridable by its environment variable)."""
-    from ray.train.v2._internal.constants import (
+    from ray.train.v2._internal.constants import (  # lazy: ray is heavy
         DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
         WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
     )
@@ -101,7 +101,7 @@ def autoscaler_max_resources() -> dict[str, float]:
     """The most of each resource the cluster's autoscaler may bring up (its node groups' max
     counts, from the cluster config the autoscaler publishes in the GCS); empty without one."""
     try:
-        from ray._private.state import state
+        from ray._private.state import state  # lazy: ray is heavy
 
         return {k: float(v) for k, v in (state.get_max_resources_from_cluster_config() or {}).items()}
     except Exception:  # noqa: BLE001 - no autoscaler (or another Ray): the live resources decide
@@ -112,7 +112,7 @@ def autoscaler_max_resources() -> dict[str, float]:
 def _warn_version() -> None:
     global _warned
     if not _warned:
-        import ray
+        import ray  # lazy: ray is heavy
 
         log.warning("raykd.raycompat was written for Ray %s, this is Ray %s: the wait for a trial's last "
                     "reports is skipped (a trial may then hang at its end)", WRITTEN_FOR, ray.__version__)

@@ -1,4 +1,4 @@
-"""Outputs in an object store: a run or search whose ``output_dir`` is a URI (``s3://``, ``gs://``,
+"""Outputs in a bucket: a run or search whose ``output_dir`` is a URI (``s3://``, ``gs://``,
 ``file://``, read and written through pyarrow's filesystems) works in a local folder on each node,
 its *mirror*, and copies files between the two.
 
@@ -7,17 +7,17 @@ Every process writes its outputs as files into the mirror, exactly as with a loc
 and :func:`mirrored` around a unit of work moves them:
 
 - on entry it *pulls* what the work reads that other nodes wrote (its own run folder, when it
-  continues one, and the teacher's run folder or stage file its config names);
+  continues one, and the teacher's run folder or teacher prep file its config names);
 - while it runs, a thread *pushes* what it wrote every ``every_s`` seconds (so a node that dies
   loses at most that much), and once more on exit, failed or not.
 
 Only files that changed are copied: a push uploads a file that is new or changed on this node
 since this process last copied it, a pull downloads a file that is missing here or newer in the
-store. Downloads are atomic (a reader never sees half a file). Ray Train's own checkpoints do not
+bucket. Downloads are atomic (a reader never sees half a file). Ray Train's own checkpoints do not
 pass through the mirror: its ``storage_path`` is the URI itself (:func:`train_storage`).
 
 A URI may carry pyarrow's options, e.g. ``s3://bucket/out?endpoint_override=host:9000&scheme=http``
-for an S3-compatible store; credentials come from the usual environment (``AWS_*``, GCP's
+for a bucket on an S3-compatible server; credentials come from the usual environment (``AWS_*``, GCP's
 application default credentials), never from the config.
 """
 
@@ -32,7 +32,9 @@ import tempfile
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Iterator
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
+
+from raykd.data.manifest import filesystem, is_uri
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,9 @@ log = logging.getLogger(__name__)
 _PARTIAL = (".tmp", ".raykd-part", "-journal", "-wal", "-shm")  # the last three: SQLite's side files
 _SQLITE_HEADER = b"SQLite format 3\x00"
 #: Folders a pull skips unless they belong to the caller: other runs' resume state, which only
-#: the run that wrote it reads again (Ray Train keeps its checkpoints in the store itself).
+#: the run that wrote it reads again (Ray Train keeps its checkpoints in the bucket itself).
 _RESUME_STATE = ("checkpoint",)
-#: Ray Train's checkpoint folders: Train reads them from the store itself, never from the mirror.
+#: Ray Train's checkpoint folders: Train reads them from the bucket itself, never from the mirror.
 _TRAIN_CHECKPOINTS = "checkpoint_"
 
 
@@ -58,9 +60,7 @@ def default_mirror_dir(uri: str) -> str:
 
 
 def split_uri(uri: str) -> tuple[str, str]:
-    """``(folder URI, file name)`` of a file's URI, the store's options kept on the folder."""
-    from urllib.parse import urlunsplit
-
+    """``(folder URI, file name)`` of a file's URI, the bucket's options kept on the folder."""
     parts = urlsplit(uri)
     folder, _, name = parts.path.rstrip("/").rpartition("/")
     if not name:
@@ -69,14 +69,12 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 class Mirror:
-    """The local folder ``local`` holding a copy of the store location ``uri``."""
+    """The local folder ``local`` holding a copy of the bucket location ``uri``."""
 
     _open: dict[tuple[str, str], Mirror] = {}
     _open_lock = threading.Lock()
 
     def __init__(self, uri: str, local: str | os.PathLike) -> None:
-        from raykd.data.manifest import filesystem
-
         self.uri, self.local = uri, Path(local)
         try:
             self.fs, self.root = filesystem(uri)
@@ -127,22 +125,20 @@ class Mirror:
         return any(a == "" or rel == a or rel.startswith(a + "/") for a in list(self.syncing))
 
     def remote(self, path: str | os.PathLike) -> str:
-        """The store path (inside :attr:`fs`) of a local path in the mirror."""
+        """The bucket path (inside :attr:`fs`) of a local path in the mirror."""
         rel = self._inside(path)
         return f"{self.root}/{rel}" if rel else self.root
 
     def uri_of(self, path: str | os.PathLike) -> str:
-        """The URI of a local path in the mirror (the store's options kept)."""
-        from urllib.parse import urlunsplit
-
+        """The URI of a local path in the mirror (the bucket's options kept)."""
         rel = self._inside(path)
         parts = urlsplit(self.uri)
         return urlunsplit(parts._replace(path=parts.path.rstrip("/") + (f"/{rel}" if rel else "")))
 
     # listings
     def _remote_files(self, rel: str) -> dict[str, tuple[int, float]]:
-        """Files under ``rel`` in the store: relative path -> (size, mtime seconds)."""
-        import pyarrow.fs as pafs
+        """Files under ``rel`` in the bucket: relative path -> (size, mtime seconds)."""
+        import pyarrow.fs as pafs  # lazy: pyarrow is heavy
 
         base = f"{self.root}/{rel}" if rel else self.root
         info = self.fs.get_file_info(base)
@@ -173,7 +169,7 @@ class Mirror:
     # copies
     def pull(self, path: str | os.PathLike | None = None, *, own: str | os.PathLike | None = None) -> int:
         """Download the files under ``path`` (default: everything) that are missing here or newer in
-        the store; other runs' ``checkpoint/`` folders are skipped unless they lie under ``own``.
+        the bucket; other runs' ``checkpoint/`` folders are skipped unless they lie under ``own``.
         Returns the number of files downloaded."""
         rel = "" if path is None else self.rel(path)
         if rel is None:
@@ -188,7 +184,7 @@ class Mirror:
             if st is not None and mtime <= st.st_mtime + 1.0:  # not newer than the copy here
                 if st.st_size == size:
                     self._note(name, st)
-                continue  # else written here after the store's copy: the next push sends it
+                continue  # else written here after the bucket's copy: the next push sends it
             self._download(name, mtime)
             copied += 1
         if copied:
@@ -197,7 +193,7 @@ class Mirror:
 
     def push(self, path: str | os.PathLike | None = None) -> int:
         """Upload the files under ``path`` (default: everything) that are new or changed here since
-        this process last copied them, or missing or of another size in the store. Returns the
+        this process last copied them, or missing or of another size in the bucket. Returns the
         number of files uploaded."""
         rel = "" if path is None else self.rel(path)
         if rel is None:
@@ -213,7 +209,7 @@ class Mirror:
                 if seen == (st.st_size, st.st_mtime_ns) and remote is not None:
                     continue
                 if seen is None and remote is not None and remote[0] == st.st_size and remote[1] + 1.0 >= st.st_mtime:
-                    self._note(name, st)  # the store has it (pulled, or pushed by an earlier process)
+                    self._note(name, st)  # the bucket has it (pulled, or pushed by an earlier process)
                     continue
                 if self._upload(name):
                     uploaded += 1
@@ -237,7 +233,7 @@ class Mirror:
         with self.fs.open_input_stream(f"{self.root}/{name}") as src, part.open("wb") as out:
             while chunk := src.read(8 << 20):
                 out.write(chunk)
-        os.utime(part, (mtime, mtime))  # newer-than checks compare the store's clock with itself
+        os.utime(part, (mtime, mtime))  # newer-than checks compare the bucket's clock with itself
         os.replace(part, dest)
         self._note(name, dest.stat())
 
@@ -252,7 +248,7 @@ class Mirror:
             log.debug("not pushing %s this time: %s", src, exc)
             return False
         target = f"{self.root}/{name}"
-        if self.fs.type_name == "local":  # object stores have no folders to make
+        if self.fs.type_name == "local":  # buckets have no folders to make
             self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with data, self.fs.open_output_stream(target) as out:
             while chunk := data.read(8 << 20):
@@ -288,7 +284,7 @@ def mirrored(mirror: Mirror | None, *, own: str | os.PathLike | None = None,
              reads: tuple | list = (), push: bool = True, every_s: float = 10.0) -> Iterator[Mirror | None]:
     """Around a unit of work on mirrored outputs (nothing to do when ``mirror`` is None): pull
     ``own`` (the run folder it continues, checkpoints included) and ``reads`` (what else it reads:
-    a teacher's run folder, a stage file); with ``push``, upload what changed under ``own`` (or the
+    a teacher's run folder, a teacher prep file); with ``push``, upload what changed under ``own`` (or the
     whole mirror) every ``every_s`` seconds while it runs and once more at the end, failed or not."""
     if mirror is None:
         yield None
@@ -311,7 +307,7 @@ def mirrored(mirror: Mirror | None, *, own: str | os.PathLike | None = None,
             while not stop.wait(every_s):
                 try:
                     mirror.push(own)
-                except Exception as exc:  # noqa: BLE001 - the store may hiccup; the next round retries
+                except Exception as exc:  # noqa: BLE001 - the bucket may hiccup; the next round retries
                     log.warning("pushing outputs to %s failed (retried in %.0f s): %s", mirror.uri, every_s, exc)
 
         thread = threading.Thread(target=sync, name="raykd-mirror-push", daemon=True)
@@ -329,16 +325,14 @@ def mirrored(mirror: Mirror | None, *, own: str | os.PathLike | None = None,
 
 def run_reads(cfg) -> list[str]:
     """What a run reads from other runs' outputs: its teacher's and student's checkpoints and its
-    teacher-side stage file (those inside the mirror are pulled; others are left alone)."""
+    teacher prep file (those inside the mirror are pulled; others are left alone)."""
     paths = [getattr(m, "checkpoint", None) for m in (cfg.teacher, cfg.student) if m is not None]
-    return [p for p in (*paths, cfg.distill.teacher_stage_file) if p]
+    return [p for p in (*paths, cfg.distill.teacher_prep_file) if p]
 
 
 def resolve_output(output_dir: str, mirror_dir: str | None) -> tuple[str, str | None, str | None]:
     """``(local output folder, mirror_uri, mirror_dir)`` of an ``output_dir`` as given: a URI is
     mirrored (into ``mirror_dir`` or :func:`default_mirror_dir`), a path is made absolute."""
-    from raykd.data.manifest import is_uri
-
     if not is_uri(output_dir):
         return str(Path(output_dir).expanduser().resolve()), None, None
     local = str(Path(mirror_dir or default_mirror_dir(output_dir)).expanduser().resolve())
@@ -348,7 +342,7 @@ def resolve_output(output_dir: str, mirror_dir: str | None) -> tuple[str, str | 
 
 def train_storage(mirror: Mirror | None, local_folder: Path) -> dict:
     """``ray.train.RunConfig`` storage arguments for a Train run whose folder is ``local_folder``:
-    the store itself when outputs are mirrored (every node reaches it), else the folder."""
+    the bucket itself when outputs are mirrored (every node reaches it), else the folder."""
     if mirror is None:
         return {"storage_path": str(local_folder)}
     return {"storage_path": mirror.remote(local_folder), "storage_filesystem": mirror.fs}

@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-# Ray settings measured on 2-core machines (see shared notes): quiet progress bars, fast teardown.
+# Ray settings measured on 2-core machines: quiet progress bars, fast teardown.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# The S3 store of tests/test_storage.py (moto, on loopback) takes any key; set before any Ray
+# The S3 bucket of tests/test_storage.py (moto, on loopback) takes any key; set before any Ray
 # cluster starts so its workers inherit them, and never look for cloud instance credentials.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "raykd-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "raykd-test")
@@ -80,7 +80,7 @@ def s3_mtime(uri: str, name: str):
 
 @pytest.fixture(scope="session")
 def s3_dataset(s3, tmp_path_factory):
-    """A generated dataset uploaded to the store; returns its URI."""
+    """A generated dataset uploaded to the bucket; returns its URI."""
     import pyarrow.fs as pafs
 
     from raykd.data.synthetic import make_synthetic

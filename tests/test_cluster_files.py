@@ -171,7 +171,7 @@ def test_cpu_serve_config_is_valid_and_runs_onnx_runtime_without_a_gpu():
     (app,) = cfg["applications"]
     args = ServeArgs.model_validate(app["args"])
     assert (args.backend, args.device, args.num_gpus) == ("onnx", "cpu", 0)
-    assert not Path(args.registry).is_absolute()  # a local path, resolved where serve run starts
+    assert not Path(args.family).is_absolute()  # a local path, resolved where serve run starts
     assert all(d["ray_actor_options"].get("num_gpus", 0) == 0 for d in app["deployments"])
 
 

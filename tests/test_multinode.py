@@ -268,9 +268,9 @@ def test_a_lost_node_shrinks_the_ddp_run_which_finishes_from_its_checkpoint(shar
 
 
 def test_a_search_with_its_outputs_in_s3_runs_on_two_nodes_that_share_no_disk(s3, s3_dataset, tmp_path, capsys):
-    """The data and the outputs live in an S3 store; each node works in its own mirror folder
+    """The data and the outputs live in an S3 bucket; each node works in its own mirror folder
     (node_b's is a private tmpfs at the same path): the teacher trained on one node reaches the
-    distilling trials on the other through the store, and the driver's copy ends complete."""
+    distilling trials on the other through the bucket, and the driver's copy ends complete."""
     if not _can_unshare():
         pytest.skip("needs root and unshare -m to give the second node its own disk")
     from tests.conftest import s3_listing
@@ -304,7 +304,7 @@ def test_a_search_with_its_outputs_in_s3_runs_on_two_nodes_that_share_no_disk(s3
     stored = s3_listing(s3("twonode"))
     with capsys.disabled():
         print(f"\nS3 search on 2 nodes without a shared disk: {len(trials)} trials in {wall:.0f} s on "
-              f"{sorted((t['method'], placed[t['trial_id']]) for t in trials)}; {len(stored)} files in the store, "
+              f"{sorted((t['method'], placed[t['trial_id']]) for t in trials)}; {len(stored)} files in the bucket, "
               f"{len(on_node_b)} on node_b's own disk")
     assert len(trials) == 4 and set(placed.values()) == {"node_a", "node_b"}
     # node_b's disk holds what it wrote and pulled, never the driver's own files
@@ -312,9 +312,9 @@ def test_a_search_with_its_outputs_in_s3_runs_on_two_nodes_that_share_no_disk(s3
     for t in trials:
         folder = f"tune-smoke/runs/{t['trial_id']}/summary.json"
         assert (folder in on_node_b) == (placed[t["trial_id"]] == "node_b")
-        if t["method"] == "kd" and placed[t["trial_id"]] == "node_b":  # its teacher came through the store
+        if t["method"] == "kd" and placed[t["trial_id"]] == "node_b":  # its teacher came through the bucket
             assert "tune-smoke/teachers/cnn/best/model.safetensors" in on_node_b
-    for t in trials:  # every trial finished, wherever it ran, and its folder reached the store and the driver
+    for t in trials:  # every trial finished, wherever it ran, and its folder reached the bucket and the driver
         assert (runs / t["trial_id"] / "summary.json").is_file()
         assert f"tune-smoke/runs/{t['trial_id']}/best/model.safetensors" in stored
     assert "tune-smoke/leaderboard.json" in stored and "family.json" in stored

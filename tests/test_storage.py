@@ -1,6 +1,6 @@
-"""Outputs in an object store (raykd.storage): a mirror folder that pushes what changed and pulls
-what is missing or newer; a run and a search whose data and outputs live in a real S3 store (moto's
-S3 server on loopback, spoken to by pyarrow's S3 client, as a bucket would be on a cluster)."""
+"""Outputs in a bucket (raykd.storage): a mirror folder that pushes what changed and pulls
+what is missing or newer; a run and a search whose data and outputs live in a real S3 bucket (on moto's
+S3 server on loopback, spoken to by pyarrow's S3 client as a cluster's bucket would be)."""
 
 from __future__ import annotations
 
@@ -23,42 +23,42 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def store_files(store: Path) -> dict[str, str]:
-    return {p.relative_to(store).as_posix(): p.read_text() for p in store.rglob("*") if p.is_file()}
+def bucket_files(bucket: Path) -> dict[str, str]:
+    return {p.relative_to(bucket).as_posix(): p.read_text() for p in bucket.rglob("*") if p.is_file()}
 
 
 @pytest.fixture
 def pair(tmp_path):
-    """A file:// store and two mirrors of it (two nodes' disks)."""
-    store = tmp_path / "store"
-    store.mkdir()
-    return f"file://{store}", store, tmp_path / "node_a", tmp_path / "node_b"
+    """A file:// bucket and two mirrors of it (two nodes' disks)."""
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    return f"file://{bucket}", bucket, tmp_path / "node_a", tmp_path / "node_b"
 
 
 def test_a_push_uploads_what_is_new_or_changed_and_nothing_twice(pair):
-    uri, store, a, _ = pair
+    uri, bucket, a, _ = pair
     m = Mirror(uri, a)
     write(a / "exp/run1/metrics.json", "[1]")
     write(a / "exp/run1/summary.json", "{}")
     write(a / "exp/run1/metrics.json.tmp", "half")  # a writer's temporary file: never copied
     assert m.push() == 2
-    assert store_files(store) == {"exp/run1/metrics.json": "[1]", "exp/run1/summary.json": "{}"}
+    assert bucket_files(bucket) == {"exp/run1/metrics.json": "[1]", "exp/run1/summary.json": "{}"}
     assert m.push() == 0
     time.sleep(0.01)
     write(a / "exp/run1/metrics.json", "[2]")  # same size, new content: pushed by what this process saw
-    assert m.push() == 1 and (store / "exp/run1/metrics.json").read_text() == "[2]"
-    assert Mirror(uri, a).push() == 0  # another process on this node: the store has every file
+    assert m.push() == 1 and (bucket / "exp/run1/metrics.json").read_text() == "[2]"
+    assert Mirror(uri, a).push() == 0  # another process on this node: the bucket has every file
 
 
 def test_a_pull_brings_what_other_nodes_wrote_but_not_their_resume_state(pair):
-    uri, store, a, b = pair
+    uri, bucket, a, b = pair
     write(a / "exp/teacher/best/weights.safetensors", "w")
     write(a / "exp/teacher/checkpoint/state.pt", "resume state")
     write(a / "exp/run1/checkpoint/state.pt", "run1 state")
     write(a / "exp/run1/checkpoint_000001/x", "Ray Train's own")
     Mirror(uri, a).push()
     nb = Mirror(uri, b)
-    assert nb.pull(b / "exp/teacher") == 1  # the weights; another run's checkpoint stays in the store
+    assert nb.pull(b / "exp/teacher") == 1  # the weights; another run's checkpoint stays in the bucket
     assert (b / "exp/teacher/best/weights.safetensors").read_text() == "w"
     assert not (b / "exp/teacher/checkpoint").exists()
     assert nb.pull(b / "exp/run1", own=b / "exp/run1") == 1  # its own checkpoint, not Ray Train's
@@ -67,45 +67,45 @@ def test_a_pull_brings_what_other_nodes_wrote_but_not_their_resume_state(pair):
     assert nb.pull(b / "exp") == 0 and nb.push() == 0  # pulled files are known: not sent back
 
 
-def test_a_pull_takes_newer_files_from_the_store_and_keeps_newer_local_ones(pair):
-    uri, store, a, b = pair
+def test_a_pull_takes_newer_files_from_the_bucket_and_keeps_newer_local_ones(pair):
+    uri, bucket, a, b = pair
     write(a / "exp/shared.json", "old")
     write(a / "exp/mine.json", "v1")
     Mirror(uri, a).push()
     nb = Mirror(uri, b)
     nb.pull()
-    write(store / "exp/shared.json", "new!")  # another node pushed a newer copy
+    write(bucket / "exp/shared.json", "new!")  # another node pushed a newer copy
     t = time.time() + 5
-    os.utime(store / "exp/shared.json", (t, t))
-    write(b / "exp/mine.json", "v2 not pushed yet")  # written here after the store's copy
+    os.utime(bucket / "exp/shared.json", (t, t))
+    write(b / "exp/mine.json", "v2 not pushed yet")  # written here after the bucket's copy
     t = time.time() + 10
     os.utime(b / "exp/mine.json", (t, t))
     assert nb.pull() == 1
     assert (b / "exp/shared.json").read_text() == "new!"
     assert (b / "exp/mine.json").read_text() == "v2 not pushed yet"
-    assert nb.push() == 1 and (store / "exp/mine.json").read_text() == "v2 not pushed yet"
+    assert nb.push() == 1 and (bucket / "exp/mine.json").read_text() == "v2 not pushed yet"
 
 
 def test_mirrored_work_pushes_while_it_runs_and_when_it_fails(pair):
-    uri, store, a, _ = pair
+    uri, bucket, a, _ = pair
     m = Mirror(uri, a)
     own = a / "exp/run1"
     with pytest.raises(RuntimeError):
         with mirrored(m, own=own, every_s=0.1):
             write(own / "metrics.json", "[1]")
             deadline = time.time() + 10
-            while not (store / "exp/run1/metrics.json").exists() and time.time() < deadline:
+            while not (bucket / "exp/run1/metrics.json").exists() and time.time() < deadline:
                 time.sleep(0.05)
-            assert (store / "exp/run1/metrics.json").exists()  # pushed while the work ran
+            assert (bucket / "exp/run1/metrics.json").exists()  # pushed while the work ran
             write(own / "summary.json", "{}")
             raise RuntimeError("the work failed")
-    assert (store / "exp/run1/summary.json").read_text() == "{}"  # the last push ran anyway
+    assert (bucket / "exp/run1/summary.json").read_text() == "{}"  # the last push ran anyway
 
 
 def test_a_nested_unit_leaves_the_periodic_push_to_the_enclosing_one_but_ends_synced(pair):
     import threading
 
-    uri, store, a, _ = pair
+    uri, bucket, a, _ = pair
     m = Mirror(uri, a)
 
     def pushers() -> int:
@@ -115,7 +115,7 @@ def test_a_nested_unit_leaves_the_periodic_push_to_the_enclosing_one_but_ends_sy
         with mirrored(m, own=a / "exp/trial1", every_s=60):  # the trial's run, in the same folder
             assert pushers() == 1
             write(a / "exp/trial1/metrics.json", "[1]")
-        assert (store / "exp/trial1/metrics.json").read_text() == "[1]"  # pushed when the run ended
+        assert (bucket / "exp/trial1/metrics.json").read_text() == "[1]"  # pushed when the run ended
         with mirrored(m, own=a / "exp/trial2", every_s=60):  # not inside trial1: its own pusher
             assert pushers() == 2
     assert pushers() == 0 and not m.syncing
@@ -124,7 +124,7 @@ def test_a_nested_unit_leaves_the_periodic_push_to_the_enclosing_one_but_ends_sy
 def test_an_sqlite_study_is_pushed_as_a_consistent_snapshot_without_its_journal(pair):
     import sqlite3
 
-    uri, store, a, _ = pair
+    uri, bucket, a, _ = pair
     m = Mirror(uri, a)
     (a / "exp").mkdir(parents=True)
     db = sqlite3.connect(a / "exp/optuna.db", isolation_level=None)
@@ -136,13 +136,13 @@ def test_an_sqlite_study_is_pushed_as_a_consistent_snapshot_without_its_journal(
     assert m.push() == 1
 
     def stored_rows() -> list:
-        copy = sqlite3.connect(store / "exp/optuna.db")
+        copy = sqlite3.connect(bucket / "exp/optuna.db")
         try:
             return [r[0] for r in copy.execute("SELECT id FROM trials ORDER BY id")]
         finally:
             copy.close()
 
-    assert stored_rows() == [1] and not (store / "exp/optuna.db-journal").exists()
+    assert stored_rows() == [1] and not (bucket / "exp/optuna.db-journal").exists()
     db.execute("COMMIT")
     assert m.push() == 1 and stored_rows() == [1, 2]
     db.close()
@@ -158,7 +158,7 @@ def test_a_uri_output_dir_resolves_to_a_mirror_named_after_it(tmp_path):
         resolve_output("nosuch://x", None)
 
 
-def test_the_uri_of_a_mirrored_path_keeps_the_stores_options(tmp_path):
+def test_the_uri_of_a_mirrored_path_keeps_the_buckets_options(tmp_path):
     m = Mirror.get("s3://bkt/out?endpoint_override=127.0.0.1:1&scheme=http", tmp_path)
     assert m.uri_of(tmp_path / "exp" / "run1") == "s3://bkt/out/exp/run1?endpoint_override=127.0.0.1:1&scheme=http"
     assert m.remote(tmp_path / "exp") == "bkt/out/exp"
@@ -185,7 +185,7 @@ def test_a_run_reads_its_data_from_s3_and_its_outputs_land_there_from_the_node_t
     for name in ("config.yaml", "metrics.json", "summary.json", "timing.json", "best/model.safetensors",
                  "best/meta.json", "checkpoint/state.pt"):
         assert f"s3run/{name}" in stored, stored
-    shutil.rmtree(mirror_dir)  # a fresh machine: the store still has the run, and says so
+    shutil.rmtree(mirror_dir)  # a fresh machine: the bucket still has the run, and says so
     with pytest.raises(FileExistsError, match="run folder .*s3run exists: pass --resume"):
         run_train(cfg)
 
@@ -244,7 +244,7 @@ def test_a_ddp_run_keeps_ray_trains_checkpoints_in_s3_and_every_rank_scores_the_
     result = run_train(cfg)
     assert result.epochs == 2 and result.test
     stored = s3_listing(s3("ddp"))
-    assert any(name.startswith("s3ddp/checkpoint_") for name in stored), stored  # Ray Train's, in the store
+    assert any(name.startswith("s3ddp/checkpoint_") for name in stored), stored  # Ray Train's, in the bucket
     for name in ("metrics.json", "summary.json", "best/model.safetensors", "workers.json"):
         assert f"s3ddp/{name}" in stored
     # the test split was scored once on both ranks with the best epoch's weights (rank 1 pulled them)
@@ -258,7 +258,7 @@ def test_a_family_in_s3_is_served_over_http_by_a_replica_that_fetched_its_own_co
     import requests
     from ray import serve
 
-    from raykd.artifact import load_artifact
+    from raykd.artifact.format import load_artifact
     from raykd.export.onnx import export_onnx
     from raykd.serve.__main__ import run_serve
     from raykd.serve.app import ServeArgs
@@ -280,7 +280,7 @@ def test_a_family_in_s3_is_served_over_http_by_a_replica_that_fetched_its_own_co
     assert Path(family.get("t1").onnx).is_file() and str(tmp_path / "driver") in family.get("t1").onnx
     replica_root = tmp_path / "replica"  # the replica's node: its own copy, fetched in the replica
     port = _free_port()
-    run_serve(ServeArgs(registry=family_uri, num_cpus=0.25, max_batch_size=1), host="127.0.0.1", port=port,
+    run_serve(ServeArgs(family=family_uri, num_cpus=0.25, max_batch_size=1), host="127.0.0.1", port=port,
               blocking=False, env_vars={"RAYKD_MIRROR_ROOT": str(replica_root)})
     try:
         r = requests.post(f"http://127.0.0.1:{port}/predict", data=encoded_image(1, ".jpg", (64, 64)),

@@ -2,7 +2,8 @@
 
 - No import cycle between raykd modules, nor between raykd packages; an import inside a function
   counts (only ``if TYPE_CHECKING:`` imports, which never run, do not).
-- No function of raykd is longer than 60 lines.
+- No function of raykd is longer than 60 lines, and an import inside a function says why it is
+  there (``# lazy: ...``: a heavy or optional dependency kept off the import path).
 - Run-folder file names are spelled in ``raykd/artifact/rundir.py`` only; the search never names
   a method (``"cascade"``) to special-case it.
 - The documentation site (``mkdocs.yml``, ``docs/``) builds in strict mode: a broken internal link
@@ -193,3 +194,35 @@ def test_the_search_never_special_cases_a_method_by_name():
     found = [f"{name}:{node.lineno}" for name, tree in _modules().items() if name.startswith("raykd.tune.")
              for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value == "cascade"]
     assert found == []
+
+
+def _import_blocks(fn: ast.AST):
+    """The import statements inside ``fn``, grouped into runs of consecutive statements."""
+    block: list[ast.stmt] = []
+    for node in ast.walk(fn):
+        for body in (getattr(node, f, None) for f in ("body", "orelse", "finalbody", "handlers")):
+            if not isinstance(body, list):
+                continue
+            for stmt in body:
+                if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                    block.append(stmt)
+                elif block:
+                    yield block
+                    block = []
+            if block:
+                yield block
+                block = []
+
+
+def test_an_import_inside_a_function_says_why_it_is_lazy():
+    silent = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for block in _import_blocks(fn):
+                text = lines[block[0].lineno - 1:block[-1].end_lineno]
+                if not any("# lazy" in line for line in text):
+                    silent.append(f"{path.relative_to(ROOT)}:{block[0].lineno}: {text[0].strip()}")
+    assert silent == [], "imports inside functions without a '# lazy: why' comment"

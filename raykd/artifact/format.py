@@ -7,7 +7,7 @@ best model at ``RUN_DIR/best/``; :func:`find_artifact` accepts either the run fo
 artifact folder.
 
 Keeping the preprocessing contract (image size, mean/std, black-border crop, label names and the
-benign/malignant map of SkinDistilViT's cancer-vs-benign view, seed 000 section 5.4) *with* the
+benign/malignant map of SkinDistilViT's cancer-vs-benign view, SkinDistilViT section 5.4) *with* the
 weights is what lets export and serving reproduce evaluation exactly.
 
 Example:
@@ -28,6 +28,10 @@ from pathlib import Path
 
 from torch import nn
 
+import raykd.models  # noqa: F401 (registers the raykd_* models with timm)
+from raykd.artifact.rundir import BEST_DIR, META_NAME, WEIGHTS_NAME
+from raykd.models import unwrap_model
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -43,9 +47,6 @@ __all__ = [
     "write_meta",
 ]
 
-WEIGHTS_NAME = "model.safetensors"
-META_NAME = "meta.json"
-BEST_DIR = "best"
 FORMAT_VERSION = 1
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -120,9 +121,7 @@ class ArtifactMeta:
 
 def build_model(meta: ArtifactMeta) -> nn.Module:
     """``timm.create_model`` for ``meta`` (random weights), after registering raykd's models."""
-    import timm
-
-    import raykd.models  # noqa: F401  (registers the raykd_* models with timm)
+    import timm  # lazy: timm is heavy
 
     try:
         return timm.create_model(meta.model_name, pretrained=False, num_classes=meta.num_classes,
@@ -164,9 +163,7 @@ def save_artifact(directory: str | os.PathLike, model: nn.Module, meta: Artifact
     Returns:
         The artifact folder.
     """
-    from safetensors.torch import save_model
-
-    from raykd.models import unwrap_model
+    from safetensors.torch import save_model  # lazy: safetensors is heavy
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +225,7 @@ def load_artifact(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.M
     Returns:
         ``(model, meta)`` with the model in eval mode.
     """
-    from safetensors.torch import load_model
+    from safetensors.torch import load_model  # lazy: safetensors is heavy
 
     directory = find_artifact(path)
     meta = read_meta(directory)
@@ -251,7 +248,7 @@ def count_params(path: str | os.PathLike) -> int:
     Normalisation statistics (``running_mean``/``running_var``/``num_batches_tracked``) are
     buffers, not parameters, and are left out.
     """
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: safetensors is heavy
 
     total = 0
     with safe_open(str(find_artifact(path) / WEIGHTS_NAME), framework="pt") as f:

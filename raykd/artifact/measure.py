@@ -1,7 +1,7 @@
 """Model cost: parameter count, weight size, FLOPs and single-image CPU latency.
 
 The leaderboard records cost next to accuracy so that a user can pick the best model under a
-budget (SkinDistilViT reports size and CPU/GPU time next to BMA, seed 000 section 5.3); the
+budget (SkinDistilViT reports size and CPU/GPU time next to BMA, SkinDistilViT section 5.3); the
 multi-objective search minimises one of them. Latency is the median of batch-1 forward passes on
 one CPU thread: one thread keeps the number comparable between trials that run side by side.
 """
@@ -13,6 +13,8 @@ import time
 
 import torch
 from torch import nn
+
+from raykd.artifact.format import load_artifact
 
 __all__ = ["artifact_flops", "measure_flops", "measure_latency", "model_cost"]
 
@@ -29,7 +31,7 @@ def measure_flops(model: nn.Module, image_size: int) -> float:
     """FLOPs of one forward pass of one ``image_size`` square image, counted by torch's
     ``FlopCounterMode`` (a multiply-add counts as 2 FLOPs; matrix products and convolutions only,
     so elementwise work is left out, as the papers' FLOPs figures leave it out)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # lazy: torch is heavy
 
     was_training = model.training
     model.eval()
@@ -45,8 +47,6 @@ def measure_flops(model: nn.Module, image_size: int) -> float:
 def artifact_flops(folder) -> float:
     """FLOPs of one image through a saved model (a run folder's best model or an artifact folder)
     at the image size it was trained at."""
-    from raykd.artifact import load_artifact
-
     model, meta = load_artifact(folder)
     return measure_flops(model, int(meta.preprocess["image_size"]))
 

@@ -33,7 +33,7 @@ def meta_from_props(props: dict[str, str], *, source: str = "onnx") -> ArtifactM
 
 def read_onnx_props(path: str | os.PathLike) -> dict[str, str]:
     """The ``metadata_props`` of an ONNX file as a dict."""
-    import onnx
+    import onnx  # lazy: onnx is heavy
 
     model_proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model_proto.metadata_props}

@@ -4,7 +4,7 @@ Both backends share :func:`preprocess_images`, which is the evaluation transform
 training (``raykd.data.transforms``: black-border crop, resize, normalise, NCHW), and
 :func:`softmax`, so torch and ONNX Runtime answer the same question and differ only by kernel
 rounding. The export parity check compares exactly these two classes; the Serve app wraps them
-(:mod:`raykd.serve.predictor`: backend choice and the GPU -> CPU fallback).
+(:mod:`raykd.serve.backend`: backend choice and the GPU -> CPU fallback).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from raykd.artifact.format import ArtifactMeta, load_artifact
 from raykd.artifact.onnx_meta import meta_from_props
+from raykd.data.transforms import PreprocessSpec, build_eval_transform, to_chw_batch
 
 __all__ = ["OnnxPredictor", "Predictor", "TorchPredictor", "eval_transform", "preprocess_images", "select_device",
            "softmax"]
@@ -38,8 +39,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def eval_transform(preprocess: dict) -> Callable:
     """The training-time evaluation transform for a ``PreprocessSpec.to_dict()`` contract."""
-    from raykd.data.transforms import PreprocessSpec, build_eval_transform
-
     return build_eval_transform(PreprocessSpec.from_dict(preprocess))
 
 
@@ -49,8 +48,6 @@ def preprocess_images(images: Sequence[np.ndarray], transform: Callable) -> np.n
     ``transform`` comes from :func:`eval_transform`; together with ``to_chw_batch`` this is the
     code that evaluates during training (``raykd.data.dataset``), not a copy of it.
     """
-    from raykd.data.transforms import to_chw_batch
-
     if len(images) == 0:
         raise ValueError("predict() needs at least one image")
     return to_chw_batch([transform(image=img)["image"] for img in images])
@@ -58,7 +55,7 @@ def preprocess_images(images: Sequence[np.ndarray], transform: Callable) -> np.n
 
 def select_device(device: str = "auto") -> str:
     """``"cuda"`` when asked for (or ``"auto"``) and a CUDA device is present, else ``"cpu"``."""
-    import torch
+    import torch  # lazy: torch is heavy
 
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device {device!r}: use 'auto', 'cpu' or 'cuda'")
@@ -107,7 +104,7 @@ class TorchPredictor:
 
     def predict_batch(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for an already preprocessed NCHW float32 batch."""
-        import torch
+        import torch  # lazy: torch is heavy
 
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
@@ -118,7 +115,7 @@ class TorchPredictor:
 
     def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """``(N, C)`` float32 raw logits (before the temperature): what calibration is fitted on."""
-        import torch
+        import torch  # lazy: torch is heavy
 
         batch = preprocess_images(images, self.transform)
         with torch.inference_mode():
@@ -137,7 +134,7 @@ class OnnxPredictor:
     backend = "onnx"
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # lazy: onnxruntime is heavy
 
         self.path = Path(path)
         opts = ort.SessionOptions()

@@ -1,5 +1,5 @@
 """The layout of a run folder and of a search trial's folder: every file name in one place, with
-the readers and writers of the files that later stages read.
+the readers and writers of the files that later steps read.
 
 A run folder (``<output_dir>/<name>``, see :meth:`RunDir.of`)::
 
@@ -9,7 +9,7 @@ A run folder (``<output_dir>/<name>``, see :meth:`RunDir.of`)::
     timing.json        where the wall time went (build, data, train, eval, report, test)
     checkpoint/        the last epoch's state (single-process runs; Ray Train keeps its own)
     best/              the best epoch's student as a saved artifact (:mod:`raykd.artifact.format`)
-    stages/            teacher-side stage outputs of this run's teacher (e.g. SSKD's projection head)
+    prep/              teacher prep outputs of this run's teacher (e.g. SSKD's projection head)
     raykd.log          everything the command logged (``raykd train``; :mod:`raykd.console`)
 
 A search trial's folder is a run folder with ``trial.json`` (what the trial sampled),
@@ -25,10 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from raykd.artifact.format import BEST_DIR, WEIGHTS_NAME
 from raykd.console import LOG_FILE
 
-__all__ = ["RunDir", "TrialDir"]
+__all__ = ["BEST_DIR", "META_NAME", "WEIGHTS_NAME", "RunDir", "TrialDir"]
+
+#: A saved model's files (:mod:`raykd.artifact.format`) and a run's folder of its best epoch.
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "meta.json"
+BEST_DIR = "best"
 
 
 def _read_json(path: Path) -> Any:
@@ -59,7 +63,7 @@ class RunDir:
     TIMING: ClassVar[str] = "timing.json"
     CHECKPOINT: ClassVar[str] = "checkpoint"
     WORKERS: ClassVar[str] = "workers.json"
-    STAGES: ClassVar[str] = "stages"
+    PREP: ClassVar[str] = "prep"
     CRASH_MARKER: ClassVar[str] = ".crash_injected"
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -124,9 +128,9 @@ class RunDir:
     def append_workers(self, row: dict[str, Any]) -> None:
         _write_json(self.workers_file, [*self.read_workers(), row])
 
-    def stage_file(self, stage: str) -> Path:
-        """Where a teacher-side stage's output for this run's teacher is kept."""
-        return self.path / self.STAGES / f"{stage}.safetensors"
+    def prep_file(self, prep: str) -> Path:
+        """Where a teacher prep's output for this run's teacher is kept."""
+        return self.path / self.PREP / f"{prep}.safetensors"
 
     # state
     def finished(self) -> bool:

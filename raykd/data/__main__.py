@@ -10,7 +10,11 @@ from pathlib import Path
 from raykd.cli import HelpFormatter
 from raykd.config import ConfigError
 from raykd.console import configure
-from raykd.data.writer import IngestError
+from raykd.data.ingest import ingest
+from raykd.data.inspect import contact_sheet
+from raykd.data.manifest import Manifest
+from raykd.data.synthetic import make_synthetic
+from raykd.data.writer import IngestError, summary
 
 PROG = "python -m raykd.data"
 
@@ -75,11 +79,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from raykd.data.writer import summary
-
     if args.cmd == "synth":
-        from raykd.data.synthetic import make_synthetic
-
         t0 = time.perf_counter()
         manifest = make_synthetic(
             args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
@@ -90,8 +90,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {len(manifest.shards)} shard(s) to {args.out} in {time.perf_counter() - t0:.1f} s")
         return 0
     if args.cmd == "ingest":
-        from raykd.data.ingest import ingest
-
         t0 = time.perf_counter()
         manifest = ingest(
             args.format, args.src, args.out, fractions=_fractions(args), split_seed=args.split_seed,
@@ -102,9 +100,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {len(manifest.shards)} shard(s) to {args.out} in {time.perf_counter() - t0:.1f} s")
         return 0
     if args.cmd == "inspect":
-        from raykd.data.inspect import contact_sheet
-        from raykd.data.manifest import Manifest
-
         manifest = Manifest.load(args.path)
         print(summary(manifest))
         sheet = contact_sheet(args.path, args.sheet or args.path / "contact_sheet.png", per_class=args.per_class)

@@ -44,7 +44,7 @@ class PipelineSpec:
 
 @lru_cache(maxsize=8)
 def _transform(spec: PipelineSpec):
-    import cv2
+    import cv2  # lazy: cv2 is heavy
 
     cv2.setNumThreads(1)  # Ray already runs one task per (fraction of a) core; nested threads thrash
     if spec.train:
@@ -86,7 +86,7 @@ def resample(batch: dict[str, np.ndarray], rates: Sequence[float]) -> dict[str, 
 
 def read_split(path: str | Path, split: str, *, num_cpus: float = DATA_TASK_CPUS):
     """The rows of one split: ``image_id``, encoded ``image`` and ``label``."""
-    import ray
+    import ray  # lazy: ray is heavy
     from ray.data.expressions import col, lit
 
     manifest = Manifest.load(path)
@@ -119,7 +119,7 @@ def build_dataset(
     store once, so that every later pass (epoch) only decodes and augments: a streaming pass
     starts with listing and reading the Parquet files, seconds that a small epoch cannot hide.
     """
-    from ray.data.expressions import col
+    from ray.data.expressions import col  # lazy: ray is heavy
 
     ds = read_split(path, split, num_cpus=num_cpus)
     if keep_ids is not None:

@@ -46,9 +46,9 @@ def sampling_plan(
 
 def hardness_keep_ids(path: str | Path, *, target: int, seed: int = 0) -> tuple[list[str], np.ndarray]:
     """Ids kept by instance-hardness undersampling to ``target`` and the kept count per class."""
-    import cv2
+    import cv2  # lazy: cv2 is heavy
 
-    from raykd.data.transforms import decode_image
+    from raykd.data.transforms import decode_image  # lazy: imports torch
 
     path = Path(path)
     manifest = Manifest.load(path)

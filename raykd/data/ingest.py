@@ -18,7 +18,7 @@ flattened copies work.
 ``binary=True`` (``--binary``) ingests a benign-vs-malignant task instead: every class named
 malignant (``--malignant``, default the format's own list) becomes the label ``malignant``, every
 other class ``benign``, and the manifest's ``label_groups`` records which source classes went where
-(the fusion-teacher paper's HAM10000 task, seed 004 section 3.1).
+(the fusion-teacher paper's HAM10000 task, the fusion paper section 3.1).
 """
 
 from __future__ import annotations

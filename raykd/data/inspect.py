@@ -11,9 +11,9 @@ from raykd.data.manifest import Manifest
 
 def contact_sheet(path: str | Path, out: str | Path, *, per_class: int = 6, tile: int = 96) -> Path:
     """Write a PNG grid: one row per class, up to ``per_class`` images each, labelled."""
-    import cv2
+    import cv2  # lazy: cv2 is heavy
 
-    from raykd.data.transforms import decode_image
+    from raykd.data.transforms import decode_image  # lazy: imports torch
 
     manifest = Manifest.load(path)
     ds = manifest.shard_dataset(path)

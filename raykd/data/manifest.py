@@ -4,7 +4,7 @@ and every quarantined item with its reason.
 A dataset's location is a folder path (local or a mount every node shares, such as NFS) or a URI
 that pyarrow's filesystems read (``s3://bucket/prefix``, ``gs://bucket/prefix``, ``file:///path``):
 :meth:`Manifest.load` and :meth:`Manifest.shard_dataset` read either, so every reader of the shards
-(Ray Data, the in-memory splits, the stages, export) takes the same location string.
+(Ray Data, the in-memory splits, the teacher preps, export) takes the same location string.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def resolve_location(location: str | Path) -> str:
 
 def filesystem(location: str | Path):
     """``(pyarrow filesystem, path inside it)`` of a dataset location (a path or a URI)."""
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # lazy: pyarrow is heavy
 
     if is_uri(location):
         try:
@@ -88,13 +88,13 @@ class Manifest:
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
         """The manifest of the dataset at ``directory`` (a folder path or a URI)."""
-        import pyarrow.fs as pafs
+        import pyarrow.fs as pafs  # lazy: pyarrow is heavy
 
         fs, root = filesystem(directory)
         path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
         try:
             found = fs.get_file_info(path).type == pafs.FileType.File
-        except OSError as exc:  # unreachable store, no credentials, ...
+        except OSError as exc:  # unreachable bucket, no credentials, ...
             raise FileNotFoundError(f"cannot read {directory}/{MANIFEST_NAME}: {exc}") from None
         if not found:
             raise FileNotFoundError(
@@ -119,7 +119,7 @@ class Manifest:
 
     def shard_dataset(self, directory: str | Path):
         """The shards as one ``pyarrow.dataset`` (read lazily, from a folder or a URI)."""
-        import pyarrow.dataset as pads
+        import pyarrow.dataset as pads  # lazy: pyarrow is heavy
 
         fs, paths = self.shard_files(directory)
         return pads.dataset(paths, filesystem=fs, format="parquet")

@@ -41,7 +41,7 @@ def read_rows(path: str | Path, split: str, keep_ids: Sequence[str] | None = Non
               with_ids: bool = False) -> tuple:
     """The encoded images and labels of ``split`` (and with ``with_ids`` their image ids), sorted
     by image id (a stable order)."""
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # lazy: pyarrow is heavy
 
     manifest = Manifest.load(path)
     if split not in manifest.class_counts:
@@ -83,7 +83,7 @@ class MemorySplit:
         self.spec, self.train, self.recipe, self.seed = spec, train, recipe, seed
         self.rates = None if rates is None else np.asarray(rates, dtype=np.float64)
         self._fixed: np.ndarray | None = None
-        self.store, self.view_maker = None, None
+        self.teacher_outputs, self.view_maker = None, None
         if not train and self.decoded:
             tf = build_eval_transform(spec, normalize=False)
             self._fixed = to_chw_batch([tf(image=im)["image"] for im in self.decoded])
@@ -91,11 +91,11 @@ class MemorySplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def attach_store(self, store, views) -> None:
-        """Train from a teacher store (``raykd.train.store.TeacherStore`` loaded for :attr:`ids`):
-        each pass draws one stored view per image, rebuilds its pixels with ``views`` (a
-        ``ViewMaker``) and adds the teacher's stored outputs on it to the batch (``"teacher"``)."""
-        self.store, self.view_maker = store, views
+    def attach_outputs(self, outputs, views) -> None:
+        """Train from saved teacher outputs (``raykd.train.teacher_outputs.TeacherOutputs`` loaded for
+        :attr:`ids`): each pass draws one saved view per image, rebuilds its pixels with ``views`` (a
+        ``ViewMaker``) and adds the teacher's saved outputs on it to the batch (``"teacher"``)."""
+        self.teacher_outputs, self.view_maker = outputs, views
 
     def batches(self, batch_size: int, *, epoch: int = 0, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """The pass ``epoch`` over the split in batches of uint8 images and int64 labels."""
@@ -110,17 +110,18 @@ class MemorySplit:
             idx = np.repeat(idx, repeat_counts(self.labels, self.rates, rng))
         idx = rng.permutation(idx)
         tf = build_train_transform(self.spec, self.recipe, seed=int(rng.integers(2**31)), normalize=False)
-        view_of = rng.integers(self.store.views, size=len(idx)) if self.store is not None else None
+        saved = self.teacher_outputs
+        view_of = rng.integers(saved.views, size=len(idx)) if saved is not None else None
         stop = len(idx) - (len(idx) % batch_size if drop_last else 0)
         for i in range(0, stop, batch_size):
             rows = idx[i:i + batch_size]
             if len(rows) == 0:
                 break
-            if self.store is None:
+            if saved is None:
                 images = to_chw_batch([tf(image=self.decoded[r])["image"] for r in rows])
                 yield {"image": torch.from_numpy(images), "label": torch.from_numpy(self.labels[rows])}
                 continue
             v = view_of[i:i + batch_size]
             images = to_chw_batch([self.view_maker(self.decoded[r], self.ids[r], int(k)) for r, k in zip(rows, v)])
             yield {"image": torch.from_numpy(images), "label": torch.from_numpy(self.labels[rows]),
-                   "teacher": self.store.outputs(rows, v), "rows": torch.from_numpy(rows), "views": torch.from_numpy(v)}
+                   "teacher": saved.outputs(rows, v), "rows": torch.from_numpy(rows), "views": torch.from_numpy(v)}

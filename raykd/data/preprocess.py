@@ -4,7 +4,7 @@
   arXiv 2308.08669; ``data/crop_black_outline.py`` of its code) also used before HierAttn
   (Dai et al., IEEE JBHI 2024): threshold the grey image, keep the bounding box of the largest
   external contour.
-* :func:`preprocess_004` - the six-stage pipeline of Islam et al., "fusion teacher -> tiny CNN"
+* :func:`fusion_preprocess` - the six-stage pipeline of Islam et al., "fusion teacher -> tiny CNN"
   (arXiv 2406.17051, Sec. 3.2): morphological closing (hair removal, 5x5 element), bilateral
   filter, Otsu lesion highlight blended with alpha = 1.14, unsharp mask (sigma 2, k 1.2),
   rescale to [0, 1], resize.
@@ -24,11 +24,11 @@ import numpy as np
 from pydantic import Field
 
 __all__ = [
-    "CropBlackBorder", "Preprocess004", "bilateral", "crop_black_border", "highlight_lesion",
-    "preprocess_004", "remove_hair", "unsharp_mask",
+    "CropBlackBorder", "FusionPreprocess", "bilateral", "crop_black_border", "highlight_lesion",
+    "fusion_preprocess", "remove_hair", "unsharp_mask",
 ]
 
-#: Paper 004's constants (arXiv 2406.17051, Sec. 3.2.1-3.2.4).
+#: the fusion paper's constants (arXiv 2406.17051, Sec. 3.2.1-3.2.4).
 HAIR_KERNEL = 5
 HIGHLIGHT_ALPHA = 1.14
 UNSHARP_SIGMA = 2.0
@@ -80,7 +80,7 @@ def crop_black_border(img: np.ndarray, threshold: int = 20, min_fraction: float 
 def remove_hair(img: np.ndarray, kernel: int = HAIR_KERNEL) -> np.ndarray:
     """Remove hair strands by morphological closing (dilation then erosion) with a square element.
 
-    Paper 004, Sec. 3.2.1: ``I . B = (I (+) B) (-) B`` with a 5x5 ``B``. Closing removes dark
+    The fusion paper, Sec. 3.2.1: ``I . B = (I (+) B) (-) B`` with a 5x5 ``B``. Closing removes dark
     structures thinner than the element (hair on lighter skin) and keeps larger ones (the lesion).
     """
     _check_uint8(img, "remove_hair")
@@ -91,7 +91,7 @@ def remove_hair(img: np.ndarray, kernel: int = HAIR_KERNEL) -> np.ndarray:
 
 def bilateral(img: np.ndarray, d: int = BILATERAL_D, sigma_color: float = BILATERAL_SIGMA_COLOR,
               sigma_space: float = BILATERAL_SIGMA_SPACE) -> np.ndarray:
-    """Edge-preserving denoising (paper 004, Sec. 3.2.2, Eq. 2)."""
+    """Edge-preserving denoising (Islam et al. fusion paper, Sec. 3.2.2, Eq. 2)."""
     _check_uint8(img, "bilateral")
     return cv2.bilateralFilter(img, d, sigma_color, sigma_space)
 
@@ -99,7 +99,7 @@ def bilateral(img: np.ndarray, d: int = BILATERAL_D, sigma_color: float = BILATE
 def highlight_lesion(img: np.ndarray, alpha: float = HIGHLIGHT_ALPHA) -> np.ndarray:
     """Highlight the lesion: ``I_h = I + alpha * I_s`` with ``I_s`` the Otsu segmentation.
 
-    Paper 004, Sec. 3.2.3, Eqs. 3-8: grey = 0.299 R + 0.587 G + 0.114 B, Otsu threshold ``t``,
+    The fusion paper, Sec. 3.2.3, Eqs. 3-8: grey = 0.299 R + 0.587 G + 0.114 B, Otsu threshold ``t``,
     ``I_s = 1`` on the upper class. Eq. 7 writes ``grey >= t`` but Eqs. 5-6 put level ``t`` in
     the lower class (``omega_0`` sums levels ``0..t``), as OpenCV does; we follow Eqs. 5-6, else a
     two-level image would be all "upper". The mask is taken at the image's full scale (255, as
@@ -116,7 +116,7 @@ def highlight_lesion(img: np.ndarray, alpha: float = HIGHLIGHT_ALPHA) -> np.ndar
 
 
 def unsharp_mask(img: np.ndarray, sigma: float = UNSHARP_SIGMA, k: float = UNSHARP_K) -> np.ndarray:
-    """Sharpen: ``I_um = I + k (I - G_sigma * I)`` (paper 004, Sec. 3.2.4, Eqs. 9-11)."""
+    """Sharpen: ``I_um = I + k (I - G_sigma * I)`` (Islam et al. fusion paper, Sec. 3.2.4, Eqs. 9-11)."""
     _check_uint8(img, "unsharp_mask")
     blurred = cv2.GaussianBlur(img, (0, 0), sigmaX=sigma, sigmaY=sigma)
     return cv2.addWeighted(img, 1.0 + k, blurred, -k, 0)
@@ -127,8 +127,8 @@ def _resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def preprocess_004(img: np.ndarray, size: int, rescale: bool = True) -> np.ndarray:
-    """The six-stage preprocessing of paper 004 (arXiv 2406.17051, Sec. 3.2, Fig. 2).
+def fusion_preprocess(img: np.ndarray, size: int, rescale: bool = True) -> np.ndarray:
+    """The six-stage preprocessing of the fusion paper (arXiv 2406.17051, Sec. 3.2, Fig. 2).
 
     Closing (5x5) -> bilateral filter -> Otsu highlight (alpha 1.14) -> unsharp mask (sigma 2,
     k 1.2) -> rescale ``I / 255`` -> resize to ``size`` x ``size`` (the paper resizes to 224).
@@ -143,7 +143,7 @@ def preprocess_004(img: np.ndarray, size: int, rescale: bool = True) -> np.ndarr
         ``size`` x ``size`` image, float32 in [0, 1] or uint8, same channel count as ``img``.
     """
     if size < 1:
-        raise ValueError(f"preprocess_004 size must be >= 1, got {size}")
+        raise ValueError(f"fusion_preprocess size must be >= 1, got {size}")
     out = unsharp_mask(highlight_lesion(bilateral(remove_hair(img))))
     if rescale:
         return np.clip(_resize(out.astype(np.float32) / 255.0, size), 0.0, 1.0)
@@ -169,8 +169,8 @@ class CropBlackBorder(A.ImageOnlyTransform):
         return ("threshold", "min_fraction")
 
 
-class Preprocess004(A.ImageOnlyTransform):
-    """Albumentations wrapper of :func:`preprocess_004`.
+class FusionPreprocess(A.ImageOnlyTransform):
+    """Albumentations wrapper of :func:`fusion_preprocess`.
 
     ``rescale`` defaults to ``False`` here: inside a pipeline the division by 255 (stage 5) is done
     by the final ``A.Normalize``.
@@ -186,7 +186,7 @@ class Preprocess004(A.ImageOnlyTransform):
         self.rescale = rescale
 
     def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        return preprocess_004(img, self.size, self.rescale)
+        return fusion_preprocess(img, self.size, self.rescale)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("size", "rescale")

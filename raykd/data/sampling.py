@@ -125,7 +125,7 @@ def instance_hardness(
     HierAttn ran this on flattened 256x256 pixels; callers pass any fixed-length features
     (e.g. downsampled thumbnails).
     """
-    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.ensemble import RandomForestClassifier  # lazy: sklearn is heavy
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(labels)

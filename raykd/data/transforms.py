@@ -42,7 +42,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from raykd.data.preprocess import CropBlackBorder, Preprocess004
+from raykd.data.preprocess import CropBlackBorder, FusionPreprocess
 
 __all__ = [
     "RECIPES", "InputBridge", "PreprocessSpec", "build_eval_transform", "build_train_transform", "decode_image",
@@ -63,14 +63,14 @@ class PreprocessSpec:
         mean: per-channel mean of pixel values in [0, 1] (RGB).
         std: per-channel standard deviation (RGB).
         crop_black_border: crop the dermatoscope's black vignette first (SkinDistilViT).
-        pipeline_004: apply paper 004's six-stage preprocessing (hair removal, ...) first.
+        fusion_preprocess: apply the fusion paper's six-stage preprocessing (hair removal, ...) first.
     """
 
     image_size: int = 224
     mean: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_MEAN)
     std: tuple[float, float, float] = tuple(IMAGENET_DEFAULT_STD)
     crop_black_border: bool = False
-    pipeline_004: bool = False
+    fusion_preprocess: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) \
@@ -87,7 +87,7 @@ class PreprocessSpec:
                 raise ValueError(f"PreprocessSpec.{name} must be 3 numbers (RGB)"
                                  f"{', all > 0' if name == 'std' else ''}, got {value!r}")
             object.__setattr__(self, name, floats)
-        for name in ("crop_black_border", "pipeline_004"):
+        for name in ("crop_black_border", "fusion_preprocess"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"PreprocessSpec.{name} must be true or false, got {getattr(self, name)!r}")
             object.__setattr__(self, name, bool(getattr(self, name)))
@@ -216,8 +216,8 @@ def _head(spec: PreprocessSpec) -> list[A.BasicTransform]:
     head: list[A.BasicTransform] = []
     if spec.crop_black_border:
         head.append(CropBlackBorder(p=1.0))
-    if spec.pipeline_004:
-        head.append(Preprocess004(size=spec.image_size, rescale=False, p=1.0))
+    if spec.fusion_preprocess:
+        head.append(FusionPreprocess(size=spec.image_size, rescale=False, p=1.0))
     return head
 
 

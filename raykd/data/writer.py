@@ -8,6 +8,7 @@ image id, unreadable or truncated image, ...) goes to the manifest's quarantine 
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import os
 import random
@@ -62,9 +63,7 @@ def check_image(data: bytes) -> tuple[bytes, str]:
     unknown or truncated data, an image whose header claims more pixels than
     ``PIL.Image.MAX_IMAGE_PIXELS`` allows (a decompression bomb), or a decoder crash.
     """
-    import io
-
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: PIL is heavy
 
     if not data:
         raise ValueError("empty file")

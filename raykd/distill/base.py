@@ -189,7 +189,7 @@ class PipelineStep:
     info: dict[str, Any]
 
 
-class TeacherStage(abc.ABC):
+class TeacherPrep(abc.ABC):
     """Work on the teacher alone that a method needs before it can distil (SSKD's projection head
     trained on the rotation task). It runs once per teacher (the search's stage 1, or ``raykd
     train`` before its run), its output is saved as a safetensors file, and the method's
@@ -204,11 +204,11 @@ class TeacherStage(abc.ABC):
     def train(self, teacher: nn.Module, batches: Iterable[Tensor], val_batches: Iterable[Tensor] | None, *,
               epochs: int, prepare: Callable[[nn.Module], nn.Module] | None = None,
               reduce: Callable[[float], float] | None = None) -> dict[str, Tensor]:
-        """The stage's output (a state dict) from the frozen ``teacher`` and re-iterable batches of
+        """The prep's output (a state dict) from the frozen ``teacher`` and re-iterable batches of
         normalised images in the teacher's own input contract.
 
         The two hooks let the same code run as one rank of a data-parallel run
-        (:func:`raykd.train.stages.run_teacher_stage`) and in a single process (both ``None``):
+        (:func:`raykd.train.prep.run_teacher_prep`) and in a single process (both ``None``):
         ``prepare`` wraps the trainable module (DDP, so gradients are averaged over ranks) and
         ``reduce`` averages a scalar over ranks, so that every rank takes the same decisions
         (early stopping, best epoch) from whole-split numbers. Every rank gets batch iterables of
@@ -216,7 +216,7 @@ class TeacherStage(abc.ABC):
 
     @abc.abstractmethod
     def placeholder(self, teacher: nn.Module, input_size: tuple[int, int, int]) -> dict[str, Tensor]:
-        """An untrained output of the right shapes: checks that a method fits before any stage ran."""
+        """An untrained output of the right shapes: checks that a method fits before any prep ran."""
 
 
 class Method(nn.Module, abc.ABC):
@@ -245,8 +245,8 @@ class Method(nn.Module, abc.ABC):
     #: True where some trainable parameter legitimately gets no gradient in some steps
     #: (e.g. ``fcvit_probs`` before every head is on): the loop must tell DDP.
     ddp_find_unused_parameters: ClassVar[bool] = False
-    #: The teacher-side stage this method needs before it can be built (:class:`TeacherStage`), or None.
-    teacher_stage: ClassVar[type[TeacherStage] | None] = None
+    #: The teacher prep this method needs before it can be built (:class:`TeacherPrep`), or None.
+    teacher_prep: ClassVar[type[TeacherPrep] | None] = None
     #: The student is made from the teacher (the cascade cuts blocks off it): a search gives the
     #: method no students of its own.
     student_from_teacher: ClassVar[bool] = False
@@ -286,7 +286,7 @@ class Method(nn.Module, abc.ABC):
         self.adapters = nn.ModuleDict()
         self.epoch = 0
         self._frozen: dict[str, nn.Module] = {}
-        self._stored: Mapping[str, Tensor] | None = None  # a teacher store's outputs (stored_teacher)
+        self._saved: Mapping[str, Tensor] | None = None  # saved teacher outputs (saved_teacher)
         self._student_name, self._teacher_name = model_name(student), model_name(teacher)
         if class_weights is not None:
             class_weights = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
@@ -350,16 +350,16 @@ class Method(nn.Module, abc.ABC):
         return images if bridge is None else bridge(images)
 
     def teacher_logits(self, images: Tensor) -> Tensor:
-        stored = self._stored
-        if stored is not None:
-            return stored["logits"]
+        saved = self._saved
+        if saved is not None:
+            return saved["logits"]
         with torch.no_grad():
             return self._eval(self.teacher)(self.teacher_inputs(images))
 
     def teacher_features(self, images: Tensor) -> Features:
-        stored = self._stored
-        if stored is not None:  # only what stored_outputs() declared; the rest is not there
-            return Features(logits=stored.get("logits"), embedding=stored.get("embedding"))
+        saved = self._saved
+        if saved is not None:  # only what saved_outputs() declared; the rest is not there
+            return Features(logits=saved.get("logits"), embedding=saved.get("embedding"))
         with torch.no_grad():
             return features(self._eval(self.teacher), self.teacher_inputs(images))
 
@@ -405,22 +405,22 @@ class Method(nn.Module, abc.ABC):
         ``parent`` or the ``knobs`` (:attr:`pipeline_knobs`) do not allow it."""
         return None
 
-    def stored_outputs(self) -> frozenset[str] | None:
+    def saved_outputs(self) -> frozenset[str] | None:
         """The teacher outputs this method reads on the batch's own images (``"logits"``,
-        ``"embedding"``), which a teacher store can supply instead of a teacher forward pass;
+        ``"embedding"``), which saved teacher outputs can supply instead of a teacher forward pass;
         ``None`` (the default) where it needs the online teacher (rotated views, feature maps,
         hidden states, a teacher that changes)."""
         return None
 
     @contextlib.contextmanager
-    def stored_teacher(self, outputs: Mapping[str, Tensor] | None) -> Iterator[None]:
-        """Within this block the teacher's outputs on the batch are ``outputs`` (from a teacher
-        store), and the teacher does not run."""
-        self._stored = outputs
+    def saved_teacher(self, outputs: Mapping[str, Tensor] | None) -> Iterator[None]:
+        """Within this block the teacher's outputs on the batch are ``outputs`` (saved teacher
+        outputs), and the teacher does not run."""
+        self._saved = outputs
         try:
             yield
         finally:
-            self._stored = None
+            self._saved = None
 
     @abc.abstractmethod
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:

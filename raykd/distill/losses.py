@@ -117,7 +117,7 @@ def hinton_kd_loss(
 
 
 def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """SkinDistilViT's logit MSE (seed 000 code: ``MSELoss(reduction="sum") / B``).
+    """SkinDistilViT's logit MSE (SkinDistilViT code: ``MSELoss(reduction="sum") / B``).
 
     ``(1/B) * sum_i sum_c (s_ic - t_ic)^2`` -- summed over classes, so C times the element mean.
     """
@@ -128,7 +128,7 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 def hidden_cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
     """SkinDistilViT / DistilBERT (Sanh et al. 2019) cosine loss between hidden states.
 
-    Every token row of ``(B, N, D)`` counts (seed 000 code flattens to ``(B*N, D)``)::
+    Every token row of ``(B, N, D)`` counts (SkinDistilViT code flattens to ``(B*N, D)``)::
 
         L_cos = mean_rows ( 1 - cos(h_s[row], h_t[row]) )
     """
@@ -322,7 +322,7 @@ def sskd_similarity(original_rep: Tensor, transformed_rep: Tensor) -> Tensor:
 
 
 def sskd_contrastive_loss(similarity: Tensor) -> Tensor:
-    """SSKD stage-1 objective for the teacher's projection head (Xu et al. 2020, Sec. 3).
+    """SSKD's teacher-prep objective for the teacher's projection head (Xu et al. 2020, Sec. 3).
 
     Each transformed view must recognise its own original: ``CE(A[j], source(j))`` with
     ``source(r * B + i) = i`` for the ``(3B, B)`` matrix of :func:`sskd_similarity`.

@@ -2,7 +2,3 @@
 
 ``python -m raykd.export --model RUN_DIR [--fp16] [--int8]``.
 """
-
-from raykd.artifact import ArtifactMeta, find_artifact, load_artifact, read_meta, save_artifact
-
-__all__ = ["ArtifactMeta", "find_artifact", "load_artifact", "read_meta", "save_artifact"]

@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from raykd.artifact.predict import softmax64
 from raykd.export.options import ExportConfig
+from raykd.metrics.plots import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +83,6 @@ def _check(probs_or_logits: np.ndarray, labels: np.ndarray, what: str) -> tuple[
 
 def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise ``softmax(logits / temperature)`` in float64."""
-    from raykd.artifact.predict import softmax64
-
     return softmax64(np.asarray(logits, dtype=np.float64) / temperature)
 
 
@@ -116,7 +116,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, bounds: tuple[flo
     Returns:
         The temperature (a plain float in ``bounds``).
     """
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import minimize_scalar  # lazy: scipy is heavy
 
     z, y = _check(logits, labels, "logits")
     lo, hi = bounds
@@ -246,7 +246,7 @@ def reliability_diagram(probs_before: np.ndarray, probs_after: np.ndarray, label
     the diagonal of perfect calibration and the share of images per bin (grey line), titled with the
     ECE; drawn on matplotlib's Agg canvas directly so no global backend is touched.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is heavy
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 4))
@@ -271,6 +271,5 @@ def reliability_diagram(probs_before: np.ndarray, probs_after: np.ndarray, label
             ax.legend(loc="upper left", fontsize=8)
     if title:
         fig.suptitle(title)
-    from raykd.metrics.plots import save_figure
 
     return save_figure(fig, path, dpi=100)

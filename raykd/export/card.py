@@ -48,6 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+
+import raykd
+from raykd.artifact.rundir import TrialDir
+from raykd.data.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +104,6 @@ def performance_section(run_metrics: dict | None, served: dict, per_class: list[
 
 
 def _read_yaml(path: Path) -> dict | None:
-    import yaml
-
     try:
         doc = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
@@ -110,8 +113,6 @@ def _read_yaml(path: Path) -> dict | None:
 
 def training_section(run_dir: Path | None) -> dict:
     """Method, teacher and hyperparameters from a run folder's ``config.yaml`` (and ``trial.json``)."""
-    from raykd.artifact.rundir import TrialDir
-
     empty = {"run_dir": None, "method": None, "teacher": None, "hyperparameters": None, "searched": None}
     if run_dir is None:
         return empty
@@ -134,8 +135,6 @@ def training_section(run_dir: Path | None) -> dict:
 
 
 def _data_section(dataset: str | os.PathLike, split_sizes: dict[str, int]) -> dict:
-    from raykd.data.manifest import Manifest
-
     try:
         manifest = Manifest.load(dataset)
     except (FileNotFoundError, ValueError, TypeError):
@@ -205,8 +204,6 @@ def build_card(*, meta, dataset: str | os.PathLike, performance: dict, calibrati
         split_sizes: Images per split, used when the dataset has no manifest.
         params: Parameter count.
     """
-    import raykd
-
     data = _data_section(dataset, split_sizes)
     calib = dict(calibration) if calibration else {"temperature": meta.temperature, "fitted": False,
                                                    "bins": None, "val": None, "test": None}

@@ -46,6 +46,15 @@ from typing import Any
 
 import numpy as np
 
+from raykd.artifact.format import BEST_DIR, find_artifact, load_artifact
+from raykd.artifact.onnx_meta import ONNX_NAME
+from raykd.artifact.predict import OnnxPredictor, TorchPredictor, preprocess_images, softmax
+from raykd.data.manifest import Manifest, resolve_location
+from raykd.export.calibrate import DEFAULT_BINS, brier, ece, operating_point
+from raykd.export.run import score_split
+from raykd.metrics.classification import compute_from_arrays, per_class_table
+from raykd.metrics.plots import plot_confusion_matrix, plot_roc_curves
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_RESAMPLES", "SPLITS", "ClassMatch", "ClassMismatchError", "Evaluation", "binary_view",
@@ -77,8 +86,6 @@ class _OnnxLogits:
     backend = "onnx"
 
     def __init__(self, path: Path) -> None:
-        from raykd.artifact.predict import OnnxPredictor
-
         try:
             self.predictor = OnnxPredictor(path)
         except ValueError:  # no raykd contract in its metadata: the message says so
@@ -89,8 +96,6 @@ class _OnnxLogits:
         self.meta = self.predictor.meta
 
     def logits(self, images) -> np.ndarray:
-        from raykd.artifact.predict import preprocess_images
-
         p = self.predictor
         batch = np.ascontiguousarray(preprocess_images(images, p.transform), dtype=np.float32)
         return np.asarray(p.session.run(None, {p.input_name: batch})[0], dtype=np.float32)
@@ -117,10 +122,6 @@ def open_model(path: str | os.PathLike, *, device: str = "auto") -> LoadedModel:
         FileNotFoundError: when the path does not exist or holds no model.
         ValueError: for an ONNX file without the raykd contract.
     """
-    from raykd.artifact import find_artifact, load_artifact
-    from raykd.artifact.onnx_meta import ONNX_NAME
-    from raykd.artifact.predict import TorchPredictor
-
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"--model {path}: no such file or folder (pass a run folder, an artifact "
@@ -219,7 +220,7 @@ def _bma(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
 def _auroc_macro(probs: np.ndarray, labels: np.ndarray) -> float:
     """One-vs-rest AUROC (Mann-Whitney U, ties counted half) averaged over the classes with at
     least one positive and one negative, as ``auroc_macro`` of :func:`compute_from_arrays`."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # lazy: scipy is heavy
 
     n = len(labels)
     values = []
@@ -281,8 +282,6 @@ def binary_view(probs: np.ndarray, labels: np.ndarray, meta) -> dict | None:
 
     None when the model names no malignant class. Rates with a zero denominator are None.
     """
-    from raykd.export.calibrate import operating_point
-
     mal = meta.malignant_indices()
     if not mal:
         return None
@@ -462,8 +461,6 @@ def _scored_splits(manifest, split: str, data) -> list[str]:
 def _score(loaded: LoadedModel, dataset, splits: list[str],
            batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Raw logits and dataset labels of every image of ``splits``, and the scoring seconds."""
-    from raykd.export.run import score_split
-
     scored = [score_split(loaded.predictor, dataset, s, batch_size=batch_size) for s in splits]
     return (np.concatenate([s.logits for s in scored]), np.concatenate([s.labels for s in scored]),
             sum(s.seconds for s in scored))
@@ -471,8 +468,6 @@ def _score(loaded: LoadedModel, dataset, splits: list[str],
 
 def _notes(meta, dataset: str, manifest, split: str) -> list[str]:
     """Caveats worth printing: the model's own training images, a different malignant list."""
-    from raykd.data.manifest import resolve_location
-
     notes = []
     if meta.dataset and resolve_location(meta.dataset) == resolve_location(dataset):
         if split in ("train", "all"):
@@ -489,9 +484,6 @@ def _notes(meta, dataset: str, manifest, split: str) -> list[str]:
 
 def _metrics(probs: np.ndarray, labels: np.ndarray, meta, per_class: list[dict], bins: int) -> dict:
     """compute_from_arrays, with macro F1, ECE and Brier; BMA, accuracy, macro F1 and AUROC first."""
-    from raykd.export.calibrate import brier, ece
-    from raykd.metrics import compute_from_arrays
-
     scores = compute_from_arrays(probs, labels, meta.label_names, meta.malignant)
     present = [r["f1"] for r in per_class if r["support"] > 0]
     out = {"bma": scores["bma"], "accuracy": scores["accuracy"], "f1_macro": float(np.mean(present)),
@@ -502,8 +494,6 @@ def _metrics(probs: np.ndarray, labels: np.ndarray, meta, per_class: list[dict],
 
 
 def _write(ev: Evaluation, out_dir: Path, probs: np.ndarray, labels: np.ndarray) -> None:
-    from raykd.metrics.plots import plot_confusion_matrix, plot_roc_curves
-
     out_dir.mkdir(parents=True, exist_ok=True)
     names, title = ev.classes["model"], f"{ev.model['name']} on {ev.dataset['name']} {ev.dataset['split']}"
     ev.files = {"json": str(out_dir / EVALUATION_JSON), "markdown": str(out_dir / EVALUATION_MD),
@@ -517,8 +507,6 @@ def _write(ev: Evaluation, out_dir: Path, probs: np.ndarray, labels: np.ndarray)
 
 def _model_name(path: Path) -> str:
     """The run folder's name for ``RUN/<artifact>``, else the folder's or the file's."""
-    from raykd.artifact import BEST_DIR
-
     if path.suffix == ".onnx":
         folder = path.parent.parent if path.parent.name == BEST_DIR else path.parent
         return f"{folder.name}/{path.name}"
@@ -529,9 +517,6 @@ def _evaluation(loaded: LoadedModel, data, manifest, split: str, splits: list[st
                 logits: np.ndarray, labels: np.ndarray, seconds: float, *, resamples: int, seed: int,
                 bins: int) -> tuple[Evaluation, np.ndarray]:
     """Every number of the report from the scored split; also returns the served probabilities."""
-    from raykd.artifact.predict import softmax
-    from raykd.metrics import per_class_table
-
     meta, n = loaded.meta, loaded.meta.num_classes
     probs = softmax(logits / meta.temperature)
     cm = np.bincount(labels * n + probs.argmax(axis=1), minlength=n * n).reshape(n, n)
@@ -589,9 +574,6 @@ def run_evaluate(
         ValueError: an unknown or empty split, a negative ``resamples``;
             :class:`ClassMismatchError` when the data holds a class the model does not have.
     """
-    from raykd.data.manifest import Manifest
-    from raykd.export.calibrate import DEFAULT_BINS
-
     if split not in SPLITS:  # before anything is loaded
         raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)} (--split)")
     if resamples < 0:

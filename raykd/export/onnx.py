@@ -8,7 +8,7 @@ size, mean, std, label names, benign/malignant map) is written into the model's
 
 Variants:
 - fp16: weights and activations in half precision with float32 inputs/outputs (casts at the
-  edges). The fusion-teacher paper (paper 004, section 3.7) shrinks its student from 2.03 MB to
+  edges). The fusion-teacher paper (Islam et al. fusion paper, section 3.7) shrinks its student from 2.03 MB to
   469.77 KB with 16-bit quantisation; here the file size halves and the BMA change is measured.
 - int8: ONNX Runtime dynamic quantisation (int8 weights, activations quantised on the fly), which
   needs no calibration data and speeds up the MatMul-heavy ViT students on CPU.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raykd.artifact import ArtifactMeta
+from raykd.artifact.format import ArtifactMeta
 from raykd.artifact.onnx_meta import (  # noqa: F401 - part of this module's API
     FP16_NAME,
     INT8_NAME,
@@ -39,6 +39,7 @@ from raykd.artifact.onnx_meta import (  # noqa: F401 - part of this module's API
     read_onnx_meta,
     read_onnx_props,
 )
+from raykd.data.transforms import PreprocessSpec
 from raykd.export.options import ExportConfig
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _adaptive_avg_pool2d(g, x, output_size):
     output cell ``i`` averages rows ``floor(i*H/oh)`` to ``ceil((i+1)*H/oh)`` (PyTorch's rule),
     each window exported as Slice + AveragePool, then concatenated.
     """
-    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_helper as sh  # lazy: torch is heavy
 
     oh, ow = sh._parse_arg(output_size, "is")
     if (oh, ow) == (1, 1):
@@ -110,8 +111,6 @@ def _adaptive_avg_pool2d(g, x, output_size):
 
 def _input_size(meta: ArtifactMeta) -> tuple[int, int]:
     """Model input height and width: the square ``image_size`` of the preprocessing contract."""
-    from raykd.data.transforms import PreprocessSpec
-
     size = PreprocessSpec.from_dict(meta.preprocess).image_size
     return size, size
 
@@ -136,7 +135,7 @@ def _set_props(model_proto, meta: ArtifactMeta, extra: dict[str, str] | None = N
 
 
 def _save(model_proto, path: Path) -> Path:
-    import onnx
+    import onnx  # lazy: onnx is heavy
 
     tmp = path.with_name(path.name + ".tmp")
     onnx.save_model(model_proto, str(tmp), save_as_external_data=False)
@@ -196,7 +195,7 @@ def export_onnx(
     Returns:
         The written path.
     """
-    import onnx
+    import onnx  # lazy: onnx is heavy
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,8 +220,8 @@ def export_onnx(
 
 
 def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Half-precision copy of ``src`` with float32 inputs/outputs (paper 004's 16-bit model)."""
-    import onnx
+    """Half-precision copy of ``src`` with float32 inputs/outputs (the fusion paper's 16-bit model)."""
+    import onnx  # lazy: onnx is heavy
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model_proto = onnx.load(str(src))
@@ -237,7 +236,7 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Dynamic int8 quantisation of ``src`` (weights int8, activations quantised at run time)."""
-    import onnx
+    import onnx  # lazy: onnx is heavy
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)

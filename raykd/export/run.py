@@ -1,10 +1,10 @@
 """``run_export``: artifact -> ONNX (+ fp16, int8), checked on real validation images.
 
 Right after export, ONNX Runtime and torch score the same validation images through the serving
-predictors (:mod:`raykd.serve.predictor`, which run the training-time evaluation transform). The
+predictors (:mod:`raykd.serve.backend`, which run the training-time evaluation transform). The
 largest absolute difference of their probabilities must stay within ``cfg.tolerance`` or the export
 fails (:class:`ParityError`) — a model that serves different answers than it was evaluated with is
-worse than no model. The fp16 (paper 004, section 3.7) and int8 variants are reported with their
+worse than no model. The fp16 (Islam et al. fusion paper, section 3.7) and int8 variants are reported with their
 file size and their change in balanced multi-class accuracy (BMA) on the validation split, so the
 size/accuracy trade-off is a measured number rather than an assumption.
 
@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,10 +36,32 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from raykd.artifact import BEST_DIR, WEIGHTS_NAME, count_params, find_artifact, load_artifact, write_meta
-from raykd.export.calibrate import DEFAULT_BINS
+from raykd.artifact.format import (
+    BEST_DIR,
+    WEIGHTS_NAME,
+    count_params,
+    find_artifact,
+    load_artifact,
+    write_meta,
+)
+from raykd.artifact.measure import measure_latency
+from raykd.artifact.predict import OnnxPredictor, TorchPredictor, softmax
+from raykd.artifact.rundir import RunDir
+from raykd.data.manifest import MANIFEST_NAME, Manifest, is_uri
+from raykd.data.transforms import PreprocessSpec, decode_image
+from raykd.export.calibrate import (
+    DEFAULT_BINS,
+    CalibrationScores,
+    choose_threshold,
+    fit_temperature,
+    operating_point,
+    reliability_diagram,
+    softmax_t,
+)
+from raykd.export.card import build_card, performance_section, write_card
 from raykd.export.onnx import FP16_NAME, INT8_NAME, ONNX_NAME, convert_fp16, export_onnx, quantize_int8
 from raykd.export.options import ExportConfig
+from raykd.metrics.classification import compute_from_arrays, per_class_table
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +160,7 @@ def load_split_images(
 
     Rows are returned in file order; ``limit`` keeps the first ``limit`` rows.
     """
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # lazy: pyarrow is heavy
 
     ds = _shards(dataset)
     table = ds.to_table(columns=["image", "label"], filter=pads.field("split") == split)
@@ -150,9 +173,7 @@ def load_split_images(
 
 def _shards(dataset: str | os.PathLike):
     """The dataset's shards (a folder or a URI) as one pyarrow dataset, in the manifest's order."""
-    import pyarrow.dataset as pads
-
-    from raykd.data.manifest import MANIFEST_NAME, Manifest, is_uri
+    import pyarrow.dataset as pads  # lazy: pyarrow is heavy
 
     if is_uri(dataset) or (Path(dataset) / MANIFEST_NAME).is_file():
         return Manifest.load(dataset).shard_dataset(dataset)
@@ -165,7 +186,7 @@ def _shards(dataset: str | os.PathLike):
 
 def split_size(dataset: str | os.PathLike, split: str) -> int:
     """Number of rows of ``split`` in ``dataset/shards/*.parquet`` (0 when the split is empty)."""
-    import pyarrow.dataset as pads
+    import pyarrow.dataset as pads  # lazy: pyarrow is heavy
 
     ds = _shards(dataset)
     return ds.count_rows(filter=pads.field("split") == split)
@@ -192,8 +213,6 @@ def score_split(predictor, dataset: str | os.PathLike, split: str, *,
 
     Images are decoded one batch at a time, so a large split never sits decoded in memory.
     """
-    from raykd.data.transforms import decode_image
-
     blobs, labels = load_split_images(dataset, split, limit=limit)
     out, seconds = [], 0.0
     for i in range(0, len(blobs), batch_size):
@@ -213,8 +232,6 @@ def _predict_all(predictor, images: list[np.ndarray], batch_size: int) -> tuple[
 
 
 def _bma(probs: np.ndarray, labels: np.ndarray, meta) -> float | None:
-    from raykd.metrics import compute_from_arrays
-
     return float(compute_from_arrays(probs, labels, meta.label_names, meta.malignant)["bma"])
 
 
@@ -240,8 +257,6 @@ def run_export(cfg: ExportConfig, checkpoint: str | os.PathLike, *, data: str | 
     Raises:
         ParityError: when the fp32 ONNX model disagrees with torch beyond ``cfg.tolerance``.
     """
-    from raykd.artifact.predict import TorchPredictor
-
     _check_options(cfg)
     artifact, model, meta, dataset = _open_artifact(checkpoint, data)
     out_dir = Path(out) if out else artifact
@@ -313,8 +328,6 @@ def _calibrate_step(meta, scored: dict[str, ScoredSplit], artifact: Path, out_di
 def _torch_reference(predictor, meta, scored: dict[str, ScoredSplit], images: list[np.ndarray],
                      cfg: ExportConfig) -> tuple[np.ndarray, float]:
     """Torch's served probabilities of ``images`` (the parity reference) and its images/s."""
-    from raykd.artifact.predict import softmax
-
     if cfg.split in scored:  # the rows of _decoded_split are the first rows of the scored split
         return (softmax(scored[cfg.split].logits[: len(images)] / meta.temperature),
                 scored[cfg.split].images_per_s)
@@ -325,8 +338,6 @@ def _reference_report(cfg: ExportConfig, artifact: Path, meta, dataset, scored: 
                       images: list[np.ndarray], torch_bma: float | None, torch_ips: float,
                       calibration: dict | None, reliability: Path | None) -> ExportReport:
     """The report as far as torch goes (the variants and the rest are added as they are measured)."""
-    from raykd.artifact.predict import softmax
-
     return ExportReport(
         artifact=str(artifact), model_name=meta.model_name, dataset=str(dataset), split=cfg.split,
         num_images=len(images), tolerance=cfg.tolerance, torch_bma=torch_bma,
@@ -364,8 +375,6 @@ def _open_artifact(checkpoint: str | os.PathLike, data: str | os.PathLike | None
 
 def _decoded_split(dataset, split: str, max_images: int | None) -> tuple[list[np.ndarray], np.ndarray]:
     """Decoded RGB images and labels of ``split`` (the first ``max_images`` rows)."""
-    from raykd.data.transforms import decode_image
-
     blobs, labels = load_split_images(dataset, split, limit=max_images)
     images = [decode_image(b) for b in blobs]
     log.info("checking the export on %d %s images from %s", len(images), split, dataset)
@@ -390,8 +399,6 @@ def _write_variants(model, meta, out_dir: Path, variants: list[str], *, opset: i
 def _measure_variant(name: str, path: Path, images: list[np.ndarray], labels: np.ndarray, ref: np.ndarray,
                      torch_bma: float | None, meta, batch_size: int) -> VariantReport:
     """Score ``images`` with ONNX Runtime on ``path``: difference to ``ref``, BMA, size and speed."""
-    from raykd.artifact.predict import OnnxPredictor
-
     probs, ips = _predict_all(OnnxPredictor(path), images, batch_size)
     bma = _bma(probs, labels, meta)
     return VariantReport(
@@ -417,8 +424,6 @@ def _check_parity(report: ExportReport, out_dir: Path) -> None:
 
 def _calibrate(meta, scored: dict[str, ScoredSplit], target_sensitivity: float) -> dict:
     """Fit ``meta.temperature`` on the validation logits, set ``meta.decision``; ECE/Brier before/after."""
-    from raykd.export.calibrate import CalibrationScores, fit_temperature
-
     val = scored["val"]
     meta.temperature = fit_temperature(val.logits, val.labels)
     meta.decision = _decision(meta, scored, target_sensitivity)
@@ -437,9 +442,6 @@ def _decision(meta, scored: dict[str, ScoredSplit], target_sensitivity: float) -
     The malignant probability is computed exactly as a server computes it from the predictors'
     float32 probabilities, so a validation image on the threshold is flagged there too.
     """
-    from raykd.artifact.predict import softmax
-    from raykd.export.calibrate import choose_threshold, operating_point
-
     malignant = meta.malignant_indices()
     if not malignant:
         log.info("%s has no malignant class among its labels %s: no cancer-vs-benign decision point",
@@ -470,8 +472,6 @@ def _decision(meta, scored: dict[str, ScoredSplit], target_sensitivity: float) -
 
 def _reliability(meta, scored: dict[str, ScoredSplit], calibration: dict, path: Path) -> Path:
     """Reliability diagram before/after the temperature, on the test split (held out) or else val."""
-    from raykd.export.calibrate import reliability_diagram, softmax_t
-
     s = scored.get("test") or scored["val"]
     return reliability_diagram(softmax_t(s.logits, 1.0), softmax_t(s.logits, calibration["temperature"]), s.labels,
                                path, bins=calibration["bins"],
@@ -481,12 +481,6 @@ def _reliability(meta, scored: dict[str, ScoredSplit], calibration: dict, path: 
 
 def _latency(model, meta, onnx_path: Path, reps: int) -> dict[str, float]:
     """Median single-image CPU milliseconds on one thread: torch (as the leaderboard measures it) and ONNX."""
-    import statistics
-
-    from raykd.artifact.measure import measure_latency
-    from raykd.artifact.predict import OnnxPredictor
-    from raykd.data.transforms import PreprocessSpec
-
     size = PreprocessSpec.from_dict(meta.preprocess).image_size
     torch_ms = measure_latency(model, size, reps=reps)
     onnx = OnnxPredictor(onnx_path, threads=1)
@@ -503,8 +497,6 @@ def _latency(model, meta, onnx_path: Path, reps: int) -> dict[str, float]:
 
 def _run_folder(artifact: Path) -> Path | None:
     """The run folder holding ``artifact`` as its ``best/`` (it has a saved config), or None."""
-    from raykd.artifact.rundir import RunDir
-
     parent = artifact.resolve().parent
     return parent if artifact.name == BEST_DIR and RunDir(parent).config_file.is_file() else None
 
@@ -517,10 +509,6 @@ def _write_model_card(report: ExportReport, meta, artifact: Path, out_dir: Path,
     The headline numbers are the run's own (``run_metrics``, else ``summary.json``), the ones the
     leaderboard shows; the served numbers and the per-class table come from the scoring above.
     """
-    from raykd.artifact.rundir import RunDir
-    from raykd.export.card import build_card, performance_section, write_card
-    from raykd.metrics import compute_from_arrays, per_class_table
-
     split = "test" if "test" in scored else next(iter(scored))
     probs, labels = report.predictions[split]
     served = compute_from_arrays(probs, labels, meta.label_names, meta.malignant)

@@ -52,6 +52,8 @@ import torchmetrics.functional.classification as tmf
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from raykd.distributed import world_size
+
 __all__ = [
     "ClassificationMetrics",
     "compute_from_arrays",
@@ -254,7 +256,7 @@ def gather_predictions(probs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(probs, targets)`` of the whole split, on the CPU.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return probs.detach().cpu(), targets.detach().cpu()
     device = probs.device
     if dist.get_backend() == "nccl" and device.type != "cuda":

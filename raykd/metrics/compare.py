@@ -54,7 +54,7 @@ class PairedDifference(Interval):
 
 
 def _half_width(values: list[float], level: float) -> float:
-    from scipy import stats
+    from scipy import stats  # lazy: scipy is heavy
 
     n = len(values)
     if n < 2:
@@ -73,7 +73,7 @@ def mean_interval(values: list[float], level: float = 0.95) -> Interval:
 
 def paired_difference(method: dict[Any, float], baseline: dict[Any, float], level: float = 0.95) -> PairedDifference:
     """``method - baseline`` over the seeds both have (``{seed: score}`` each)."""
-    from scipy import stats
+    from scipy import stats  # lazy: scipy is heavy
 
     seeds = sorted(set(method) & set(baseline))
     if not seeds:

@@ -48,7 +48,7 @@ def plot_confusion_matrix(
             count beneath; otherwise show counts only.
         title: figure title (e.g. ``"val epoch 7 - BMA 0.712"``).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is heavy
     from matplotlib.figure import Figure
 
     cm = np.asarray(cm)
@@ -149,7 +149,7 @@ def plot_roc_curves(
         path: output ``.png``; parent folders are created.
         title: figure title.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is heavy
     from matplotlib.figure import Figure
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -215,7 +215,7 @@ def plot_pareto(
         title: figure title.
         front: whether it is on the metric-vs-latency Pareto front (None: no front line).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib is heavy
     from matplotlib.figure import Figure
 
     pts = list(zip(latency_ms, scores, names, highlight, strict=True))

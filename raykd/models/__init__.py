@@ -26,7 +26,7 @@ from raykd.models.vit_cut import SKINDISTILVIT_BLOCKS, cascade_cut, cut_vit, dis
 
 def raykd_model_names() -> list[str]:
     """Every model name this package registers with timm."""
-    import timm
+    import timm  # lazy: timm is heavy
 
     return sorted(timm.list_models("raykd_*"))
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from raykd.models.features import unwrap_model
+from raykd.registry import did_you_mean
 
 __all__ = ["PAPER_MODELS", "create_model", "load_weights", "read_state_dict", "count_params"]
 
@@ -31,18 +32,18 @@ _log = logging.getLogger(__name__)
 #: EfficientNet-B4/B6 use timm's ``tf_`` ports: they are the only B4/B6 with ImageNet weights on the
 #: hub and match the EfficientNets of the ISIC 2019 winners that SkinDistilViT compares against.
 PAPER_MODELS: dict[str, str] = {
-    # SkinDistilViT teacher (seed 000): google/vit-base-patch16-224 = timm's orig_in21k_ft_in1k weights
+    # SkinDistilViT teacher (SkinDistilViT): google/vit-base-patch16-224 = timm's orig_in21k_ft_in1k weights
     "vit_b16": "vit_base_patch16_224.orig_in21k_ft_in1k",
     "skindistilvit": "raykd_distilvit_base_patch16_224",  # its 6-block student
-    "fcvit": "raykd_fcvit_base_patch16_224",  # FCViT / FCViTProbs (seed 000, section 3.2)
+    "fcvit": "raykd_fcvit_base_patch16_224",  # FCViT / FCViTProbs (SkinDistilViT, section 3.2)
     "efficientnet_b4": "tf_efficientnet_b4",  # SkinDistilViT CNN baselines
     "efficientnet_b6": "tf_efficientnet_b6",
-    "resnet50": "resnet50",  # SSD-KD teacher (seed 001)
+    "resnet50": "resnet50",  # SSD-KD teacher (SSD-KD)
     "mobilenetv2": "mobilenetv2_100",  # SSD-KD student
     "convnext_base": "convnext_base",
-    "hierattn_xs": "raykd_hierattn_xs",  # HierAttn (seed 003)
+    "hierattn_xs": "raykd_hierattn_xs",  # HierAttn (HierAttn)
     "hierattn_s": "raykd_hierattn_s",
-    "fused_teacher": "raykd_fused_teacher",  # fusion teacher (seed 004)
+    "fused_teacher": "raykd_fused_teacher",  # fusion teacher (the fusion paper)
     "tiny_cnn": "raykd_tiny_cnn",  # its student
 }
 
@@ -62,7 +63,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained_file {str(path)!r} does not exist; pass a local weights file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: safetensors is heavy
 
         sd: Any = load_file(str(path))
     else:
@@ -164,8 +165,6 @@ def create_model(
     # raykd_* names are registered with timm by raykd/models/__init__.py, which Python runs before
     # this module whichever way it is imported
     if not timm.is_model(name):
-        from raykd.registry import did_you_mean
-
         hint = did_you_mean(name, timm.list_models())
         raise ValueError(
             f"unknown model name {name!r}.{hint} See timm.list_models() or raykd.models.PAPER_MODELS."

@@ -1,7 +1,7 @@
 """One feature interface for every model that distillation methods touch.
 
 Distillation methods need more than logits: FitNet and CRKD read a CNN's last feature map,
-SkinDistilViT's hidden-state loss reads every ViT block output (seed 000, section 3.1), FCViT reads
+SkinDistilViT's hidden-state loss reads every ViT block output (SkinDistilViT, section 3.1), FCViT reads
 per-block logits, and relational methods read the pooled embedding. ``features(model, x)`` returns
 all of them from ONE differentiable forward pass, for raykd models and for plain timm models
 (VisionTransformer/DeiT, ResNet, EfficientNet/MobileNetV2, ConvNeXt), without editing timm.

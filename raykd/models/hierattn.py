@@ -16,7 +16,7 @@ Blocks:
   positions -> 6×6, positions shuffled in training), a 1×1 conv to 4C, mean of |x| over space,
   dropout 0.1 and a linear classifier.
 
-Reconstruction choices (from the authors' code, see shared notes A3, where it is more precise than
+Reconstruction choices (from the authors' code, where it is more precise than
 the paper; it reproduces the paper's parameter counts exactly: 1,079,928 and 2,135,224):
 - Table I's "Conv3×3 ↓2" of each stage is an MBConv/SCADW block with stride 2 (expand 2 for xs, 4 for s).
 - The CTH block fuses by concatenation + 3×3 conv (MobileViT v1); the residual of Eq. (2) is off in

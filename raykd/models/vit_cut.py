@@ -29,6 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
+from raykd.models.factory import create_model
 from raykd.models.features import unwrap_model
 
 __all__ = ["SKINDISTILVIT_BLOCKS", "cut_vit", "cascade_cut", "distilvit_student"]
@@ -112,8 +113,6 @@ def distilvit_student(
         keep_blocks: blocks to keep.
         **kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
     """
-    from raykd.models.factory import create_model
-
     if init == "teacher":
         if teacher is None:
             raise ValueError("init='teacher' needs teacher=<trained ViT>")

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import raykd.models  # noqa: F401 (registers raykd_* names)
+from raykd.models.fused_teacher import backbone_weights
 from raykd.typed import ConfigError
 
 if TYPE_CHECKING:  # annotations only: the models do not depend on the run config
@@ -56,11 +58,9 @@ class HubSource:
 
 def hub_source(name: str, kwargs: dict | None = None) -> HubSource:
     """Where ``timm.create_model(name, pretrained=True, **kwargs)`` would load weights from."""
-    import timm
+    import timm  # lazy: timm is heavy
     from timm.models._builder import _resolve_pretrained_source, resolve_pretrained_cfg
     from timm.models._registry import split_model_name_tag
-
-    import raykd.models  # noqa: F401  (registers raykd_* names)
 
     kwargs = dict(kwargs or {})
     arch, tag = split_model_name_tag(name)
@@ -90,7 +90,7 @@ def _offline() -> bool:
     env = os.environ.get("HF_HUB_OFFLINE")
     if env is not None:
         return env.strip().upper() in _TRUE
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: huggingface_hub is optional here
 
     return bool(constants.HF_HUB_OFFLINE)
 
@@ -100,7 +100,7 @@ def _hf_cache_dir() -> str:
         return os.environ["HF_HUB_CACHE"]
     if os.environ.get("HF_HOME"):
         return os.path.join(os.environ["HF_HOME"], "hub")
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: huggingface_hub is optional here
 
     return constants.HF_HUB_CACHE
 
@@ -112,7 +112,7 @@ def _hub_problem(src: HubSource, timeout: float) -> str | None:
     if src.kind == "file":
         return check_file(src.location)
     if src.kind == "hf-hub":
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # lazy: huggingface_hub is optional here
 
         cache = _hf_cache_dir()
         for f in src.filenames:
@@ -121,7 +121,7 @@ def _hub_problem(src: HubSource, timeout: float) -> str | None:
                 return None
         if _offline():
             return f"HF_HUB_OFFLINE is set and the weights are not in the cache {cache}"
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url  # lazy: huggingface_hub is optional here
         from huggingface_hub.errors import EntryNotFoundError
 
         reasons = []
@@ -135,7 +135,7 @@ def _hub_problem(src: HubSource, timeout: float) -> str | None:
                 reasons.append(f"{f}: {_first_line(e)}")
         return "the hub did not answer: " + "; ".join(reasons)
     # url: torch.hub's cache, else a HEAD request
-    import torch.hub
+    import torch.hub  # lazy: torch is heavy
 
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(src.location).path).name
     if cached.is_file():
@@ -167,13 +167,13 @@ def check_file(path: str | Path) -> str | None:
         return "the file is not readable"
     try:
         if p.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import safe_open  # lazy: safetensors is heavy
 
             with safe_open(str(p), framework="pt") as f:
                 if not list(f.keys()):
                     return "the safetensors file holds no tensors"
             return None
-        import torch
+        import torch  # lazy: torch is heavy
 
         try:
             sd: Any = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -181,7 +181,7 @@ def check_file(path: str | Path) -> str | None:
             sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (any read error is reported)
         return f"cannot be read as safetensors or a weights_only torch state dict: {_first_line(e)}"
-    import torch
+    import torch  # lazy: torch is heavy
 
     for key in ("state_dict", "model", "model_state_dict", "student"):
         if isinstance(sd, Mapping) and isinstance(sd.get(key), Mapping):
@@ -204,8 +204,6 @@ class _Source:
 
 def _sources(cfg: ModelConfig) -> list[_Source]:
     """Every weight source building ``cfg`` loads (files always, the hub when ``pretrained``)."""
-    from raykd.models.fused_teacher import backbone_weights
-
     if cfg.checkpoint or cfg.cut_blocks:  # a trained raykd model / blocks of the teacher: no ImageNet weights
         return []
     out: list[_Source] = []

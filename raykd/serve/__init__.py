@@ -3,7 +3,3 @@
 ``python -m raykd.serve --family FILE`` or ``--model PATH ...``. Importing this package does not
 import Ray; the Serve app lives in :mod:`raykd.serve.app`.
 """
-
-from raykd.serve.family import Family, FamilyEntry, family_from_paths, load_family, write_family
-
-__all__ = ["Family", "FamilyEntry", "family_from_paths", "load_family", "write_family"]

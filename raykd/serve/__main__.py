@@ -2,7 +2,7 @@
 
 Connects to ``--address`` / ``$RAY_ADDRESS`` or starts a local Ray cluster, binds the HTTP proxy to
 ``--host:--port`` and blocks until interrupted. The same application starts with
-``serve run raykd.serve.app:build_app registry=FILE`` or ``serve deploy deploy/serve_config.yaml``.
+``serve run raykd.serve.app:build_app family=FILE`` or ``serve deploy deploy/serve_config.yaml``.
 Set ``RAYKD_API_KEY`` to require an API key: a local cluster started here inherits it from this
 process's environment; a running cluster (``--address``) needs it in its own environment.
 """
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import typing
 
 from raykd.cli import HelpFormatter
+from raykd.cluster import init_local_ray
 from raykd.console import configure
 from raykd.serve.options import ServeArgs, ServerOptions, default
 
@@ -23,16 +25,15 @@ APP_NAME = "raykd"
 PROG = "python -m raykd.serve"
 
 #: Flags that are not spelled from their field's name, or take more than a value: argparse keywords
-#: (``help_suffix`` is appended to the field's description). ``registry`` and ``models`` are the
+#: (``help_suffix`` is appended to the field's description). ``family`` and ``models`` are the
 #: two sources, one of which is required.
 FLAG_OVERRIDES: dict[str, dict] = {
-    "registry": {"flags": ("--family", "--registry"), "metavar": "FILE",
-                 "help_suffix": " (this or --model is required)"},
+    "family": {"metavar": "FILE", "help_suffix": " (this or --model is required)"},
     "models": {"flags": ("--model",), "action": "append", "metavar": "[NAME=]PATH", "default": None,
                "help_suffix": "; repeatable (this or --family is required)"},
     "direct_port": {"metavar": "PORT"},
 }
-SOURCES = ("registry", "models")
+SOURCES = ("family", "models")
 #: ServeArgs fields that only a Serve config or ``serve run`` sets (no flag).
 NOT_FLAGS = ("max_ongoing_requests", "onnx_cache_dir")
 
@@ -110,15 +111,12 @@ def run_serve(args, *, host: str = default(ServerOptions, "host"), port: int = d
     ``env_vars`` are set in the replicas' environment (``runtime_env``), e.g. ``RAYKD_API_KEY`` in
     tests. Returns the app's deployment handle when ``blocking`` is False (tests, benchmarks).
     """
-    from ray import serve
+    from ray import serve  # lazy: ray is heavy
 
-    from raykd.cluster import init_local_ray
-    from raykd.serve.app import bind_app
+    from raykd.serve.app import bind_app  # lazy: imports ray
 
     app = bind_app(args, env_vars=env_vars)  # validates the family before touching the cluster
     if direct_port is not None:
-        import os
-
         os.environ.update(direct_ingress_env(direct_port, args.num_replicas))  # the processes Ray starts read them
     init_local_ray(address)
     serve.start(http_options={"host": host, "port": port})
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from ray import serve
+        from ray import serve  # lazy: ray is heavy
 
         logging.getLogger("raykd.serve").info("shutting down the Serve application")
         serve.shutdown()

@@ -6,7 +6,7 @@ Routes:
         "backend", "probabilities": {label: p}, "top_class", "top_probability",
         "malignant_probability", "malignant_decision", "decision_threshold", "tta", "budget"}``.
         The malignant probability is the sum over the artifact's malignant labels (SkinDistilViT's
-        cancer-vs-benign view, seed 000 section 5.4). ``malignant_decision`` is
+        cancer-vs-benign view, SkinDistilViT section 5.4). ``malignant_decision`` is
         ``malignant_probability >= decision_threshold``, the operating point chosen at export
         (``meta.decision["threshold"]``); both are ``null`` for a model without one.
         **Budgets**: without ``model=``, ``max_latency_ms`` and/or ``max_size_mb`` (10^6 bytes)
@@ -15,7 +15,7 @@ Routes:
         echoes them (``null`` without). None fits: 422 naming the budget and the fastest and
         smallest models on offer; ``model=`` with a budget: 400. **TTA**: ``tta=flip`` averages
         the probabilities of the image and its horizontal and vertical flips (any backend,
-        :func:`raykd.serve.predictor.predict_tta`; about 3x the compute); default ``none``.
+        :func:`raykd.serve.backend.predict_tta`; about 3x the compute); default ``none``.
     ``POST /explain[?model=NAME][&target=LABEL]`` - same body, checks and key as ``/predict``.
         Answers ``image/png``: the heatmap of the explained class (default the top class) over the
         image at the model's input size (:mod:`raykd.serve.explain`: Grad-CAM for CNNs,
@@ -49,7 +49,7 @@ next (``bench/serve.py`` measures both). Bad requests are answered 4xx with ``{"
 corrupt or truncated data when decoded.
 
 Started the same way by ``python -m raykd.serve``, ``serve run raykd.serve.app:build_app
-registry=FILE`` and ``serve deploy deploy/serve_config.yaml``; ``build_app`` takes typed
+family=FILE`` and ``serve deploy deploy/serve_config.yaml``; ``build_app`` takes typed
 :class:`ServeArgs` (Serve validates the config's ``args`` against it).
 """
 
@@ -108,8 +108,8 @@ DEPLOYMENT_NAME = "ModelServer"
 
 def resolve_family(args: ServeArgs) -> Family:
     """The family to serve, with absolute paths (fails early, naming the bad file or name)."""
-    if args.registry:
-        family = load_family(args.registry)
+    if args.family:
+        family = load_family(args.family)
         if args.winner:
             family.get(args.winner)
             family.winner = args.winner
@@ -120,7 +120,7 @@ def resolve_family(args: ServeArgs) -> Family:
 def _request_id() -> str:
     """Serve's id of the current request (the ``X-Request-ID`` it answers with), else a new one."""
     try:
-        from ray.serve.context import _get_serve_request_context
+        from ray.serve.context import _get_serve_request_context  # lazy: ray is heavy
 
         return _get_serve_request_context().request_id or new_request_id()
     except Exception:  # noqa: BLE001 - a private Serve API: never let it break an error answer
@@ -159,7 +159,7 @@ def _header_text(text: str) -> str:
 def _entry_folder(entry: FamilyEntry) -> Path:
     """Where a member's side files (model card) live: its artifact folder, else its ONNX file's."""
     if entry.artifact:
-        from raykd.artifact import find_artifact
+        from raykd.artifact.format import find_artifact  # lazy: imports torch
 
         return find_artifact(entry.artifact)
     return Path(entry.onnx).parent
@@ -184,10 +184,10 @@ class ModelServer:
     """
 
     def __init__(self, family: dict, args: dict) -> None:
-        from raykd.serve.predictor import load_predictor, measure_latency_ms
+        from raykd.serve.backend import load_predictor, measure_latency_ms  # lazy: imports torch
 
         self.args = ServeArgs.model_validate(args)
-        if self.args.registry and is_uri(self.args.registry):  # this node's own copy of the models in the store
+        if self.args.family and is_uri(self.args.family):  # this node's own copy of the models in the bucket
             family = resolve_family(self.args).to_dict()
         self.family = Family.from_dict(family)
         announce_auth()  # one warning when RAYKD_API_KEY is unset: the endpoint is open
@@ -214,7 +214,7 @@ class ModelServer:
 
         Returns, in request order, ``(probabilities, backend that answered)``.
         """
-        from raykd.serve.predictor import predict_tta
+        from raykd.serve.backend import predict_tta  # lazy: imports torch
 
         out: list = [None] * len(names)
         for name, tta in dict.fromkeys(zip(names, ttas, strict=True)):
@@ -307,7 +307,7 @@ class ModelServer:
     @fastapi_app.post("/predict")
     async def predict(self, request: Request, model: str | None = None, max_latency_ms: str | None = None,
                       max_size_mb: str | None = None, tta: str = "none"):
-        from raykd.serve.predictor import TTA_MODES
+        from raykd.serve.backend import TTA_MODES  # lazy: imports torch
 
         try:
             entry, budget = self._choose(model, max_latency_ms, max_size_mb)
@@ -369,21 +369,21 @@ class ModelServer:
     def _torch_model_for(self, entry: FamilyEntry):
         """The torch model explaining ``entry``: the served one, else loaded on CPU from its
         artifact (once; in a worker thread, since loading takes a moment)."""
-        from raykd.serve.predictor import torch_model
+        from raykd.serve.backend import torch_model  # lazy: imports torch
 
         model = torch_model(self.predictors[entry.name])
         if model is not None:
             return model
         with self._explain_lock:
             if entry.name not in self._explain_models:
-                from raykd.artifact import load_artifact
+                from raykd.artifact.format import load_artifact  # lazy: imports torch
 
                 self._explain_models[entry.name] = load_artifact(entry.artifact, device="cpu")[0]
                 log.info("loaded the torch model of %s on CPU for explanations", entry.name)
             return self._explain_models[entry.name]
 
     def _explain(self, entry: FamilyEntry, data: bytes, target: int | None) -> tuple:
-        from raykd.serve.explain import encode_png, explain, overlay
+        from raykd.serve.explain import encode_png, explain, overlay  # lazy: imports torch
 
         image = decode(data)
         meta = self.predictors[entry.name].meta
@@ -392,7 +392,7 @@ class ModelServer:
 
     @fastapi_app.post("/explain")
     async def explain(self, request: Request, model: str | None = None, target: str | None = None):
-        from raykd.serve.predictor import torch_model
+        from raykd.serve.backend import torch_model  # lazy: imports torch
 
         try:
             entry = self._entry(model)
@@ -442,7 +442,7 @@ class ModelServer:
 
 
 def build_app(args: ServeArgs) -> Application:
-    """Typed application builder (``serve run raykd.serve.app:build_app registry=FILE``).
+    """Typed application builder (``serve run raykd.serve.app:build_app family=FILE``).
 
     The family is resolved here, on the driver, so a missing file or an unknown winner fails
     before any replica starts.

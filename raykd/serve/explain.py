@@ -47,6 +47,8 @@ from torch import nn
 
 from raykd.artifact.format import ArtifactMeta
 from raykd.artifact.predict import softmax
+from raykd.data.transforms import PreprocessSpec, build_eval_transform, normalizer, to_chw_batch
+from raykd.models.features import features, unwrap_model
 
 __all__ = ["Explanation", "encode_png", "explain", "input_view", "is_vit", "overlay"]
 
@@ -80,15 +82,11 @@ def is_vit(model: nn.Module) -> bool:
 
 def input_view(meta: ArtifactMeta, image: np.ndarray) -> np.ndarray:
     """The evaluation transform of ``meta`` without normalisation: what the model sees, as uint8 RGB."""
-    from raykd.data.transforms import PreprocessSpec, build_eval_transform
-
     spec = PreprocessSpec.from_dict(meta.preprocess)
     return build_eval_transform(spec, normalize=False)(image=image)["image"]
 
 
 def _model_input(meta: ArtifactMeta, view: np.ndarray, device: torch.device) -> torch.Tensor:
-    from raykd.data.transforms import PreprocessSpec, normalizer, to_chw_batch
-
     spec = PreprocessSpec.from_dict(meta.preprocess)
     x = torch.from_numpy(to_chw_batch([view])).to(device)
     return normalizer(spec, device)(x)
@@ -146,8 +144,6 @@ def _token_grid(model: nn.Module, n_patches: int, x: torch.Tensor) -> tuple[int,
 
 def _cnn_cam(model: nn.Module, x: torch.Tensor, target: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """Grad-CAM on the last feature map: ``(cam (h, w), logits (C,), target)``."""
-    from raykd.models.features import features
-
     f = features(model, x)
     if f.feature_map is None:
         raise TypeError(f"explanations need a convolutional feature map or ViT attention; "
@@ -201,8 +197,6 @@ def explain(model: nn.Module, meta: ArtifactMeta, image: np.ndarray, *,
         ValueError: a model in training mode, or a target outside ``[0, num_classes)``.
         TypeError: a model with neither a convolutional feature map nor timm ViT attention.
     """
-    from raykd.models.features import unwrap_model
-
     model = unwrap_model(model)
     if model.training:
         raise ValueError("explain() needs the model in eval mode (call model.eval() first)")

@@ -1,7 +1,7 @@
 """The served model family: which models a Serve application loads and which one is the default.
 
 The tune job writes a family file from its leaderboard (every trial's size, latency and validation
-BMA, so a client can trade accuracy for speed, seed 000 table 3); ``python -m raykd.serve
+BMA, so a client can trade accuracy for speed, SkinDistilViT table 3); ``python -m raykd.serve
 --family FILE`` serves it. ``--model PATH`` builds a family from artifact folders or ONNX files
 directly. File format (JSON)::
 
@@ -27,7 +27,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raykd.data.manifest import is_uri
 from raykd.registry import did_you_mean
+from raykd.storage import Mirror, default_mirror_dir, split_uri
 
 __all__ = ["BYTES_PER_MB", "BudgetError", "Family", "FamilyEntry", "family_from_paths", "fetch_family", "load_family",
            "write_family"]
@@ -127,7 +129,7 @@ class Family:
                       measured_latency_ms: Mapping[str, float] | None = None) -> FamilyEntry:
         """The member with the best validation BMA whose latency and size are within budget.
 
-        A client trades accuracy for speed or size (seed 000 table 3) without knowing the family:
+        A client trades accuracy for speed or size (SkinDistilViT table 3) without knowing the family:
         it states what it can afford and gets the most accurate model that fits.
 
         Args:
@@ -238,12 +240,10 @@ def write_family(path: str | os.PathLike, entries: Iterable[FamilyEntry | dict],
 
 
 def fetch_family(uri: str) -> Path:
-    """A family file in an object store (``s3://bucket/runs/family.json``) and the models it names,
+    """A family file in a bucket (``s3://bucket/runs/family.json``) and the models it names,
     copied into this node's mirror of its folder (only what changed; :mod:`raykd.storage`);
     returns the local family file. Its paths must be relative to its folder, as the tune job
     writes them."""
-    from raykd.storage import Mirror, default_mirror_dir, split_uri
-
     folder, name = split_uri(uri)
     mirror = Mirror.get(folder, default_mirror_dir(folder))
     local = mirror.local / name
@@ -261,16 +261,14 @@ def fetch_family(uri: str) -> Path:
                 continue
             if Path(value).is_absolute():
                 raise ValueError(f"{uri}: model {m.name!r} names {key} {value!r}, an absolute path that "
-                                 "is not in the store; a family in a store names paths relative to its folder")
+                                 "is not in the bucket; a family in a bucket names paths relative to its folder")
             mirror.pull(mirror.local / value)
     return local
 
 
 def load_family(path: str | os.PathLike) -> Family:
     """Read a family file, resolving relative paths against its folder and checking they exist; a
-    file in an object store is fetched first (:func:`fetch_family`)."""
-    from raykd.data.manifest import is_uri
-
+    file in a bucket is fetched first (:func:`fetch_family`)."""
     path = fetch_family(str(path)) if is_uri(path) else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"family file {path} not found; the tune job writes it (or use --model PATH)")
@@ -294,8 +292,8 @@ def load_family(path: str | os.PathLike) -> Family:
 
 
 def _entry_from_path(spec: str) -> FamilyEntry:
-    from raykd.artifact import count_params, find_artifact, read_meta
-    from raykd.artifact.onnx_meta import ONNX_NAME, meta_from_props, read_onnx_props
+    from raykd.artifact.format import count_params, find_artifact, read_meta  # lazy: imports torch
+    from raykd.artifact.onnx_meta import ONNX_NAME, meta_from_props, read_onnx_props  # lazy: imports torch
 
     name, sep, raw = spec.partition("=")
     if not sep or not name or "/" in name:  # a plain path (which may itself contain "=")

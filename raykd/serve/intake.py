@@ -105,7 +105,7 @@ async def extract_image_bytes(content_type: str, body: bytes, limits: Limits) ->
     """The image bytes of a request: the body itself, or the first file of a multipart upload."""
     if check_content_type(content_type) != "multipart/form-data":
         return body
-    from starlette.datastructures import Headers, UploadFile
+    from starlette.datastructures import Headers, UploadFile  # lazy: starlette is heavy
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def once() -> AsyncIterator[bytes]:
@@ -140,7 +140,7 @@ def image_format(data: bytes) -> str:
 
 def check_dimensions(data: bytes, limits: Limits) -> tuple[int, int]:
     """Width and height from the image header (no pixel decoding); 413 above the pixel limit."""
-    from PIL import Image
+    from PIL import Image  # lazy: PIL is heavy
 
     try:
         with warnings.catch_warnings():
@@ -168,7 +168,7 @@ def precheck(data: bytes, limits: Limits) -> None:
 
 def decode(data: bytes) -> np.ndarray:
     """The training decoder (``raykd.data.transforms.decode_image``); a 400 on corrupt bytes."""
-    from raykd.data.transforms import decode_image
+    from raykd.data.transforms import decode_image  # lazy: imports torch
 
     try:
         return decode_image(data)

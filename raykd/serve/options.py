@@ -23,7 +23,7 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    registry: str | None = Field(None, description=(
+    family: str | None = Field(None, description=(
         "family file (family.json) written by the tune job, a path or a URI such as "
         "s3://bucket/runs/family.json"))
     models: list[str] = Field(default_factory=list, description="artifact/run folders or .onnx files ([NAME=]PATH)")
@@ -54,8 +54,8 @@ class ServeArgs(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ServeArgs":
-        if bool(self.registry) == bool(self.models):
-            raise ValueError("give exactly one of 'registry' (a family file) or 'models' (paths)")
+        if bool(self.family) == bool(self.models):
+            raise ValueError("give exactly one of 'family' (a family file) or 'models' (paths)")
         return self
 
 

@@ -1,3 +1,3 @@
 """Training runs: building a run (:mod:`.build`), the Ray-free loop (:mod:`.loop`), the Ray Train
 worker (:mod:`.worker`), the driver (:mod:`.driver`) and its ``TorchTrainer`` helpers
-(:mod:`.trainer`), teacher-side stages (:mod:`.stages`)."""
+(:mod:`.trainer`), methods' teacher preps (:mod:`.prep`)."""

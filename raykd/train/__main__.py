@@ -10,6 +10,11 @@ from raykd.artifact.rundir import RunDir
 from raykd.cli import HelpFormatter
 from raykd.config import ConfigError, RunConfig, load_config
 from raykd.console import configure, log_to_file
+from raykd.distill import METHODS
+from raykd.distill.base import param_table
+from raykd.storage import Mirror
+from raykd.train.driver import resolve_outputs, run_train
+from raykd.train.trainer import ClusterResourcesError
 
 PROG = "python -m raykd.train"
 
@@ -29,8 +34,6 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
         print(list_methods())
         return 0
     configure(verbose=args.verbose)
-    from raykd.train.driver import resolve_outputs, run_train
-    from raykd.train.trainer import ClusterResourcesError
 
     try:
         cfg = load_config(RunConfig, args.config, args.overrides + ([f"address={args.address}"] if args.address else []))
@@ -41,7 +44,6 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     except (ConfigError, ValueError, FileExistsError, FileNotFoundError, ClusterResourcesError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from raykd.storage import Mirror
 
     mirror = Mirror.of(cfg)
     stored = {"stored_at": mirror.uri_of(result.run_dir)} if mirror is not None else {}
@@ -52,9 +54,6 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
 def list_methods() -> str:
     """Every registered method with its tunable parameters, defaults and ranges or choices."""
-    from raykd.distill import METHODS
-    from raykd.distill.base import param_table
-
     lines = []
     for name in METHODS.names():
         cls = METHODS.get(name)

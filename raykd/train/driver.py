@@ -8,16 +8,28 @@ student/teacher pair, a missing dataset) fails here, before any Ray worker start
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from raykd.artifact.rundir import RunDir
-from raykd.config import DataConfig, RunConfig, dump_yaml, to_dict
+from raykd.cluster import init_local_ray, refuse_relative_in_job
+from raykd.config import DataConfig, RunConfig, dump_yaml, from_dict, to_dict
 from raykd.console import worker_logging
+from raykd.data.dataset import build_dataset
+from raykd.data.hardness import sampling_plan
 from raykd.data.manifest import Manifest, is_uri, resolve_location
+from raykd.data.memory import encoded_bytes
+from raykd.data.synthetic import make_synthetic
+from raykd.models.weights import check_run_weights
+from raykd.storage import Mirror, mirrored, resolve_output, run_reads, train_storage
+from raykd.train.build import build_run, set_seed
+from raykd.train.loop import fit
+from raykd.train.prep import needs_teacher_prep, prep_file_name, run_teacher_prep
 from raykd.train.trainer import _warn_data_cpus, _worker_count, failure_config, fit_bounded, worker_resources
+from raykd.train.worker import LocalSession, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +47,13 @@ class TrainResult:
 def ensure_dataset(data: DataConfig) -> Manifest:
     """Load the dataset's manifest, generating the synthetic dataset first when it is missing."""
     path = data.path
-    if is_uri(path):  # an object store is read, never generated into
+    if is_uri(path):  # a bucket is read, never generated into
         return Manifest.load(path)
     path = Path(path)
     if (path / "manifest.json").is_file():
         return Manifest.load(path)
     if not data.generate_if_missing:
         raise FileNotFoundError(f"no dataset at {path} (data.generate_if_missing is false)")
-    from raykd.data.synthetic import make_synthetic
 
     s = data.synth
     log.info("no dataset at %s: generating %d synthetic %dpx images", path, s.num_images, s.image_size)
@@ -59,7 +70,7 @@ CACHE_SHARE = 0.25
 
 
 def _object_store_bytes() -> float:
-    import ray
+    import ray  # lazy: ray is heavy
 
     return ray.cluster_resources().get("object_store_memory", 0)
 
@@ -74,9 +85,7 @@ def eval_datasets(path: str, manifest: Manifest, split: str, preprocess, num_wor
     cached images: on 2 cores a 74-image validation pass took ~6 s through a fresh streaming
     execution per epoch, against well under a second from the cache.
     """
-    import pyarrow.dataset as pads
-
-    from raykd.data.dataset import build_dataset
+    import pyarrow.dataset as pads  # lazy: pyarrow is heavy
 
     n = max(1, num_workers)
     rows = sum(manifest.counts(split))
@@ -106,8 +115,6 @@ LOCAL_MAX_BYTES = 256 * 1024**2
 
 def uses_local(cfg: RunConfig) -> bool:
     """Whether ``cfg`` runs in one process (``scaling.executor``; ``auto``: one worker, small data)."""
-    from raykd.data.memory import encoded_bytes
-
     ex = cfg.scaling.executor
     if ex == "local" or ex == "trainer":
         return ex == "local"
@@ -117,8 +124,6 @@ def uses_local(cfg: RunConfig) -> bool:
 def resolve_outputs(cfg: RunConfig) -> RunConfig:
     """``output_dir`` made absolute; a URI becomes its local mirror (``mirror_uri``/``mirror_dir``,
     :mod:`raykd.storage`)."""
-    from raykd.storage import resolve_output
-
     if cfg.mirror_uri:  # resolved before (a search's run config)
         return cfg
     local, uri, mirror_dir = resolve_output(cfg.output_dir, cfg.mirror_dir)
@@ -126,14 +131,9 @@ def resolve_outputs(cfg: RunConfig) -> RunConfig:
 
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
-    """Resolve paths, make sure the data exists, run the method's teacher-side stage when it has
-    one and the config names no output of it, and build the run (which checks that the method
+    """Resolve paths, make sure the data exists, run the method's teacher prep when it has one
+    and the config names no output of it, and build the run (which checks that the method
     fits); returns the resolved config, manifest, built run parts, run folder."""
-    from raykd.cluster import refuse_relative_in_job
-    from raykd.models.weights import check_run_weights
-    from raykd.train.build import build_run, set_seed
-    from raykd.train.stages import needs_teacher_stage, run_teacher_stage, stage_file_name
-
     refuse_relative_in_job({"data.path": cfg.data.path, "output_dir": cfg.output_dir}, "run config")
     check_run_weights(cfg)  # pretrained weights: a readable local file, or the hub reachable
     cfg = replace(resolve_outputs(cfg), data=replace(cfg.data, path=resolve_location(cfg.data.path)))
@@ -142,9 +142,9 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, Manifest, Any, Path]:
         if m is not None and m.checkpoint:
             setattr(cfg, role, replace(m, checkpoint=str(Path(m.checkpoint).resolve())))
     manifest = ensure_dataset(cfg.data)
-    if needs_teacher_stage(cfg):
-        build_run(cfg, manifest, probe=True)  # a misfit fails now, not after the stage
-        cfg = run_teacher_stage(cfg, RunDir.of(cfg).stage_file(stage_file_name(cfg)))
+    if needs_teacher_prep(cfg):
+        build_run(cfg, manifest, probe=True)  # a misfit fails now, not after the prep
+        cfg = run_teacher_prep(cfg, RunDir.of(cfg).prep_file(prep_file_name(cfg)))
     set_seed(cfg.train.seed)  # the models' initial weights: the same run gives the same models
     parts = build_run(cfg, manifest)  # raises ValueError when the method does not fit
     run_dir = RunDir.of(cfg).path
@@ -165,11 +165,9 @@ def run_train(cfg: RunConfig, *, resume: bool = False, callbacks: list | None = 
     The run folder gets ``timing.json``: wall time and the seconds spent in setup, model builds,
     training steps, evaluation, reporting and checkpoints, and the test split.
     """
-    from raykd.storage import Mirror, mirrored, run_reads
-
     cfg = resolve_outputs(cfg)
     run_dir = Path(cfg.output_dir) / cfg.name
-    with mirrored(Mirror.of(cfg), own=run_dir, reads=run_reads(cfg)) as mirror:  # outputs in a store
+    with mirrored(Mirror.of(cfg), own=run_dir, reads=run_reads(cfg)) as mirror:  # outputs in a bucket
         if not resume and not RunDir(run_dir).is_empty():
             raise FileExistsError(f"run folder {run_dir} exists: pass --resume to continue it or pick another name")
         return _run_train(cfg, mirror, resume=resume, callbacks=callbacks, in_process=in_process,
@@ -218,13 +216,7 @@ def _run_train(cfg: RunConfig, mirror, *, resume: bool, callbacks, in_process: b
 def _local_fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, *, on_report=None,
                timing: dict[str, float]) -> dict[str, Any]:
     """The run in this process (see :class:`raykd.train.worker.LocalSession`)."""
-    import math
-
-    import torch
-
-    from raykd.train.build import set_seed
-    from raykd.train.loop import fit
-    from raykd.train.worker import LocalSession
+    import torch  # lazy: torch is heavy
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
@@ -240,10 +232,6 @@ def _local_fit(cfg: RunConfig, run_dir: Path, manifest: Manifest, parts, *, on_r
 
 def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
     """A Ray task body: rebuild the run (models are cheap next to shipping them) and fit it."""
-    from raykd.config import from_dict
-    from raykd.storage import Mirror, mirrored, run_reads
-    from raykd.train.build import build_run, set_seed
-
     worker_logging(progress=True)  # the epoch lines reach the driver's console
     cfg = from_dict(RunConfig, cfg_dict, where="run config")
     with mirrored(Mirror.of(cfg), own=run_dir, reads=run_reads(cfg)):  # this node may not have them
@@ -255,9 +243,7 @@ def _local_run_task(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 def _local_task(cfg: RunConfig, run_dir: Path, build_s: float) -> dict[str, Any]:
-    import ray
-
-    from raykd.cluster import init_local_ray
+    import ray  # lazy: ray is heavy
 
     init_local_ray(cfg.address)
     resources: dict[str, Any] = {"num_cpus": cfg.scaling.cpus_per_worker}
@@ -272,15 +258,8 @@ def _local_task(cfg: RunConfig, run_dir: Path, build_s: float) -> dict[str, Any]
 
 def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, callbacks: list | None) -> dict:
     """The run as a Ray Train ``TorchTrainer`` (DDP workers, Ray Data shards)."""
-    import ray.train
+    import ray.train  # lazy: ray is heavy
     from ray.train.torch import TorchTrainer
-
-    from raykd.cluster import init_local_ray
-    from raykd.data.dataset import build_dataset
-    from raykd.data.hardness import sampling_plan
-    from raykd.data.memory import encoded_bytes
-    from raykd.storage import Mirror, train_storage
-    from raykd.train.worker import train_loop_per_worker
 
     storage = run_dir.parent
     init_local_ray(cfg.address)
@@ -313,7 +292,7 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
-            **train_storage(Mirror.of(cfg), storage),  # with mirrored outputs: the store itself
+            **train_storage(Mirror.of(cfg), storage),  # with mirrored outputs: the bucket itself
             failure_config=failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,

@@ -21,11 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raykd.artifact.format import ArtifactMeta, save_artifact
 from raykd.artifact.rundir import RunDir
 from raykd.config import RunConfig
 from raykd.data.manifest import Manifest, resolve_location
 from raykd.data.transforms import PreprocessSpec, normalizer
-from raykd.metrics import ClassificationMetrics, is_better, metric_mode, write_report
+from raykd.distributed import world_size
+from raykd.metrics.classification import ClassificationMetrics, is_better, metric_mode
+from raykd.metrics.plots import write_report
 from raykd.storage import Mirror
 from raykd.train.build import student_identity
 from raykd.train.checkpoint import rng_state, set_rng_state
@@ -84,8 +87,8 @@ def train_epoch(
     for step, batch in enumerate(batches):
         images = batch["image"].to(device, non_blocking=True)
         targets = batch["label"].to(device, non_blocking=True)
-        stored = batch.get("teacher")  # a teacher store's outputs on these images: no teacher pass
-        with autocast(device, amp), (method.stored_teacher(stored) if stored is not None else nullcontext()):
+        saved = batch.get("teacher")  # the saved teacher outputs on these images: no teacher pass
+        with autocast(device, amp), (method.saved_teacher(saved) if saved is not None else nullcontext()):
             out = model(images, targets)
         check_finite(out.loss, out.parts, step=step, epoch=epoch, method=method_name)
         _backward_and_step(out.loss, optimizer, scaler, frozen=frozen, grad_clip=grad_clip)
@@ -160,7 +163,7 @@ def evaluate(predict_fn, batches: Iterable[dict[str, torch.Tensor]], metrics, de
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
+    if world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -170,7 +173,7 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 def _sync_buffers(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm running stats drift apart: each rank updates them
     in its own forward passes), so all ranks evaluate the very model rank 0 saves."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         for b in module.buffers():
             dist.broadcast(b, src=0)
 
@@ -375,8 +378,6 @@ class _Loop:
 
 
 def _save_best(run_dir: Path, parts, manifest: Manifest, cfg: RunConfig, val: dict[str, float]) -> None:
-    from raykd.artifact import ArtifactMeta, save_artifact
-
     name, kwargs = student_identity(cfg)
     meta = ArtifactMeta(
         model_name=name,
@@ -394,9 +395,9 @@ def _save_best(run_dir: Path, parts, manifest: Manifest, cfg: RunConfig, val: di
 
 def _load_best_weights(run_dir: Path, student, device, world: int, *, mirror=None) -> bool:
     """Every rank loads the best weights rank 0 wrote to the run folder: on a multi-node cluster
-    the run folder is on shared storage, or mirrored from a store (rank 0 pushes the folder,
+    the run folder is on shared storage, or mirrored from a bucket (rank 0 pushes the folder,
     the others pull it)."""
-    from safetensors.torch import load_model
+    from safetensors.torch import load_model  # lazy: safetensors is heavy
 
     best = RunDir(run_dir).best_dir
     if mirror is not None and world > 1:

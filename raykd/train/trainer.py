@@ -1,5 +1,5 @@
-"""Ray Train ``TorchTrainer`` helpers shared by a run (:mod:`raykd.train.driver`) and a teacher-side
-stage (:mod:`raykd.train.stages`): a worker's resources, the worker count of an elastic group, the
+"""Ray Train ``TorchTrainer`` helpers shared by a run (:mod:`raykd.train.driver`) and a method's
+teacher prep (:mod:`raykd.train.prep`): a worker's resources, the worker count of an elastic group, the
 failure policy, and a ``fit()`` that turns a worker group Ray could not place into an error naming
 what was missing.
 """
@@ -10,6 +10,7 @@ import logging
 import math
 
 from raykd.config import RunConfig
+from raykd.raycompat import free_resources_per_node, train_group_start_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ __all__ = ["ClusterResourcesError", "failure_config", "fit_bounded", "missing_re
 def fit_bounded(trainer, cfg: RunConfig):
     """``trainer.fit()``; a worker group that got no resources within ``train.resource_wait_s``
     (Train's controller gave up placing it) becomes a :class:`ClusterResourcesError` naming them."""
-    import ray.train
+    import ray.train  # lazy: ray is heavy
 
     try:
         return trainer.fit()
@@ -45,9 +46,9 @@ def worker_resources(cfg: RunConfig) -> dict[str, float]:
 def _warn_data_cpus(cfg: RunConfig) -> None:
     """An elastic group fills each node with as many workers as fit; warn where that would leave
     the data pipeline less than one read task's CPU (the run would then wait on its data)."""
-    import ray
+    import ray  # lazy: ray is heavy
 
-    from raykd.data.dataset import DATA_TASK_CPUS
+    from raykd.data.dataset import DATA_TASK_CPUS  # lazy: imports torch
 
     per = cfg.scaling.cpus_per_worker
     for node in ray.nodes():
@@ -72,9 +73,7 @@ def failure_config(cfg: RunConfig):
     """Ray Train's ``FailureConfig`` of a run: ``train.max_failures`` worker-group restarts, and
     as many start attempts as fit in ``train.resource_wait_s`` (Ray's default, -1, retries a
     worker group that cannot be placed forever: the silent hang after a lost node)."""
-    import ray.train
-
-    from raykd.raycompat import train_group_start_timeout_s
+    import ray.train  # lazy: ray is heavy
 
     retries = max(0, math.ceil(cfg.train.resource_wait_s / train_group_start_timeout_s()) - 1)
     return ray.train.FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=retries)
@@ -82,13 +81,12 @@ def failure_config(cfg: RunConfig):
 
 def missing_resources_message(cfg: RunConfig) -> str:
     """What the run asked for, next to what each alive node has free."""
-    import ray
+    import ray  # lazy: ray is heavy
 
     need = worker_resources(cfg)
     low = cfg.scaling.min_workers or cfg.scaling.num_workers
     want = f"{cfg.scaling.num_workers} workers" if low == cfg.scaling.num_workers else \
         f"{low} to {cfg.scaling.num_workers} workers"
-    from raykd.raycompat import free_resources_per_node
 
     nodes = []
     free = free_resources_per_node()

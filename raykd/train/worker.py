@@ -23,11 +23,15 @@ import torch.distributed as dist
 from raykd.artifact.rundir import RunDir
 from raykd.config import RunConfig, from_dict
 from raykd.console import worker_logging
+from raykd.data.hardness import sampling_plan
 from raykd.data.manifest import Manifest
+from raykd.data.memory import MemorySplit
+from raykd.distributed import world_size
 from raykd.storage import Mirror, mirrored, run_reads
 from raykd.train.build import build_run, set_seed
 from raykd.train.checkpoint import has_state, load_state, save_state
 from raykd.train.loop import Session, fit
+from raykd.train.teacher_outputs import open_outputs
 
 
 class TrainSession(Session):
@@ -35,7 +39,7 @@ class TrainSession(Session):
     through ``ray.train.report``."""
 
     def __init__(self, cfg: RunConfig) -> None:
-        import ray.train
+        import ray.train  # lazy: ray is heavy
         import ray.train.torch
 
         ctx = ray.train.get_context()
@@ -48,23 +52,23 @@ class TrainSession(Session):
 
     def placement(self) -> dict[str, Any] | None:
         """Every rank's node (rank 0 gets the list; the others None): logged at each group start."""
-        import ray
+        import ray  # lazy: ray is heavy
 
         node = ray.get_runtime_context().get_node_id()
         nodes = [node]
-        if dist.is_available() and dist.is_initialized() and self.world > 1:
+        if world_size() > 1:
             nodes = [None] * self.world
             dist.all_gather_object(nodes, node)
         return {"world_size": self.world, "nodes": nodes} if self.rank == 0 else None
 
     def prepare(self, method):
-        import ray.train.torch
+        import ray.train.torch  # lazy: ray is heavy
 
         return ray.train.torch.prepare_model(
             method, parallel_strategy_kwargs={"find_unused_parameters": method.ddp_find_unused_parameters})
 
     def restore(self):
-        import ray.train
+        import ray.train  # lazy: ray is heavy
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
@@ -73,7 +77,7 @@ class TrainSession(Session):
             return load_state(d)
 
     def report(self, metrics, state):
-        import ray.train
+        import ray.train  # lazy: ray is heavy
 
         with tempfile.TemporaryDirectory() as tmp:
             if self.rank == 0:
@@ -81,7 +85,7 @@ class TrainSession(Session):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None)
 
     def batches(self, split, *, epoch, batch_size, train):
-        import ray.train
+        import ray.train  # lazy: ray is heavy
 
         if train:  # drop_last: a trailing batch of one breaks BatchNorm; equal shards keep ranks in step
             shard = ray.train.get_dataset_shard(split)
@@ -98,9 +102,6 @@ class LocalSession(Session):
     ``on_report`` (a Tune trial's ``tune.report``) gets every epoch's metrics."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, preprocess, *, on_report=None, method=None) -> None:
-        from raykd.data.hardness import sampling_plan
-        from raykd.data.memory import MemorySplit
-
         use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.run_dir, self.on_report = Path(run_dir), on_report
@@ -113,10 +114,8 @@ class LocalSession(Session):
             "test": MemorySplit(cfg.data.path, "test", preprocess, train=False),
         }
         self.teacher = _teacher_mode(cfg, method)
-        if self.teacher == "store":
-            from raykd.train.store import open_store
-
-            open_store(cfg, preprocess, self.splits["train"])
+        if self.teacher == "saved":
+            open_outputs(cfg, preprocess, self.splits["train"])
 
     def restore(self):
         path = RunDir(self.run_dir).checkpoint_dir
@@ -132,12 +131,12 @@ class LocalSession(Session):
 
 
 def _teacher_mode(cfg: RunConfig, method) -> str:
-    """Where a run's teacher outputs come from: ``none`` (no teacher), ``store`` (a teacher store
-    the method can read: ``distill.teacher_store`` and :meth:`Method.stored_outputs`), ``online``."""
+    """Where a run's teacher outputs come from: ``none`` (no teacher), ``saved`` (teacher outputs
+    the method can read: ``distill.teacher_outputs`` and :meth:`Method.saved_outputs`), ``online``."""
     if method is None or method.teacher is None:
         return "none"
-    if cfg.distill.teacher_store and method.stored_outputs() is not None:
-        return "store"
+    if cfg.distill.teacher_outputs and method.saved_outputs() is not None:
+        return "saved"
     return "online"
 
 
@@ -148,7 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     session = TrainSession(cfg)
     set_seed(cfg.train.seed + session.rank)
     torch.set_num_threads(max(1, int(os.environ.get("RAYKD_TORCH_THREADS", "1"))))
-    # with outputs in a store: every rank reads the teacher here, rank 0 writes the run folder
+    # with outputs in a bucket: every rank reads the teacher here, rank 0 writes the run folder
     with mirrored(Mirror.of(cfg), own=config["run_dir"], reads=run_reads(cfg), push=session.rank == 0):
         manifest = Manifest.load(cfg.data.path)
         t0 = time.perf_counter()

@@ -15,6 +15,11 @@ from pathlib import Path
 from raykd.artifact.rundir import RunDir
 from raykd.cli import HelpFormatter
 from raykd.config import ConfigError
+from raykd.console import configure
+from raykd.storage import Mirror
+from raykd.tune.search import prepare_search, run_tune
+from raykd.tune.space_file import load_space
+from raykd.tune.tracking import parse_tracking
 
 DEFAULT_SPACE = "search_spaces/default.yaml"
 PROG = "python -m raykd.tune"
@@ -53,18 +58,13 @@ def parse_args(argv: list[str] | None = None, *, prog: str = PROG) -> argparse.N
 
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     args = parse_args(argv, prog=prog)
-    from raykd.console import configure
 
     configure(verbose=args.verbose)  # raykd's lines on the console; Ray's detail in <experiment>/raykd.log
-    from raykd.tune.space_file import load_space
 
     overrides = list(args.overrides) + ([f"address={args.address}"] if args.address else [])
     try:
-        from raykd.tune.tracking import parse_tracking
-
         tracking = parse_tracking(args.tracking)  # a bad value or a missing package: before Ray starts
         space = load_space(args.space or default_space(), overrides, base_config=args.config)
-        from raykd.tune.search import prepare_search, run_tune
 
         space = prepare_search(space)  # the dataset, every method/student pair: before Ray starts
         outcome = run_tune(space, resume=args.resume, prepared=True, tracking=tracking, verbose=args.verbose)
@@ -76,8 +76,6 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     print()
     print(f"experiment: {outcome.experiment_dir}")
     if space.mirror_uri:
-        from raykd.storage import Mirror
-
         print(f"stored at: {Mirror.of(space).uri_of(outcome.experiment_dir)} (the folder above is its local copy)")
     print(f"leaderboard: {outcome.experiment_dir / 'leaderboard.md'} (.csv, .json)")
     pub = outcome.published

@@ -26,9 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from raykd.artifact.rundir import RunDir, TrialDir
+from raykd.cluster import TRIAL_SLOT
 from raykd.config import RunConfig
 from raykd.console import quieted
 from raykd.distill import METHODS
+from raykd.metrics.classification import is_better
+from raykd.storage import Mirror, mirrored, run_reads
+from raykd.train.driver import run_train, uses_local
 from raykd.tune.errors import summarize_error
 from raykd.tune.findings import tuned_trials
 
@@ -68,7 +72,7 @@ def seeded(cfg: RunConfig, seed: int) -> RunConfig:
 
 
 def _objective(record, metric: str) -> float | None:
-    from raykd.tune.trial import objective_key
+    from raykd.tune.trial import objective_key  # lazy: imports ray
 
     value = (record.last_result or {}).get(objective_key(metric))
     return float(value) if isinstance(value, (int, float)) else None
@@ -76,8 +80,6 @@ def _objective(record, metric: str) -> float | None:
 
 def best_trials(plan, records) -> dict[tuple[str, str], Any]:
     """``(label, student) -> record`` of each arm's best finished trial by the search's metric."""
-    from raykd.metrics import is_better
-
     metric = plan.space.search.metric
     best: dict[tuple[str, str], Any] = {}
     for rec in records:
@@ -102,9 +104,7 @@ def _confirm_task(plan, config: dict[str, Any], name: str, seed: int) -> dict[st
 
 
 def _confirm_run(plan, config: dict[str, Any], cfg: RunConfig, folder: Path, name: str) -> dict[str, Any]:
-    from raykd.storage import Mirror, mirrored, run_reads
-    from raykd.train.driver import run_train
-    from raykd.tune.trial import _pipeline
+    from raykd.tune.trial import _pipeline  # lazy: imports ray
 
     with mirrored(Mirror.of(cfg), own=folder / name, reads=run_reads(cfg)):
         if METHODS.get(cfg.distill.method).multi_run:  # the cascade: one run per depth
@@ -119,9 +119,6 @@ def _confirm_run(plan, config: dict[str, Any], cfg: RunConfig, folder: Path, nam
 
 def _task_options(plan, resources: dict[str, float]) -> dict[str, Any]:
     """What a confirmation run holds: what a trial of the search holds (see ``search._trial_resources``)."""
-    from raykd.cluster import TRIAL_SLOT
-    from raykd.train.driver import uses_local
-
     sc = plan.space.base_config.scaling
     if uses_local(plan.space.base_config):
         return {"num_cpus": sc.cpus_per_worker, **({"num_gpus": sc.gpus_per_worker} if sc.use_gpu else {})}
@@ -133,7 +130,7 @@ def _task_options(plan, resources: dict[str, float]) -> dict[str, Any]:
 def run_confirmation(plan, records, resources: dict[str, float]) -> list[ConfirmedRun]:
     """Retrain each arm's best trial with ``confirm.seeds`` seeds (seed-major, so an interrupted
     stage leaves whole seeds); returns every run, failed ones with their error."""
-    import ray
+    import ray  # lazy: ray is heavy
 
     c = plan.space.confirm
     if c.seeds == 0:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raykd.artifact.measure import artifact_flops
 from raykd.artifact.rundir import RunDir, TrialDir
 from raykd.metrics.compare import Interval, mean_interval, paired_difference
 
@@ -169,8 +170,6 @@ def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots
 
 def _flops(folder: str) -> float | None:
     """FLOPs of one image through the best model of a run or artifact folder (None if unreadable)."""
-    from raykd.artifact.measure import artifact_flops
-
     try:
         return artifact_flops(folder)
     except (OSError, ValueError, KeyError, RuntimeError):

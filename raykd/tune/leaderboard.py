@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raykd.artifact.format import find_artifact, load_artifact
+from raykd.artifact.measure import measure_latency, model_cost
 from raykd.artifact.rundir import RunDir, TrialDir
-from raykd.metrics import metric_mode
+from raykd.metrics.classification import metric_mode
 from raykd.tune.space import trial_key, trial_knob
 
 log = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ class Row:
     error: str | None = None
     run_dir: str | None = None
     paper: bool = False  # the method's paper setting (the first trial of each method)
-    teacher_mode: str | None = None  # where the teacher's outputs came from: none | online | store
+    teacher_mode: str | None = None  # where the teacher's outputs came from: none | online | saved
     #: Published rows only: CALIBRATION_COLUMNS measured by the export (empty for the others).
     calibration: dict[str, Any] = field(default_factory=dict)
 
@@ -179,10 +181,10 @@ def cascade_markdown(trial_id: str, steps: list[dict], metric: str = "bma") -> s
 
 
 def _plot_cascade(path: Path, trial_id: str, steps: list[dict], metric: str) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib is heavy
 
     pts = sorted((s["depth"], (s.get("val") or {}).get(metric)) for s in steps)
     pts = [(d, v) for d, v in pts if v is not None]
@@ -287,9 +289,6 @@ def _run_row(base: dict[str, Any], run_dir: Path, metric: str, failed: bool, err
 
 def _measure(row: Row, reps: int) -> None:
     """Cost of the row's best model, measured now on this machine (one model at a time)."""
-    from raykd.artifact import find_artifact, load_artifact
-    from raykd.artifact.measure import measure_latency, model_cost
-
     try:
         path = find_artifact(row.run_dir)
     except (FileNotFoundError, TypeError):

@@ -1,6 +1,6 @@
 """From a validated space to runs: which (method, student) pairs fit, the run configs of stage 1's
 teachers, and the typed :class:`~raykd.config.RunConfig` of every trial. Stage 1 itself (training
-the teachers, their stages and stores) runs in :mod:`raykd.tune.teachers`.
+the teachers, their teacher preps and teacher outputs) runs in :mod:`raykd.tune.teachers`.
 
 Everything here runs on the driver before the Tuner starts (the compatibility check builds each
 pair once on the CPU with :func:`raykd.train.build.build_run`, which refuses a misfit with a
@@ -19,14 +19,17 @@ from typing import Any
 from raykd.config import ConfigError, DataConfig, ModelConfig, RunConfig, from_dict, set_dotted, validate
 from raykd.data.manifest import is_uri
 from raykd.distill import METHODS
+from raykd.distill.paper import paper_params
 from raykd.models.weights import HUB_TIMEOUT_S, check_weights
 from raykd.storage import resolve_output
+from raykd.train.build import build_network, build_run
+from raykd.train.driver import ensure_dataset
 from raykd.tune.space import MethodSpec, SearchSpace, trial_key
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ResolvedTrial", "TrialPlan", "absolute_paths", "build_run_config", "check_combinations",
-           "is_paper_setting", "pipeline_knobs", "stage_key", "teacher_run_config"]
+           "is_paper_setting", "pipeline_knobs", "prep_key", "teacher_run_config"]
 
 TEACHERS_DIR = "teachers"
 RUNS_DIR = "runs"
@@ -90,9 +93,9 @@ def teacher_run_config(space: SearchSpace, name: str, experiment_dir: Path) -> R
     return cfg
 
 
-def stage_key(cfg: RunConfig, teacher: str) -> tuple:
-    """What makes a teacher stage's output: the teacher, the stage and its epochs."""
-    return (teacher, METHODS.get(cfg.distill.method).teacher_stage.name, cfg.distill.stage_epochs)
+def prep_key(cfg: RunConfig, teacher: str) -> tuple:
+    """What makes a teacher prep's output: the teacher, the prep and its epochs."""
+    return (teacher, METHODS.get(cfg.distill.method).teacher_prep.name, cfg.distill.prep_epochs)
 
 
 class TrialPlan:
@@ -105,12 +108,13 @@ class TrialPlan:
     """
 
     def __init__(self, space: SearchSpace, experiment_dir: Path, teachers: dict[str, str],
-                 stages: dict[tuple, str] | None = None, stores: dict[tuple, str] | None = None) -> None:
+                 preps: dict[tuple, str] | None = None,
+                 teacher_outputs: dict[tuple, str] | None = None) -> None:
         self.space = space
         self.experiment_dir = Path(experiment_dir)
         self.teachers = dict(teachers)
-        self.stages = dict(stages or {})  # stage_key -> the stage's saved output
-        self.stores = dict(stores or {})  # (teacher, student) -> teacher store
+        self.preps = dict(preps or {})  # prep_key -> the prep's saved output
+        self.teacher_outputs = dict(teacher_outputs or {})  # (teacher, student) -> teacher outputs folder
 
     @property
     def runs_dir(self) -> Path:
@@ -146,17 +150,17 @@ class TrialPlan:
 
     def run_config(self, config: dict[str, Any], name: str, *, output_dir: Path | None = None) -> RunConfig:
         """The typed RunConfig of the trial run ``name`` (for a pipeline: its steps' template), with
-        the output of its teacher stage when stage 1 ran it."""
+        the output of its teacher prep when stage 1 ran it."""
         r = self.resolve(config)
         cfg = build_run_config(self.space, r, name=name, output_dir=output_dir or self.runs_dir,
                                teacher_path=self.teachers.get(r.teacher) if r.teacher else None)
-        if METHODS.get(cfg.distill.method).teacher_stage is not None and r.teacher is not None:
-            stage_file = self.stages.get(stage_key(cfg, r.teacher))
-            if stage_file and not cfg.distill.teacher_stage_file:
-                cfg = replace(cfg, distill=replace(cfg.distill, teacher_stage_file=stage_file))
-        store = self.stores.get((r.teacher, r.student))
-        if store and not cfg.distill.teacher_store:  # read where the built method can (LocalSession)
-            cfg = replace(cfg, distill=replace(cfg.distill, teacher_store=store))
+        if METHODS.get(cfg.distill.method).teacher_prep is not None and r.teacher is not None:
+            prep_file = self.preps.get(prep_key(cfg, r.teacher))
+            if prep_file and not cfg.distill.teacher_prep_file:
+                cfg = replace(cfg, distill=replace(cfg.distill, teacher_prep_file=prep_file))
+        outputs = self.teacher_outputs.get((r.teacher, r.student))
+        if outputs and not cfg.distill.teacher_outputs:  # read where the built method can (LocalSession)
+            cfg = replace(cfg, distill=replace(cfg.distill, teacher_outputs=outputs))
         return cfg
 
 
@@ -228,9 +232,7 @@ def check_combinations(space: SearchSpace) -> SearchSpace:
     Returns:
         The space with each method's students narrowed to the pairs that fit.
     """
-    import torch
-
-    from raykd.train.driver import ensure_dataset
+    import torch  # lazy: torch is heavy
 
     check_space_weights(space)  # pretrained weights of every teacher and student: file or hub
     manifest = ensure_dataset(space.base_config.data)
@@ -243,9 +245,7 @@ def check_combinations(space: SearchSpace) -> SearchSpace:
 
 
 def _check_all(space: SearchSpace, manifest) -> SearchSpace:
-    import torch
-
-    from raykd.train.build import build_run
+    import torch  # lazy: torch is heavy
 
     methods = {}
     torch.manual_seed(0)
@@ -267,7 +267,7 @@ def _check_all(space: SearchSpace, manifest) -> SearchSpace:
                                    output_dir=Path(space.output_dir), teacher_path=t.checkpoint if t else None,
                                    teacher_model=t.model if t else None)
             try:
-                build_run(cfg, manifest, probe=True)  # a teacher stage's output: untrained, of the right shapes
+                build_run(cfg, manifest, probe=True)  # a teacher prep's output: untrained, of the right shapes
             except (ValueError, TypeError, FileNotFoundError) as e:
                 reasons.append(f"{sid}: {e}")
                 log.warning("methods.%s: skipping student %s: %s", label, sid, e)
@@ -288,8 +288,6 @@ def pipeline_knobs(spec: MethodSpec) -> dict[str, Any]:
 def _check_pipeline(space: SearchSpace, spec: MethodSpec, manifest) -> None:
     """A method made of several runs: its pipeline must accept the teacher (the parent) and its
     knobs, and its first step must build."""
-    from raykd.train.build import build_network, build_run
-
     t = space.teachers[spec.teacher]
     where = f"{space.source}: methods.{spec.label}"
     model_cfg = ModelConfig(checkpoint=t.checkpoint) if t.checkpoint else from_dict(ModelConfig, t.model)
@@ -311,8 +309,6 @@ def _check_pipeline(space: SearchSpace, spec: MethodSpec, manifest) -> None:
 def is_paper_setting(method: str, params: dict[str, Any], spec) -> bool:
     """Whether a trial's searched method parameters (``spec.params`` that are not fixed) are all at
     the paper's values; a method with nothing searched has no paper trial to mark."""
-    from raykd.distill.paper import paper_params
-
     paper = paper_params(method)
     searched = [k for k, d in spec.params.items() if not d.fixed]
     return bool(searched) and all(paper.get(k) == params.get(k) for k in searched)

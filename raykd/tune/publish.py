@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raykd.artifact.format import read_meta
 from raykd.artifact.rundir import RunDir
+from raykd.export.onnx import ExportError
+from raykd.export.options import ExportConfig
+from raykd.export.run import ParityError, run_export
+from raykd.metrics.plots import plot_pareto, plot_roc_curves
+from raykd.serve.family import FamilyEntry, write_family
 from raykd.tune.leaderboard import CALIBRATION_COLUMNS, Leaderboard, Row, pareto_front
 
 log = logging.getLogger(__name__)
@@ -65,9 +71,6 @@ def export_row(row: Row, export) -> Any:
     Returns:
         The :class:`~raykd.export.run.ExportReport`.
     """
-    from raykd.export.options import ExportConfig
-    from raykd.export.run import run_export
-
     report = run_export(ExportConfig.from_checks(export), row.run_dir,
                         run_metrics={"val": row.val, "test": row.test})
     row.calibration = calibration_columns(report)
@@ -76,10 +79,6 @@ def export_row(row: Row, export) -> Any:
 
 def publish(plan, board: Leaderboard) -> Published | None:
     """Test metrics, ONNX export and family file of the leaderboard's winner (and Pareto family)."""
-    from raykd.export.onnx import ExportError
-    from raykd.export.run import ParityError
-    from raykd.serve.family import FamilyEntry, write_family
-
     space = plan.space
     family = board.family()
     if not family:
@@ -131,9 +130,6 @@ def publish(plan, board: Leaderboard) -> Published | None:
 
 def _plots(board: Leaderboard, family: list[Row], winner_report, directory: Path) -> dict[str, Path]:
     """The winner's per-class ROC curves (test split, else val) and the val-metric-vs-latency plot."""
-    from raykd.artifact import read_meta
-    from raykd.metrics.plots import plot_pareto, plot_roc_curves
-
     out: dict[str, Path] = {}
     winner = family[0]
     if winner_report is not None and winner_report.predictions:

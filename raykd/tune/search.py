@@ -27,16 +27,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raykd.cluster import (
+    TRIAL_SLOT,
+    check_storage_on_every_node,
+    cluster_capacity,
+    init_local_ray,
+    refuse_relative_in_job,
+)
 from raykd.config import ConfigError
+from raykd.console import log_to_file
+from raykd.distill.paper import paper_params
+from raykd.metrics.classification import metric_mode
+from raykd.storage import Mirror, mirrored
+from raykd.train.driver import uses_local
+from raykd.tune.confirm import CONFIRM_DIR, run_confirmation
 from raykd.tune.errors import summarize_error
+from raykd.tune.findings import STAGE_2, STAGE_2B, collect_findings
+from raykd.tune.leaderboard import build_leaderboard
 from raykd.tune.plan import (  # noqa: F401 - is_paper_setting: part of this module's API
     TrialPlan,
     absolute_paths,
     check_combinations,
     is_paper_setting,
 )
+from raykd.tune.publish import FAMILY_FILE, publish
+from raykd.tune.sampler import SpaceSampler
 from raykd.tune.space import SearchSpace, trial_key
-from raykd.tune.teachers import build_teacher_stores, run_teacher_stages, train_teachers
+from raykd.tune.teachers import build_teacher_outputs, run_teacher_preps, train_teachers
+from raykd.tune.tracking import log_published, resolve_tracking, tracking_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +88,6 @@ class SearchOutcome:
 
 def prepare_search(space: SearchSpace) -> SearchSpace:
     """Everything that can fail before Ray starts: absolute paths, the dataset, method/student fit."""
-    from raykd.cluster import refuse_relative_in_job
-
     paths = {"base.data.path": space.base_config.data.path, "output_dir": space.output_dir}
     paths.update({f"teachers.{k}.checkpoint": t.checkpoint for k, t in space.teachers.items()})
     refuse_relative_in_job(paths, space.source)
@@ -81,8 +97,6 @@ def prepare_search(space: SearchSpace) -> SearchSpace:
 
 def _local_trials(space: SearchSpace) -> bool:
     """Whether the trials train in their own process (single worker, small data: see run_train)."""
-    from raykd.train.driver import uses_local
-
     return uses_local(space.base_config)
 
 
@@ -99,7 +113,6 @@ def trial_concurrency(space: SearchSpace, resources: dict[str, float]) -> int:
     n = max(1, math.floor(resources.get("CPU", 1.0) / cpu_per_trial + 1e-9))
     if sc.use_gpu and workers:
         n = min(n, max(1, math.floor(resources.get("GPU", 0.0) / (workers * sc.gpus_per_worker) + 1e-9)))
-    from raykd.cluster import TRIAL_SLOT
 
     if TRIAL_SLOT in resources:
         n = min(n, int(resources[TRIAL_SLOT]))
@@ -110,9 +123,7 @@ def _follow_the_cluster(searcher, space: SearchSpace, start: int, *, every_s: fl
     """``searcher`` behind a concurrency limit that is recomputed from :func:`cluster_capacity`
     while the search runs (at most every ``every_s`` seconds): a node that joins mid-search, or
     an autoscaler allowed to add nodes, gets trials; a fixed ``budget.max_concurrent`` stays fixed."""
-    from ray.tune.search import ConcurrencyLimiter
-
-    from raykd.cluster import cluster_capacity
+    from ray.tune.search import ConcurrencyLimiter  # lazy: ray is heavy
 
     class FollowTheCluster(ConcurrencyLimiter):
         def suggest(self, trial_id: str):
@@ -133,9 +144,7 @@ def _follow_the_cluster(searcher, space: SearchSpace, start: int, *, every_s: fl
 def _trial_resources(space: SearchSpace, resources: dict[str, float]):
     """A trial that trains in its own process holds its run's CPUs (and GPU); one that drives a
     TorchTrainer holds only a zero-CPU ``trial_slot``, leaving the CPUs to its workers and data."""
-    from ray.tune import PlacementGroupFactory
-
-    from raykd.cluster import TRIAL_SLOT
+    from ray.tune import PlacementGroupFactory  # lazy: ray is heavy
 
     if _local_trials(space):
         sc = space.base_config.scaling
@@ -149,12 +158,10 @@ def _trial_resources(space: SearchSpace, resources: dict[str, float]):
 
 
 def _searcher(space: SearchSpace, experiment_dir: Path):
-    import optuna
+    import optuna  # lazy: optuna is heavy
     from ray.tune.search.optuna import OptunaSearch
 
-    from raykd.metrics import metric_mode
-    from raykd.tune.sampler import SpaceSampler
-    from raykd.tune.trial import objective_key
+    from raykd.tune.trial import objective_key  # lazy: imports ray
 
     s = space.search
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -224,8 +231,6 @@ def paper_point(space: SearchSpace, label: str) -> dict[str, Any]:
     """The Optuna point of method ``label``'s paper setting: every searched knob whose range holds
     the paper's value is set to it (the others are left to the sampler), and the shared knobs are
     at :func:`shared_start`."""
-    from raykd.distill.paper import paper_params
-
     spec = space.methods[label]
     paper = paper_params(spec.method)
     point: dict[str, Any] = {"method": label, **shared_start(space)}
@@ -236,9 +241,9 @@ def paper_point(space: SearchSpace, label: str) -> dict[str, Any]:
 
 
 def _progress_callback(space: SearchSpace):
-    from ray.tune import Callback
+    from ray.tune import Callback  # lazy: ray is heavy
 
-    from raykd.tune.trial import objective_key
+    from raykd.tune.trial import objective_key  # lazy: imports ray
 
     key = objective_key(space.search.metric)
     total = space.budget.num_samples
@@ -300,26 +305,16 @@ def run_tune(space: SearchSpace, *, resume: bool = False, prepared: bool = False
         verbose: Tune's status tables and trial result tables on the console (else only raykd's
             one line per trial).
     """
-    from raykd.storage import Mirror, mirrored
-    from raykd.tune.publish import FAMILY_FILE
-
     if not prepared:
         space = prepare_search(space)
     mirror = Mirror.of(space)
-    # outputs in a store: the experiment so far comes down first (a --resume on a fresh machine),
+    # outputs in a bucket: the experiment so far comes down first (a --resume on a fresh machine),
     # and what this process writes goes up every few seconds and at the end
     with mirrored(mirror, reads=[space.experiment_dir, Path(space.output_dir) / FAMILY_FILE]):
         return _run_tune(space, mirror, resume=resume, tracking=tracking, verbose=verbose)
 
 
 def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bool) -> SearchOutcome:
-    from raykd.cluster import check_storage_on_every_node, cluster_capacity, init_local_ray
-    from raykd.tune.confirm import CONFIRM_DIR, run_confirmation
-    from raykd.tune.findings import STAGE_2, STAGE_2B, collect_findings
-    from raykd.tune.leaderboard import build_leaderboard
-    from raykd.tune.publish import publish
-    from raykd.tune.tracking import log_published
-
     experiment_dir, tracking = _open_experiment(space, resume, tracking)
     stage_s: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -332,12 +327,12 @@ def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bo
     stage_s["Ray start"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    teachers = train_teachers(space, experiment_dir)  # stage 1: the teachers, then their stages
-    stages = run_teacher_stages(space, experiment_dir, teachers)
-    stores = build_teacher_stores(space, experiment_dir, teachers)
+    teachers = train_teachers(space, experiment_dir)  # stage 1: the teachers, then their teacher preps
+    preps = run_teacher_preps(space, experiment_dir, teachers)
+    teacher_outputs = build_teacher_outputs(space, experiment_dir, teachers)
     stage_s["stage 1 (teachers)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    plan = TrialPlan(space, experiment_dir, teachers, stages, stores)
+    plan = TrialPlan(space, experiment_dir, teachers, preps, teacher_outputs)
     records = _stage_2(plan, resources, resume=resume, tracking=tracking, verbose=verbose)
     log.info("stage 2 done: %d trials, %d failed", len(records), sum(r.status == "ERROR" for r in records))
     stage_s[STAGE_2] = time.perf_counter() - t0
@@ -366,9 +361,6 @@ def _run_tune(space: SearchSpace, mirror, *, resume: bool, tracking, verbose: bo
 def _open_experiment(space: SearchSpace, resume: bool, tracking):
     """The experiment folder (refusing to overwrite one unless ``resume``), its log file, and the
     tracking choice checked against it; returns both."""
-    from raykd.console import log_to_file
-    from raykd.tune.tracking import resolve_tracking
-
     experiment_dir = Path(space.output_dir) / space.name
     if _experiment_exists(experiment_dir) and not resume:
         raise ConfigError(f"experiment folder {experiment_dir} exists: pass --resume to continue it, "
@@ -384,9 +376,9 @@ def _open_experiment(space: SearchSpace, resume: bool, tracking):
 
 def _stage_2(plan: TrialPlan, resources: dict[str, float], *, resume: bool, tracking, verbose: bool):
     """The Tuner over every trial (restored when resuming); returns the trial records."""
-    from ray import tune
+    from ray import tune  # lazy: ray is heavy
 
-    from raykd.tune.trial import trial_main
+    from raykd.tune.trial import trial_main  # lazy: imports ray
 
     space, experiment_dir = plan.space, plan.experiment_dir
     trainable = tune.with_resources(tune.with_parameters(trial_main, plan=plan), _trial_resources(space, resources))
@@ -406,7 +398,7 @@ def _asha_sparing(references: list[str]):
     """ASHA that never stops a trial of the ``references`` labels (the students trained alone):
     they are what every distilled trial is compared with, so each runs its whole budget, while
     their results still count at ASHA's rungs for the others."""
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler  # lazy: ray is heavy
 
     class ReferenceSparingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
@@ -421,11 +413,9 @@ def _asha_sparing(references: list[str]):
 
 def _new_tuner(space: SearchSpace, trainable, concurrency: int, experiment_dir: Path, *, tracking=None,
                verbose: bool = False):
-    from ray import tune
+    from ray import tune  # lazy: ray is heavy
 
-    from raykd.metrics import metric_mode
-    from raykd.tune.tracking import tracking_callbacks
-    from raykd.tune.trial import objective_key
+    from raykd.tune.trial import objective_key  # lazy: imports ray
 
     b = space.budget
     scheduler = None

@@ -229,10 +229,10 @@ class SearchConfig:
     #: Stage 1 refuses to distil from a teacher whose best validation ``metric`` is not at least
     #: this far above chance (BMA: 1 / the classes in the validation split); None turns it off.
     teacher_margin: float | None = field(default=0.1, metadata={"range": (0.0, 1.0)})
-    #: Stage 1 builds a teacher store of this many augmented views of every training image per
-    #: teacher and student contract (``raykd.train.store``), and every trial that can read it
-    #: takes the teacher's outputs from it instead of running the teacher; None: online teachers.
-    teacher_store_views: int | None = field(default=None, metadata={"range": (1, 1000)})
+    #: Stage 1 computes the teacher outputs on this many augmented views of every training image
+    #: once per teacher and student contract (``raykd.train.teacher_outputs``), and every trial that
+    #: can read them takes them instead of running the teacher; None: online teachers.
+    teacher_output_views: int | None = field(default=None, metadata={"range": (1, 1000)})
 
 
 @dataclass

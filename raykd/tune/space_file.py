@@ -39,7 +39,10 @@ from typing import Any
 
 import yaml
 
+import raykd.models  # noqa: F401 (registers raykd_* models)
 from raykd.config import ConfigError, ModelConfig, RunConfig, from_dict, parse_override, set_dotted, validate
+from raykd.distill import METHODS
+from raykd.distill.base import make_params, method_params
 from raykd.registry import did_you_mean
 from raykd.tune.space import (
     OBJECTIVES,
@@ -139,8 +142,6 @@ def _check_run_values(base: dict, key: str, dist: Dist, where: str, what: str) -
 def _check_params(method: str, params: dict[str, Dist], where: str, label: str,
                   section: str = "methods") -> None:
     """Every searched or fixed parameter must be a field of the method's Params, within range."""
-    from raykd.distill.base import make_params, method_params
-
     cls = method_params(method)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     prefix = f"{label}.params." if section == "teachers" else f"methods.{label}.params."
@@ -174,9 +175,7 @@ def _parse_model(value: Any, where: str, key: str) -> dict:
 
 
 def _check_model_name(model: dict, where: str, key: str) -> None:
-    import timm
-
-    import raykd.models  # noqa: F401  (registers raykd_* models)
+    import timm  # lazy: timm is heavy
 
     name = model.get("name")
     if name is not None and not model.get("cut_blocks") and not timm.is_model(name):
@@ -387,8 +386,6 @@ def _parse_teachers(value: Any, base: dict, where: str) -> dict[str, TeacherSpec
         method = str(spec.get("method", "baseline"))
         params = _mapping(spec.get("params"), where, f"{key}.params")
         if "method" in spec or params:
-            from raykd.distill import METHODS
-
             if method not in METHODS:
                 raise ConfigError(f"{where}: {key}.method: {METHODS.unknown_message(method)}")
             if METHODS.get(method).needs_teacher:
@@ -406,8 +403,6 @@ def _parse_teachers(value: Any, base: dict, where: str) -> dict[str, TeacherSpec
 
 def _parse_methods(value: Any, students: dict[str, StudentSpec], teachers: dict[str, TeacherSpec],
                    shared: dict[str, Dist], base: dict, where: str) -> dict[str, MethodSpec]:
-    from raykd.distill import METHODS
-
     if value == "all":
         value = {m: {} for m in METHODS.names()}
     if isinstance(value, list):
@@ -422,8 +417,6 @@ def _parse_methods(value: Any, students: dict[str, StudentSpec], teachers: dict[
 def _parse_method(label: str, spec: Any, students: dict[str, StudentSpec], teachers: dict[str, TeacherSpec],
                   base: dict, where: str) -> MethodSpec:
     """One entry of ``methods:``."""
-    from raykd.distill import METHODS
-
     key = f"methods.{label}"
     spec = _mapping(spec, where, key)
     for k in spec:

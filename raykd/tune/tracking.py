@@ -96,7 +96,7 @@ def parse_tracking(value: str | Tracking | None) -> Tracking | None:
         raise _bad(text, f"{kind} takes no URI")
     if kind == "mlflow":
         try:
-            import mlflow  # noqa: F401
+            import mlflow  # noqa: F401  # lazy: an optional tracker, checked when it is asked for
             from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
         except ImportError as e:
             raise ConfigError(f"--tracking mlflow needs MLflow ({e}): pip install mlflow-skinny") from e
@@ -113,7 +113,7 @@ def parse_tracking(value: str | Tracking | None) -> Tracking | None:
         return Tracking("mlflow", uri or None)
     if kind == "wandb":
         try:
-            import wandb  # noqa: F401
+            import wandb  # noqa: F401  # lazy: an optional tracker, checked when it is asked for
         except ImportError as e:
             raise ConfigError(f"--tracking wandb needs Weights & Biases, which raykd does not install "
                               f"({e}): pip install wandb") from e
@@ -170,11 +170,11 @@ def tracking_callbacks(tracking: Tracking | None, name: str, experiment_dir: str
                  name, uri, uri)
         return [mlflow_callback_class()(uri, experiment_name=name, artifact_location=artifacts)]
     if tracking.kind == "tensorboard":
-        from ray.tune.logger import TBXLoggerCallback
+        from ray.tune.logger import TBXLoggerCallback  # lazy: ray is heavy
 
         log.info("TensorBoard: event files in each trial's folder (tensorboard --logdir %s)", experiment_dir)
         return [TBXLoggerCallback()]
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback  # lazy: ray is heavy
 
     return [WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT") or name, group=name,
                                 dir=str(experiment_dir))]
@@ -187,7 +187,7 @@ def _metric_key(key: str) -> str:
 
 
 def _metrics(result: dict[str, Any], step: int) -> list:
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # lazy: mlflow is optional here
     from ray._private.dict import flatten_dict
 
     flat = flatten_dict({k: v for k, v in result.items() if k not in _NOT_METRICS}, delimiter="/")
@@ -200,7 +200,7 @@ def _start_or_resume_run(client, experiment_id: str, tags: dict, trial, run_id: 
     """The MLflow run of ``trial``: its existing run (a resumed trial: params there, steps go on
     after its last one) or a new one named after the trial id with the sampled config as params;
     returns the run id and the step offset."""
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # lazy: mlflow is optional here
     from ray.air.constants import TRAINING_ITERATION
 
     if run_id is not None:
@@ -223,7 +223,7 @@ def _log_batches(client, run_id: str, metrics: list) -> None:
 
 
 def _build_mlflow_callback():
-    from ray.air.constants import TRAINING_ITERATION
+    from ray.air.constants import TRAINING_ITERATION  # lazy: ray is heavy
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     class MLflowTrialCallback(MLflowLoggerCallback):
@@ -236,7 +236,7 @@ def _build_mlflow_callback():
             self.artifact_location = artifact_location
 
         def setup(self, *args, **kwargs) -> None:
-            from mlflow.tracking import MlflowClient
+            from mlflow.tracking import MlflowClient  # lazy: mlflow is optional here
 
             client = MlflowClient(self.tracking_uri)
             if client.get_experiment_by_name(self.experiment_name) is None:
@@ -322,7 +322,7 @@ def log_published(tracking: Tracking | None, published, experiment_dir: str | Pa
 
 
 def _log_published(tracking: Tracking, published, experiment_dir: Path, name: str) -> str:
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param  # lazy: mlflow is optional here
     from mlflow.tracking import MlflowClient
 
     uri, artifacts = mlflow_store(tracking, experiment_dir)

@@ -22,8 +22,16 @@ from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from raykd.artifact.format import load_artifact
+from raykd.artifact.measure import measure_latency, model_cost
 from raykd.artifact.rundir import RunDir, TrialDir
 from raykd.config import ModelConfig, from_dict
+from raykd.distill import METHODS
+from raykd.metrics.classification import is_better
+from raykd.raycompat import wait_for_trial_reports
+from raykd.storage import Mirror, mirrored, run_reads
+from raykd.train.driver import run_train, uses_local
+from raykd.tune.plan import is_paper_setting, pipeline_knobs
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +68,9 @@ class TrialReporter(TuneReportCallback):
 
 def _replay(run_dir: Path, extra: dict[str, Any], metric: str, report=None) -> None:
     """Report a finished run's last epoch (with its best value so far) to Tune from its files."""
-    from ray import tune
+    from ray import tune  # lazy: ray is heavy
 
     report = report or tune.report
-
-    from raykd.metrics import is_better
 
     best = None
     rows = []
@@ -79,8 +85,6 @@ def _replay(run_dir: Path, extra: dict[str, Any], metric: str, report=None) -> N
 
 def _cost(parts, reps: int) -> dict[str, float]:
     """Size and CPU latency of the run's student, measured once from the models the run built."""
-    from raykd.artifact.measure import measure_latency, model_cost
-
     return {**model_cost(parts.student), "latency_ms": measure_latency(parts.student, parts.preprocess.image_size,
                                                                        reps=reps)}
 
@@ -94,9 +98,7 @@ def _train(cfg, extra: dict[str, Any], metric: str, reps: int, report=None) -> N
     run's CPUs (see :func:`raykd.train.driver.run_train`); a larger one is a TorchTrainer whose
     reports reach Tune through :class:`TrialReporter`.
     """
-    from ray import tune
-
-    from raykd.train.driver import run_train, uses_local
+    from ray import tune  # lazy: ray is heavy
 
     report = report or tune.report
     run_dir = RunDir.of(cfg)
@@ -142,8 +144,6 @@ def _record_timing(trial_dir: TrialDir, run_dirs: list[RunDir], wall_s: float, e
 
 def trial_main(config: dict[str, Any], plan) -> None:
     """The Tune trainable: rebuild the typed run config from ``config`` and train it."""
-    from raykd.raycompat import wait_for_trial_reports
-
     try:
         _trial_main(config, plan)
     finally:
@@ -151,28 +151,22 @@ def trial_main(config: dict[str, Any], plan) -> None:
 
 
 def _trial_main(config: dict[str, Any], plan) -> None:
-    from ray import tune
-
-    from raykd.storage import Mirror, mirrored, run_reads
+    from ray import tune  # lazy: ray is heavy
 
     t0 = time.perf_counter()
     trial_id = tune.get_context().get_trial_id()
     resolved = plan.resolve(config)
     cfg = plan.run_config(config, trial_id)
     trial_dir = TrialDir(plan.runs_dir / trial_id)
-    # outputs in a store: a retried trial continues from what it pushed, on whichever node it lands
+    # outputs in a bucket: a retried trial continues from what it pushed, on whichever node it lands
     with mirrored(Mirror.of(cfg), own=trial_dir.path, reads=run_reads(cfg)):
         _trial_in_folder(plan, config, cfg, resolved, trial_dir, t0)
 
 
 def _trial_in_folder(plan, config: dict[str, Any], cfg, resolved, trial_dir: TrialDir, t0: float) -> None:
-    from raykd.distill import METHODS
-    from raykd.train.driver import uses_local
-    from raykd.tune.plan import is_paper_setting
-
     trial_id = trial_dir.path.name
     staged = METHODS.get(resolved.method).multi_run
-    import ray
+    import ray  # lazy: ray is heavy
 
     trial_dir.write_trial({
         "node": ray.get_runtime_context().get_node_id(),  # where this trial's driver (and a local run) ran
@@ -203,11 +197,6 @@ def _pipeline(plan, template, resolved, trial_dir: TrialDir, trained: list[RunDi
     frozen teacher. The trial folder's pipeline record holds each step's validation and test
     metrics, size and latency, the parent first. ``report`` gets every epoch (default
     ``tune.report``). Returns the last step's run folder."""
-    from raykd.artifact import load_artifact
-    from raykd.artifact.measure import model_cost
-    from raykd.distill import METHODS
-    from raykd.tune.plan import pipeline_knobs
-
     metric = plan.space.search.metric
     spec = plan.space.methods[resolved.label]
     parent_dir = plan.teachers[resolved.teacher]

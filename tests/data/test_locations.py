@@ -1,6 +1,6 @@
 """Dataset locations are folders or URIs read through pyarrow's filesystems (s3://, gs://, file://):
 the manifest, the shards, a training run and Ray Data read a ``file://`` URI exactly as they read
-the folder behind it (an S3 store served on loopback reads and writes them in tests/test_storage.py)."""
+the folder behind it (an S3 bucket served on loopback reads and writes them in tests/test_storage.py)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_a_uri_without_a_dataset_names_the_location(tmp_path):
 
 
 def test_a_run_trains_from_a_uri_dataset_and_its_artifact_names_the_uri(dataset, tmp_path):
-    from raykd.artifact import read_meta
+    from raykd.artifact.format import read_meta
     from raykd.train.driver import run_train
 
     uri = f"file://{dataset}"

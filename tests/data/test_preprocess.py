@@ -1,4 +1,4 @@
-"""Black-border crop and paper 004's preprocessing on small hand-made images."""
+"""Black-border crop and the fusion paper's preprocessing on small hand-made images."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 
 from raykd.data.preprocess import (
     CropBlackBorder,
-    Preprocess004,
+    FusionPreprocess,
     bilateral,
     crop_black_border,
+    fusion_preprocess,
     highlight_lesion,
-    preprocess_004,
     remove_hair,
     unsharp_mask,
 )
@@ -104,10 +104,10 @@ def test_each_stage_preserves_shape_and_dtype(fn):
 
 def test_the_six_stage_pipeline_rescales_and_resizes():
     img = np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    out = preprocess_004(img, 16)
+    out = fusion_preprocess(img, 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
-    kept = preprocess_004(img, 16, rescale=False)
+    kept = fusion_preprocess(img, 16, rescale=False)
     assert kept.shape == (16, 16, 3) and kept.dtype == np.uint8
 
 
@@ -119,7 +119,7 @@ def test_non_uint8_input_is_refused_with_the_function_name():
 
 
 def test_the_albumentations_wrappers_compose_and_pickle():
-    pipe = A.Compose([CropBlackBorder(), Preprocess004(size=24)])
+    pipe = A.Compose([CropBlackBorder(), FusionPreprocess(size=24)])
     out = pipe(image=_boxed())["image"]
     assert out.shape == (24, 24, 3) and out.dtype == np.uint8
     again = pickle.loads(pickle.dumps(pipe))(image=_boxed())["image"]
@@ -131,4 +131,4 @@ def test_wrapper_arguments_are_validated():
     with pytest.raises(ValueError, match="threshold"):
         CropBlackBorder(threshold=300)
     with pytest.raises(ValueError, match="size"):
-        Preprocess004(size=0)
+        FusionPreprocess(size=0)

@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from raykd.data.preprocess import CropBlackBorder, Preprocess004
+from raykd.data.preprocess import CropBlackBorder, FusionPreprocess
 from raykd.data.synthetic import render_image
 from raykd.data.transforms import (
     RECIPES,
@@ -46,7 +46,7 @@ def test_the_default_spec_is_imagenet_at_224():
     assert spec.image_size == 224
     assert spec.mean == pytest.approx((0.485, 0.456, 0.406))
     assert spec.std == pytest.approx((0.229, 0.224, 0.225))
-    assert not spec.crop_black_border and not spec.pipeline_004
+    assert not spec.crop_black_border and not spec.fusion_preprocess
 
 
 def test_spec_round_trips_through_json():
@@ -171,9 +171,9 @@ def test_eval_is_deterministic_and_resizes_any_shape():
 
 
 def test_eval_runs_the_optional_preprocessing_first():
-    spec = PreprocessSpec(image_size=32, crop_black_border=True, pipeline_004=True)
+    spec = PreprocessSpec(image_size=32, crop_black_border=True, fusion_preprocess=True)
     pipe = build_eval_transform(spec)
-    assert [type(t) for t in pipe.transforms[:2]] == [CropBlackBorder, Preprocess004]
+    assert [type(t) for t in pipe.transforms[:2]] == [CropBlackBorder, FusionPreprocess]
     assert pipe(image=_image())["image"].shape == (32, 32, 3)
 
 
@@ -201,9 +201,9 @@ def test_a_seeded_recipe_is_reproducible_and_random(recipe):
 
 
 def test_recipes_run_after_the_optional_preprocessing():
-    spec = PreprocessSpec(image_size=32, crop_black_border=True, pipeline_004=True)
+    spec = PreprocessSpec(image_size=32, crop_black_border=True, fusion_preprocess=True)
     pipe = build_train_transform(spec, "skindistilvit", seed=0)
-    assert isinstance(pipe.transforms[0], CropBlackBorder) and isinstance(pipe.transforms[1], Preprocess004)
+    assert isinstance(pipe.transforms[0], CropBlackBorder) and isinstance(pipe.transforms[1], FusionPreprocess)
     assert pipe(image=_image())["image"].shape == (32, 32, 3)
 
 

@@ -27,7 +27,7 @@ WEIGHTS = torch.tensor([50.0, 1.0, 1.0, 0.02, 1.0, 10.0, 1.0, 0.01])
 PLAIN_CE = {"skindistilvit", "cascade", "fcvit", "fcvit_probs", "dkd"}
 WEIGHTED_CE = {"baseline", "kd", "fitnet", "rkd", "crkd", "dkd_combo", "sskd", "ssdkd"}
 
-# Paper values (shared notes, section A; mdistiller's configs for dkd) that the defaults must keep.
+# Paper values (the papers and their code; mdistiller's configs for dkd) that the defaults must keep.
 PAPER = {
     "kd": {"alpha": 0.5, "temperature": 5.0},
     "skindistilvit": {"w_task": 1.0, "w_soft": 0.5, "temperature": 2.0, "w_hidden": 0.0, "w_mse": 0.0},

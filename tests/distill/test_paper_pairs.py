@@ -32,10 +32,10 @@ def test_a_paper_pair_takes_a_distillation_step_at_full_size(teacher_key, studen
                else create_model(PAPER_MODELS[student_key], num_classes=NUM_CLASSES))
     size = 224
     extra = {}
-    if method == "ssdkd":  # its teacher stage's output: an untrained head of the right shape is enough here
-        from raykd.distill.methods.sskd import SSKDHeadStage
+    if method == "ssdkd":  # its teacher prep's output: an untrained head of the right shape is enough here
+        from raykd.distill.methods.sskd import SSKDHeadPrep
 
-        extra["teacher_head"] = SSKDHeadStage().placeholder(teacher, (3, size, size))
+        extra["teacher_head"] = SSKDHeadPrep().placeholder(teacher, (3, size, size))
     m = build_method(method, student, teacher, num_classes=NUM_CLASSES, input_size=(3, size, size), **extra)
     before_t = [p.detach().clone() for p in teacher.parameters()][:4]
     before_s = [p.detach().clone() for p in m.trainable_parameters()][:4]

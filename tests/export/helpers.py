@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raykd.artifact import ArtifactMeta, build_model, save_artifact
+from raykd.artifact.format import ArtifactMeta, build_model, save_artifact
 from raykd.data.manifest import Manifest
 from raykd.data.schema import SCHEMA
 
@@ -66,7 +66,7 @@ def make_artifact(directory: Path, model_name: str, model_kwargs: dict, *, image
         model_name=model_name, num_classes=len(LABELS), model_kwargs=dict(model_kwargs),
         label_names=list(LABELS), malignant=list(malignant),
         preprocess={"image_size": image_size, "mean": list(mean), "std": list(std),
-                    "crop_black_border": False, "pipeline_004": False},
+                    "crop_black_border": False, "fusion_preprocess": False},
         version=version, metrics={"val_bma": 0.25}, dataset=str(dataset) if dataset else None,
     )
     torch.manual_seed(seed)
@@ -89,12 +89,12 @@ def make_run(run: Path, dataset: Path, *, seed: int = 0, summary: bool = True, *
     training worker scores them: evaluation transform, softmax, :func:`compute_from_arrays`)."""
     import yaml
 
-    from raykd.artifact import load_artifact
+    from raykd.artifact.format import load_artifact
     from raykd.artifact.predict import TorchPredictor
     from raykd.artifact.rundir import RunDir
     from raykd.data.transforms import decode_image
     from raykd.export.run import load_split_images
-    from raykd.metrics import compute_from_arrays
+    from raykd.metrics.classification import compute_from_arrays
 
     make_artifact(run / "best", "raykd_test_tiny_cnn", {}, image_size=32, dataset=dataset, seed=seed,
                   version=run.name, **artifact_kwargs)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from raykd.artifact import (
+from raykd.artifact.format import (
     ArtifactMeta,
     build_model,
     count_params,

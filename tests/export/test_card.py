@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from raykd.artifact import read_meta
+from raykd.artifact.format import read_meta
 from raykd.artifact.predict import OnnxPredictor, TorchPredictor
 from raykd.data.transforms import decode_image
 from raykd.export.__main__ import parse_args

@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from raykd.__main__ import main as raykd_main
-from raykd.artifact import ArtifactMeta, load_artifact
+from raykd.artifact.format import ArtifactMeta, load_artifact
 from raykd.artifact.predict import TorchPredictor
 from raykd.data.manifest import Manifest
 from raykd.data.schema import SCHEMA
@@ -32,7 +32,7 @@ from raykd.export.evaluate import (
 )
 from raykd.export.onnx import export_onnx
 from raykd.export.run import load_split_images
-from raykd.metrics import compute_from_arrays, per_class_table
+from raykd.metrics.classification import compute_from_arrays, per_class_table
 from tests.export.helpers import LABELS, MALIGNANT, make_dataset, make_run
 from tests.test_cli import option_entries
 

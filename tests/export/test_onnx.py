@@ -11,13 +11,13 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from raykd.artifact import load_artifact
+from raykd.artifact.format import load_artifact
 from raykd.data.transforms import decode_image
 from raykd.export.__main__ import main as export_main
 from raykd.export.onnx import export_onnx, read_onnx_meta
 from raykd.export.options import ExportConfig
 from raykd.export.run import ParityError, load_split_images, run_export
-from raykd.serve.predictor import OnnxPredictor, TorchPredictor
+from raykd.serve.backend import OnnxPredictor, TorchPredictor
 from tests.export.helpers import LABELS, make_artifact
 
 

@@ -21,7 +21,7 @@ from sklearn.metrics import (
 )
 from sklearn.preprocessing import label_binarize
 
-from raykd.metrics import (
+from raykd.metrics.classification import (
     ClassificationMetrics,
     compute_from_arrays,
     gather_predictions,

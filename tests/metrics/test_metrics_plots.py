@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from raykd.metrics import plot_confusion_matrix, write_report
+from raykd.metrics.plots import plot_confusion_matrix, write_report
 
 NAMES = ["MEL", "NV", "BCC"]
 CM = np.array([[2, 1, 0], [1, 1, 0], [0, 0, 0]])  # BCC absent: its row normalises to zeros

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import requests
 
-from raykd.artifact import load_artifact
+from raykd.artifact.format import load_artifact
 from raykd.data.transforms import decode_image
 from raykd.export.onnx import export_onnx
 from raykd.serve.__main__ import run_serve
 from raykd.serve.app import ServeArgs
+from raykd.serve.backend import OnnxPredictor, TorchPredictor
 from raykd.serve.family import FamilyEntry, write_family
 from raykd.serve.guard import API_KEY_ENV
-from raykd.serve.predictor import OnnxPredictor, TorchPredictor
 from tests.export.helpers import LABELS, encoded_image, make_artifact
 from tests.serve.test_intake import jpeg_header_only, png_header_only
 
@@ -60,7 +60,7 @@ def url(ray_cluster, family, tmp_path_factory):
     from ray import serve
 
     port = _free_port()
-    args = ServeArgs(registry=str(family["file"]), max_body_bytes=MAX_BODY, num_cpus=0.5,
+    args = ServeArgs(family=str(family["file"]), max_body_bytes=MAX_BODY, num_cpus=0.5,
                      onnx_cache_dir=str(tmp_path_factory.mktemp("onnx_cache")))
     run_serve(args, host="127.0.0.1", port=port, blocking=False, env_vars={API_KEY_ENV: KEY})
     try:
@@ -209,7 +209,7 @@ def test_an_image_just_over_25_megapixels_is_refused_naming_the_limit(url):
 
 
 def test_build_app_takes_typed_args_as_serve_run_passes_them(family):
-    """``serve run raykd.serve.app:build_app registry=FILE max_batch_size=4`` (strings, validated)."""
+    """``serve run raykd.serve.app:build_app family=FILE max_batch_size=4`` (strings, validated)."""
     from pydantic import ValidationError
     from ray.serve import Application
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
@@ -217,13 +217,13 @@ def test_build_app_takes_typed_args_as_serve_run_passes_them(family):
     from raykd.serve.app import build_app
 
     app = call_user_app_builder_with_args_if_necessary(
-        build_app, {"registry": str(family["file"]), "max_batch_size": "4"})
+        build_app, {"family": str(family["file"]), "max_batch_size": "4"})
     assert isinstance(app, Application)
     with pytest.raises(ValidationError, match="max_batchsize"):
         call_user_app_builder_with_args_if_necessary(
-            build_app, {"registry": str(family["file"]), "max_batchsize": 4})
+            build_app, {"family": str(family["file"]), "max_batchsize": 4})
     with pytest.raises(ValidationError, match="exactly one"):
-        ServeArgs(registry=str(family["file"]), models=[str(family["cnn"])])
+        ServeArgs(family=str(family["file"]), models=[str(family["cnn"])])
 
 
 def test_cli_arguments_become_serve_args(family):
@@ -233,6 +233,6 @@ def test_cli_arguments_become_serve_args(family):
                      "--max-body-bytes", "1000", "--num-gpus", "1", "--request-timeout-s", "2.5"])
     args = args_to_serve_args(ns)
     assert args.models == [str(family["cnn"]), f"v={family['onnx']}"]
-    assert (args.max_batch_size, args.max_body_bytes, args.num_gpus, args.registry) == (1, 1000, 1.0, None)
+    assert (args.max_batch_size, args.max_body_bytes, args.num_gpus, args.family) == (1, 1000, 1.0, None)
     assert (args.request_timeout_s, args.max_image_pixels) == (2.5, 25_000_000)
-    assert ServeArgs(registry="f.json").request_timeout_s == 30.0
+    assert ServeArgs(family="f.json").request_timeout_s == 30.0

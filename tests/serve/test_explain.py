@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raykd.artifact import ArtifactMeta, build_model
+from raykd.artifact.format import ArtifactMeta, build_model
 from raykd.artifact.predict import TorchPredictor, eval_transform, preprocess_images
 from raykd.serve.explain import encode_png, explain, input_view, is_vit, overlay
 
@@ -43,7 +43,7 @@ def blob_meta(model_name: str, temperature: float = 1.0) -> ArtifactMeta:
         model_name=model_name, num_classes=2, model_kwargs={}, label_names=["plain", "blob"],
         malignant=["blob"], temperature=temperature,
         preprocess={"image_size": SIZE, "mean": [0.5] * 3, "std": [0.25] * 3,
-                    "crop_black_border": False, "pipeline_004": False})
+                    "crop_black_border": False, "fusion_preprocess": False})
 
 
 def train_blob_finder(meta: ArtifactMeta, steps: int = 150) -> torch.nn.Module:

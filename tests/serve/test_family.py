@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from raykd.artifact import load_artifact
+from raykd.artifact.format import load_artifact
 from raykd.export.onnx import export_onnx
 from raykd.serve.family import Family, FamilyEntry, family_from_paths, load_family, write_family
 from tests.export.helpers import make_artifact

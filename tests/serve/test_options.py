@@ -10,7 +10,7 @@ from raykd.serve.options import ServeArgs, ServerOptions
 
 def test_the_cli_defaults_are_the_models_defaults():
     ns = parse_args(["--family", "f.json"])
-    assert args_to_serve_args(ns) == ServeArgs(registry="f.json")
+    assert args_to_serve_args(ns) == ServeArgs(family="f.json")
     assert server_options(ns) == ServerOptions()
     assert args_to_serve_args(parse_args(["--model", "a", "--model", "b=c"])) == ServeArgs(models=["a", "b=c"])
 
@@ -21,5 +21,5 @@ def test_every_field_but_the_config_only_ones_is_a_flag():
 
 
 def test_the_request_limits_default_to_the_serve_args():
-    args = ServeArgs(registry="f.json")
+    args = ServeArgs(family="f.json")
     assert Limits() == Limits(args.max_body_bytes, args.max_image_pixels)

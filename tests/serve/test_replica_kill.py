@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from raykd.artifact import load_artifact
+from raykd.artifact.format import load_artifact
 from raykd.export.onnx import export_onnx
 from raykd.serve.__main__ import run_serve
 from raykd.serve.app import ServeArgs

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 import requests
 
-from raykd.artifact import ArtifactMeta, build_model, load_artifact, save_artifact
+from raykd.artifact.format import ArtifactMeta, build_model, load_artifact, save_artifact
 from raykd.data.transforms import decode_image
 from raykd.export.onnx import export_onnx
 from raykd.serve.__main__ import run_serve
 from raykd.serve.app import ServeArgs
+from raykd.serve.backend import OnnxPredictor, predict_tta
 from raykd.serve.family import FamilyEntry, write_family
 from raykd.serve.guard import API_KEY_ENV
-from raykd.serve.predictor import OnnxPredictor, predict_tta
 from tests.export.helpers import LABELS, MALIGNANT, encoded_image, make_artifact
 from tests.serve.test_app import AUTH, KEY, _free_port, get
 
@@ -42,7 +42,7 @@ def family(tmp_path_factory):
     meta = ArtifactMeta(model_name="test_vit", num_classes=len(LABELS), model_kwargs={"img_size": 64},
                         label_names=list(LABELS), malignant=list(MALIGNANT), version="vit-1",
                         preprocess={"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3,
-                                    "crop_black_border": False, "pipeline_004": False},
+                                    "crop_black_border": False, "fusion_preprocess": False},
                         temperature=1.5, decision={"threshold": THRESHOLD, "target_sensitivity": 0.95})
     torch.manual_seed(0)
     vit = save_artifact(root / "vit_run" / "best", build_model(meta), meta)
@@ -69,7 +69,7 @@ def url(ray_cluster, family):
     from ray import serve
 
     port = _free_port()
-    args = ServeArgs(registry=str(family["file"]), num_cpus=0.5)
+    args = ServeArgs(family=str(family["file"]), num_cpus=0.5)
     run_serve(args, host="127.0.0.1", port=port, blocking=False, env_vars={API_KEY_ENV: KEY})
     try:
         yield f"http://127.0.0.1:{port}"

@@ -39,16 +39,16 @@ def test_the_same_run_config_builds_the_same_initial_weights(data):
     assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
 
 
-def test_raykd_train_runs_a_methods_teacher_stage_once_into_the_run_folder(ray_cluster, data, tmp_path):
-    """``raykd train`` with sskd: the head stage runs first (a Ray task) into RUN_DIR/stages, the
+def test_raykd_train_runs_a_methods_teacher_prep_once_into_the_run_folder(ray_cluster, data, tmp_path):
+    """``raykd train`` with sskd: SSKD's teacher prep runs first (a Ray task) into RUN_DIR/prep, the
     run builds from it, and a resumed run reuses it."""
     from raykd.artifact.rundir import RunDir
     from raykd.train.driver import run_train
 
     run = cfg(data, f"output_dir={tmp_path}", "name=sskd", "teacher.name=test_resnet", "teacher.image_size=32",
-              "distill.method=sskd", "distill.stage_epochs=1", "train.epochs=1", "train.batch_size=8")
+              "distill.method=sskd", "distill.prep_epochs=1", "train.epochs=1", "train.batch_size=8")
     result = run_train(run, in_process=True)
-    head = RunDir(result.run_dir).stage_file("sskd_head-e1")
+    head = RunDir(result.run_dir).prep_file("sskd_head-e1")
     assert head.is_file() and RunDir(result.run_dir).finished()
     made = head.stat().st_mtime_ns
     run_train(run, in_process=True, resume=True)

@@ -12,7 +12,7 @@ from raykd.config import RunConfig, load_config, to_dict
 from raykd.data.synthetic import make_synthetic
 from raykd.data.transforms import PreprocessSpec, normalizer
 from raykd.train.build import build_run
-from raykd.train.stages import _stage_task, needs_teacher_stage
+from raykd.train.prep import _prep_task, needs_teacher_prep
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,15 @@ def dataset(tmp_path_factory):
     return path, make_synthetic(path, num_images=40, image_size=32, seed=0)
 
 
-def kd_parts(dataset, teacher_size: int, method: str = "kd", stage_dir=None):
+def kd_parts(dataset, teacher_size: int, method: str = "kd", prep_dir=None):
     path, manifest = dataset
     cfg = load_config(RunConfig, None, [
         f"data.path={path}", "student.name=raykd_test_tiny_cnn", "student.image_size=32",
         "teacher.name=test_resnet", f"teacher.image_size={teacher_size}", f"distill.method={method}",
-        "distill.stage_epochs=1"])
-    if stage_dir is not None and needs_teacher_stage(cfg):  # sskd/ssdkd: the stage's task body, in-process
-        head = _stage_task(to_dict(cfg), str(stage_dir / "head.safetensors"))
-        cfg = replace(cfg, distill=replace(cfg.distill, teacher_stage_file=head))
+        "distill.prep_epochs=1"])
+    if prep_dir is not None and needs_teacher_prep(cfg):  # sskd/ssdkd: the prep's task body, in-process
+        head = _prep_task(to_dict(cfg), str(prep_dir / "head.safetensors"))
+        cfg = replace(cfg, distill=replace(cfg.distill, teacher_prep_file=head))
     torch.manual_seed(0)
     return build_run(cfg, manifest)
 
@@ -85,5 +85,5 @@ def test_feature_methods_take_teacher_features_in_the_teachers_contract(dataset)
 
 @pytest.mark.parametrize("method", ["kd", "dkd", "rkd", "fitnet", "crkd", "dkd_combo", "sskd", "ssdkd"])
 def test_every_teacher_method_builds_with_a_teacher_of_another_contract(dataset, method, tmp_path):
-    parts = kd_parts(dataset, 48, method=method, stage_dir=tmp_path)  # sskd/ssdkd: their head stage too
+    parts = kd_parts(dataset, 48, method=method, prep_dir=tmp_path)  # sskd/ssdkd: their teacher prep too
     assert parts.method.teacher_inputs(torch.zeros(2, 3, 32, 32)).shape[-1] == 48

@@ -62,7 +62,7 @@ def test_validation_metrics_equal_sklearn_on_the_same_predictions(teacher, synth
     """Re-predict the whole val split outside Ray with the best model and score it with sklearn."""
     import torch
 
-    from raykd.artifact import load_artifact
+    from raykd.artifact.format import load_artifact
     from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_image, to_chw_batch
 
     model, meta = load_artifact(teacher.run_dir)

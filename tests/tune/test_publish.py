@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raykd.artifact import load_artifact
+from raykd.artifact.format import load_artifact
 from raykd.artifact.measure import measure_latency
 from raykd.artifact.rundir import RunDir
 from raykd.metrics.plots import plot_pareto, plot_roc_curves

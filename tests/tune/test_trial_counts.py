@@ -1,12 +1,13 @@
 """What one trial costs besides learning: its models are built once and its student's latency is
-measured once (issue 14's counts), for a plain run and for a teacher run with a distilled student."""
+measured once, for a plain run and for a teacher run with a distilled student."""
 
 from __future__ import annotations
 
 import pytest
 
-import raykd.artifact.measure
-import raykd.train.build
+import raykd.train.driver
+import raykd.train.worker
+import raykd.tune.trial
 from raykd.config import RunConfig, load_config
 from raykd.data.synthetic import make_synthetic
 from raykd.tune.trial import _train
@@ -19,17 +20,19 @@ def data(tmp_path_factory):
     return path
 
 
-def count_calls(monkeypatch, module, name: str) -> list:
+def count_calls(monkeypatch, modules, name: str) -> list:
+    """Count the calls of ``name`` made from any of ``modules`` (patched where each looks it up)."""
     calls = []
-    real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    for module in modules:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
 @pytest.mark.parametrize("method", ["baseline", "kd"])
 def test_a_trial_builds_its_models_once_and_measures_latency_once(data, tmp_path, monkeypatch, method):
-    builds = count_calls(monkeypatch, raykd.train.build, "build_run")
-    latencies = count_calls(monkeypatch, raykd.artifact.measure, "measure_latency")
+    builds = count_calls(monkeypatch, [raykd.train.driver, raykd.train.worker], "build_run")
+    latencies = count_calls(monkeypatch, [raykd.tune.trial], "measure_latency")
     teacher = ["teacher.name=test_resnet", "teacher.image_size=32"] if method != "baseline" else []
     cfg = load_config(RunConfig, None, [
         f"data.path={data}", f"output_dir={tmp_path}", "name=t0", "student.name=raykd_test_tiny_cnn",

@@ -28,6 +28,7 @@ from torch import nn
 
 from raykd.distill.base import PipelineStep, knob, register_method
 from raykd.distill.methods.skindistilvit import SkinDistilViT, SkinDistilViTParams
+from raykd.models import unwrap_model
 
 __all__ = ["CascadeParams", "CascadeStep", "num_blocks"]
 
@@ -51,7 +52,7 @@ class CascadeStep(SkinDistilViT):
     student_from_teacher = True
     multi_run = True
 
-    def stored_outputs(self):
+    def saved_outputs(self):
         return None  # every step distils from another teacher (the previous step)
     pipeline_knobs = ("min_blocks",)
 
@@ -84,8 +85,6 @@ class CascadeStep(SkinDistilViT):
 
 def num_blocks(model: nn.Module) -> int:
     """The transformer blocks of a ViT-like model (ValueError for any other model)."""
-    from raykd.models import unwrap_model
-
     blocks = getattr(unwrap_model(model), "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList):
         raise ValueError(f"cascading distillation needs a ViT-like model with .blocks, got {type(model).__name__}")

@@ -45,7 +45,7 @@ class DKD(Method):
         w = self.params.warmup_epochs
         return 1.0 if w == 0 else min((self.epoch + 1) / w, 1.0)
 
-    def stored_outputs(self):
+    def saved_outputs(self):
         return frozenset({"logits"})
 
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:

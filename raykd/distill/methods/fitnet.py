@@ -5,7 +5,7 @@ channels (and, if needed, its spatial size) and is pulled towards the teacher's 
 
     L = w_hint * mean((r(f_s) - f_t)^2) + w_ce * WCE(s, y)
 
-Romero et al. train in two stages (hints first, then KD); SSD-KD's code (``kd_losses/fitnet.py``)
+Romero et al. train in two phases (hints first, then KD); SSD-KD's code (``kd_losses/fitnet.py``)
 trains the single combined loss above with CE weight 0.01, which gives our defaults.
 """
 

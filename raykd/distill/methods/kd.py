@@ -30,7 +30,7 @@ class KD(Method):
 
     Params = KDParams
 
-    def stored_outputs(self):
+    def saved_outputs(self):
         return frozenset({"logits"})
 
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:

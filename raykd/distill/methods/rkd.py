@@ -32,7 +32,7 @@ class RKD(Method):
 
     Params = RKDParams
 
-    def stored_outputs(self):
+    def saved_outputs(self):
         return frozenset({"embedding"})
 
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:

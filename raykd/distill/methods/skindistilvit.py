@@ -70,7 +70,7 @@ class SkinDistilViT(Method):
                 )
             self.adapters["hidden"] = nn.Linear(s[2], t[2])
 
-    def stored_outputs(self):
+    def saved_outputs(self):
         return None if self.params.w_hidden else frozenset({"logits"})  # hidden states: online
 
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:

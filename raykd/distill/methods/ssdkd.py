@@ -54,7 +54,7 @@ class DKDCombo(Method):
         if self.params.w_crkd:
             make_map_adapter(self, self.params.adapter)
 
-    def stored_outputs(self):
+    def saved_outputs(self):
         return None if self.params.w_crkd else frozenset({"logits", "embedding"})  # CRKD: feature maps
 
     def forward(self, images: Tensor, targets: Tensor) -> MethodOutput:

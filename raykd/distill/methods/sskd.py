@@ -15,12 +15,12 @@ every original form the ``(3B, B)`` matrix ``A``. Losses (Xu et al., Sec. 3)::
 "Kept" is the selective transfer: views whose true class (resp. true source image) the teacher
 ranks first, plus the best-ranked ``ratio_tf`` (``ratio_ss``) of the rest (:func:`selective_keep`).
 
-Stage 1 (:func:`pretrain_sskd_teacher_head`) trains the teacher's head on the contrastive task
-(each rotated view must pick its own original, CE over ``A``) with the teacher frozen; stage 2 (this
-method) trains the student and its own head with the teacher's head frozen. Defaults are those of
+SSKD's teacher prep (:func:`pretrain_sskd_teacher_head`) trains the teacher's head on the contrastive
+task (each rotated view must pick its own original, CE over ``A``) with the teacher frozen; then this
+method trains the student and its own head with the teacher's head frozen. Defaults are those of
 Xu et al.'s released code, which SSD-KD says it kept (ce 0.1, kd 0.9, tf 2.7, ss 10, T 4,
-T_ss 0.5, ratio_tf 1.0, ratio_ss 0.75); stage 1 uses SSD-KD's SGD lr 1e-3, momentum 0.9, wd 1e-3,
-60 epochs with steps at 30 and 45.
+T_ss 0.5, ratio_tf 1.0, ratio_ss 0.75); the teacher prep uses SSD-KD's SGD lr 1e-3, momentum 0.9,
+wd 1e-3, 60 epochs with steps at 30 and 45.
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from raykd.distill.base import Method, MethodOutput, MethodParams, TeacherStage, knob, register_method
+from raykd.distill.base import (
+    Method,
+    MethodOutput,
+    MethodParams,
+    TeacherPrep,
+    knob,
+    probe_shapes,
+    register_method,
+)
 from raykd.distill.losses import (
     kd_kl_div,
     rotation_views,
@@ -45,7 +53,7 @@ from raykd.distill.losses import (
 from raykd.distill.methods._shared import ProjectionHead
 from raykd.models import Features, features
 
-__all__ = ["SSKD", "SSKDHeadStage", "SSKDParams", "pretrain_sskd_teacher_head", "sskd_head_loss"]
+__all__ = ["SSKD", "SSKDHeadPrep", "SSKDParams", "pretrain_sskd_teacher_head", "sskd_head_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +87,7 @@ def _images(batch: Any) -> Tensor:
 
 
 def sskd_head_loss(teacher: nn.Module, head: nn.Module, images: Tensor) -> Tensor:
-    """Stage-1 contrastive loss of ``head`` on a batch: CE of each rotated view over the originals."""
+    """The teacher prep's loss of ``head`` on a batch: CE of each rotated view over the originals."""
     views = rotation_views(images)
     with torch.no_grad():
         emb = features(teacher, views).embedding
@@ -104,14 +112,14 @@ def pretrain_sskd_teacher_head(
     prepare: Callable[[nn.Module], nn.Module] | None = None,
     reduce: Callable[[float], float] | None = None,
 ) -> dict[str, Tensor]:
-    """SSKD stage 1: train the teacher's projection head on the rotation-contrastive task.
+    """SSKD's teacher prep: train the teacher's projection head on the rotation-contrastive task.
 
     The teacher stays frozen and in eval mode (SSD-KD sets its backbone lr to 0); only the head
     learns, by SGD with a x0.1 step schedule at ``milestones``. With ``val_batches`` the state with
     the lowest validation loss is returned and training stops after ``patience`` epochs without
     improvement (SSD-KD: early stop 15, best by validation loss).
 
-    Data-parallel use (one call per rank, :func:`raykd.train.stages.run_teacher_stage`): each rank
+    Data-parallel use (one call per rank, :func:`raykd.train.prep.run_teacher_prep`): each rank
     passes its own share of the batches, ``prepare`` wraps the head for DDP (so each step applies the
     gradient averaged over ranks) and ``reduce`` averages a scalar over ranks. The losses are reduced
     as sums and batch counts, so the validation loss is the mean over every rank's batches, the same
@@ -267,8 +275,8 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-class SSKDHeadStage(TeacherStage):
-    """SSKD's stage 1: the teacher's projection head trained on the rotation task, teacher frozen
+class SSKDHeadPrep(TeacherPrep):
+    """SSKD's teacher prep: the teacher's projection head trained on the rotation task, teacher frozen
     (:func:`pretrain_sskd_teacher_head` with SSD-KD's schedule: steps at 1/2 and 3/4 of the
     epochs, early stop after 15 epochs without a better validation loss)."""
 
@@ -281,8 +289,6 @@ class SSKDHeadStage(TeacherStage):
                                           prepare=prepare, reduce=reduce)
 
     def placeholder(self, teacher, input_size):
-        from raykd.distill.base import probe_shapes
-
         dim = probe_shapes(teacher, input_size).embedding_dim
         return {k: v.contiguous() for k, v in ProjectionHead(dim).state_dict().items()}
 
@@ -296,7 +302,7 @@ class SSKD(Method):
     """
 
     Params = SSKDParams
-    teacher_stage = SSKDHeadStage
+    teacher_prep = SSKDHeadPrep
 
     def __init__(
         self,
@@ -334,7 +340,7 @@ class SSKD(Method):
         dim = self.teacher_shapes.embedding_dim
         if head is None:
             raise ValueError(
-                f"method {self.name!r} needs the teacher's projection head from SSKD stage 1: run "
+                f"method {self.name!r} needs the teacher's projection head from SSKD's teacher prep: run "
                 "raykd.distill.pretrain_sskd_teacher_head(teacher, batches) and pass its result as "
                 "teacher_head=... (or set w_ss=0 to drop the similarity term)"
             )

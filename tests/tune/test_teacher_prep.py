@@ -1,5 +1,5 @@
 """Stage 1 of a search: a teacher not clearly above chance is refused with a message that says so,
-before any trial distils from it; a teacher-side stage (SSKD's head) runs once per teacher as a Ray
+before any trial distils from it; a method's teacher prep (SSKD's head) runs once per teacher as a Ray
 Train run, each rank streaming its own share of the shards, and every trial reads its saved output."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def save_teacher_artifact(run_dir, data):
     """The finished teacher run's best model: an untrained (seeded) test_resnet for the dataset."""
     import torch
 
-    from raykd.artifact import ArtifactMeta, build_model, save_artifact
+    from raykd.artifact.format import ArtifactMeta, build_model, save_artifact
     from raykd.artifact.rundir import RunDir
     from raykd.data.manifest import Manifest
 
@@ -70,51 +70,51 @@ def save_teacher_artifact(run_dir, data):
     meta = ArtifactMeta(model_name="test_resnet", num_classes=m.num_classes, model_kwargs={},
                         label_names=list(m.label_names), malignant=list(m.malignant),
                         preprocess={"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3,
-                                    "crop_black_border": False, "pipeline_004": False})
+                                    "crop_black_border": False, "fusion_preprocess": False})
     torch.manual_seed(0)
     save_artifact(RunDir(run_dir).best_dir, build_model(meta), meta)
 
 
-def test_a_teacher_stage_runs_once_and_every_trial_reads_its_output(ray_cluster, tmp_path):
+def test_a_teacher_prep_runs_once_and_every_trial_reads_its_output(ray_cluster, tmp_path):
     from raykd.train.driver import prepare
-    from raykd.train.stages import stage_record
+    from raykd.train.prep import prep_record
     from raykd.tune.plan import TrialPlan
-    from raykd.tune.teachers import run_teacher_stages
+    from raykd.tune.teachers import run_teacher_preps
 
     space, exp = space_with_trained_teacher(tmp_path, best=0.6, methods={"sskd": {}, "ssdkd": {}},
-                                            base={"distill": {"stage_epochs": 1}, "scaling": {"num_workers": 1}})
+                                            base={"distill": {"prep_epochs": 1}, "scaling": {"num_workers": 1}})
     save_teacher_artifact(exp / "teachers" / "cnn", tmp_path / "data")
     teachers = train_teachers(space, exp)
-    stages = run_teacher_stages(space, exp, teachers)
-    (head,) = stages.values()  # sskd and ssdkd share the one head of teacher cnn
-    assert head == str(exp / "teachers" / "cnn" / "stages" / "sskd_head-e1.safetensors")
-    assert stage_record(head)["world_size"] == 1  # the default search's one worker on 2 cores
+    preps = run_teacher_preps(space, exp, teachers)
+    (head,) = preps.values()  # sskd and ssdkd share the one head of teacher cnn
+    assert head == str(exp / "teachers" / "cnn" / "prep" / "sskd_head-e1.safetensors")
+    assert prep_record(head)["world_size"] == 1  # the default search's one worker on 2 cores
     made = Path(head).stat().st_mtime_ns
 
-    plan = TrialPlan(space, exp, teachers, stages)
+    plan = TrialPlan(space, exp, teachers, preps)
     for i, method in enumerate(["sskd", "sskd", "ssdkd"]):  # the trials of a search
         cfg = plan.run_config({"method": method}, f"trial{i}")
-        assert cfg.distill.teacher_stage_file == head
-        cfg, _, parts, run_dir = prepare(cfg)  # builds with the saved head; runs no stage of its own
-        assert not (run_dir / "stages").exists()
+        assert cfg.distill.teacher_prep_file == head
+        cfg, _, parts, run_dir = prepare(cfg)  # builds with the saved head; runs no prep of its own
+        assert not (run_dir / "prep").exists()
         assert parts.method.frozen("teacher_head") is not None
 
-    assert run_teacher_stages(space, exp, teachers) == stages  # a resumed search reuses it
+    assert run_teacher_preps(space, exp, teachers) == preps  # a resumed search reuses it
     assert Path(head).stat().st_mtime_ns == made
-    assert sorted(p.name for p in exp.rglob("*.safetensors") if "stages" in p.parts) == ["sskd_head-e1.safetensors"]
+    assert sorted(p.name for p in exp.rglob("*.safetensors") if "prep" in p.parts) == ["sskd_head-e1.safetensors"]
 
 
-def test_a_stage_streams_the_shards_a_batch_at_a_time(tmp_path, monkeypatch):
+def test_a_teacher_prep_streams_the_shards_a_batch_at_a_time(tmp_path, monkeypatch):
     """No split is decoded whole: the first batch costs one batch of decodes."""
-    import raykd.train.stages as stages
     from raykd.data.transforms import PreprocessSpec
+    from raykd.train import prep
 
     data = tmp_path / "data"
     manifest = make_synthetic(data, num_images=120, image_size=32, seed=0)
     decoded = []
-    real = stages.decode_image
-    monkeypatch.setattr(stages, "decode_image", lambda blob: decoded.append(1) or real(blob))
-    batches = stages.ShardBatches(data, "train", PreprocessSpec(image_size=32), batch_size=8)
+    real = prep.decode_image
+    monkeypatch.setattr(prep, "decode_image", lambda blob: decoded.append(1) or real(blob))
+    batches = prep.ShardBatches(data, "train", PreprocessSpec(image_size=32), batch_size=8)
     first = next(iter(batches))
     assert first.shape == (8, 3, 32, 32) and len(decoded) <= 8 < sum(manifest.counts("train"))
     assert sum(b.shape[0] for b in batches) == sum(manifest.counts("train"))  # re-iterable: every epoch
@@ -133,19 +133,19 @@ def test_each_rank_reads_a_disjoint_share_of_the_split_and_every_rank_steps_alik
     """(5, 7): 36 training rows give shares of 8, 7, 7, 7, 7; rank 0's eighth row joins its one batch
     rather than opening a second one that the other ranks' DDP steps would never match."""
     from raykd.data.transforms import PreprocessSpec
-    from raykd.train import stages
+    from raykd.train import prep
 
     data = tmp_path / "data"
     make_synthetic(data, num_images=60, image_size=32, seed=0)
     blobs = split_blobs(data, "train")
     assert len(blobs) == 36 and len(set(blobs)) == len(blobs)  # the rows can be told apart by their bytes
     decoded: list[bytes] = []
-    real = stages.decode_image
-    monkeypatch.setattr(stages, "decode_image", lambda blob: decoded.append(blob) or real(blob))
+    real = prep.decode_image
+    monkeypatch.setattr(prep, "decode_image", lambda blob: decoded.append(blob) or real(blob))
     shares, steps = [], []
     for rank in range(world):
         decoded.clear()
-        batches = stages.ShardBatches(data, "train", PreprocessSpec(image_size=32), batch_size, rank=rank, world=world)
+        batches = prep.ShardBatches(data, "train", PreprocessSpec(image_size=32), batch_size, rank=rank, world=world)
         sizes = [b.shape[0] for b in batches]
         assert len(sizes) == len(batches) and sum(sizes) == batches.rows == len(decoded)
         shares.append(list(decoded))
@@ -155,25 +155,25 @@ def test_each_rank_reads_a_disjoint_share_of_the_split_and_every_rank_steps_alik
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
-def test_the_stage_is_a_ray_train_run_over_two_ranks_and_its_head_loads_into_sskd(ray_cluster, tmp_path):
+def test_the_prep_is_a_ray_train_run_over_two_ranks_and_its_head_loads_into_sskd(ray_cluster, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     from raykd.config import RunConfig, load_config
     from raykd.train.build import build_run
-    from raykd.train.stages import run_teacher_stage, stage_record
+    from raykd.train.prep import prep_record, run_teacher_prep
 
     data = tmp_path / "data"
     manifest = make_synthetic(data, num_images=60, image_size=32, seed=0)
     cfg = load_config(RunConfig, None, [
         f"data.path={data}", f"output_dir={tmp_path / 'out'}", "student.name=raykd_test_tiny_cnn",
         "student.image_size=32", "teacher.name=test_resnet", "teacher.image_size=32", "distill.method=sskd",
-        "distill.stage_epochs=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.batch_size=8"])
-    out = tmp_path / "stages" / "sskd_head-e2.safetensors"
-    cfg = run_teacher_stage(cfg, out)
+        "distill.prep_epochs=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "train.batch_size=8"])
+    out = tmp_path / "prep" / "sskd_head-e2.safetensors"
+    cfg = run_teacher_prep(cfg, out)
 
-    assert cfg.distill.teacher_stage_file == str(out.resolve())
-    record = stage_record(out)
+    assert cfg.distill.teacher_prep_file == str(out.resolve())
+    record = prep_record(out)
     assert record["world_size"] == 2  # two Ray Train ranks, each with half the training rows
     assert sum(record["rows_per_rank"]) == sum(manifest.counts("train")) and record["rows_per_rank"] == [18, 18]
     assert record["batches_per_rank"] == [3, 3]
@@ -188,24 +188,24 @@ def test_the_stage_is_a_ray_train_run_over_two_ranks_and_its_head_loads_into_ssk
     assert torch.isfinite(out_.loss) and "ss" in out_.parts
 
 
-def test_stage_one_builds_one_teacher_store_per_teacher_and_student_for_every_trial(ray_cluster, tmp_path, caplog):
+def test_stage_one_builds_the_teacher_outputs_once_per_teacher_and_student_for_every_trial(ray_cluster, tmp_path, caplog):
     import logging
 
     from raykd.tune.plan import TrialPlan
-    from raykd.tune.teachers import build_teacher_stores
+    from raykd.tune.teachers import build_teacher_outputs
 
     space, exp = space_with_trained_teacher(tmp_path, best=0.6, methods={"kd": {}, "dkd": {}, "fitnet": {}})
-    space = replace(space, search=replace(space.search, teacher_store_views=2))
+    space = replace(space, search=replace(space.search, teacher_output_views=2))
     save_teacher_artifact(exp / "teachers" / "cnn", tmp_path / "data")
     teachers = train_teachers(space, exp)
     with caplog.at_level(logging.INFO, logger="raykd.tune.teachers"):
-        stores = build_teacher_stores(space, exp, teachers)
-    (store,) = stores.values()  # kd, dkd and fitnet share the one store of (cnn, the student)
+        built = build_teacher_outputs(space, exp, teachers)
+    (outputs,) = built.values()  # kd, dkd and fitnet share the teacher outputs of (cnn, the student)
     images = sum(Manifest.load(tmp_path / "data").counts("train"))
-    record = json.loads((Path(store) / "store.json").read_text())
+    record = json.loads((Path(outputs) / "outputs.json").read_text())
     assert record["teacher_forward_passes"] == 2 * images
     assert any(f"{2 * images} teacher forward passes = 2 views x {images} training images" in r.getMessage()
                for r in caplog.records)
-    plan = TrialPlan(space, exp, teachers, {}, stores)
-    assert {plan.run_config({"method": m}, f"t-{m}").distill.teacher_store for m in ("kd", "dkd", "fitnet")} == {store}
-    assert build_teacher_stores(space, exp, teachers) == stores  # a resumed search reuses it
+    plan = TrialPlan(space, exp, teachers, {}, built)
+    assert {plan.run_config({"method": m}, f"t-{m}").distill.teacher_outputs for m in ("kd", "dkd", "fitnet")} == {outputs}
+    assert build_teacher_outputs(space, exp, teachers) == built  # a resumed search reuses them

@@ -1,4 +1,5 @@
-"""The multi-stage parts: SSKD's teacher-head pre-training and the cascading-distillation driver."""
+"""Methods that train more than the student alone: SSKD's teacher prep (its projection-head
+pre-training) and the cascade's pipeline of runs."""
 
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
-"""Teacher-side stages (:class:`raykd.distill.base.TeacherStage`): run once per teacher, before any
-run distils from it, as a Ray Train run (``TorchTrainer``, DDP over ``scaling.num_workers``
+"""A method's teacher prep (:class:`raykd.distill.base.TeacherPrep`): run once per teacher, before
+any run distils from it, as a Ray Train run (``TorchTrainer``, DDP over ``scaling.num_workers``
 workers with the run's CPUs or GPUs), never on the driver.
 
 Each worker streams its own disjoint share of the training split's Parquet shards batch by batch
 (:class:`ShardBatches` with its rank: one record batch decoded at a time, every epoch), so no
 split is ever decoded whole, and every rank steps the same number of times. Its output is written
 atomically to a safetensors file and reused when it is already there, so a resumed run or search
-never trains it twice. ``raykd train`` runs it into the run folder; a search runs it in its stage 1,
-once per (teacher, stage, epochs), and every trial of every method that needs it reads the file.
+never trains it twice. ``raykd train`` runs it into the run folder; a search's stage 1 trains the
+teachers and runs each method's teacher prep once per (teacher, prep, epochs), and every trial of
+every method that needs it reads the file.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from raykd.config import RunConfig, to_dict
+from raykd.cluster import cluster_capacity, init_local_ray
+from raykd.config import RunConfig, from_dict, to_dict
 from raykd.console import worker_logging
 from raykd.data.manifest import Manifest
 from raykd.data.transforms import PreprocessSpec, build_eval_transform, decode_image, to_chw_batch
+from raykd.distill import METHODS
+from raykd.distributed import world_size
 from raykd.storage import Mirror, mirrored, run_reads, train_storage
+from raykd.train.build import build_network, set_seed, teacher_prep_spec
 from raykd.train.trainer import failure_config, fit_bounded, worker_resources
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShardBatches", "needs_teacher_stage", "run_teacher_stage", "stage_file_name", "stage_record",
-           "stage_workers"]
+__all__ = ["ShardBatches", "needs_teacher_prep", "prep_file_name", "prep_record", "prep_workers",
+           "run_teacher_prep"]
 
 
 class ShardBatches:
@@ -53,7 +58,7 @@ class ShardBatches:
 
     def __init__(self, path: str | Path, split: str, spec: PreprocessSpec, batch_size: int = 32, *,
                  rank: int = 0, world: int = 1) -> None:
-        import pyarrow.dataset as pads
+        import pyarrow.dataset as pads  # lazy: pyarrow is heavy
 
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"ShardBatches: rank {rank} of world {world} is not a rank (0 <= rank < world)")
@@ -90,47 +95,40 @@ class ShardBatches:
             yield torch.from_numpy(to_chw_batch(pending))
 
 
-def needs_teacher_stage(cfg: RunConfig) -> bool:
-    """Whether ``cfg``'s method has a teacher-side stage whose output the config does not name yet."""
-    from raykd.distill import METHODS
-
+def needs_teacher_prep(cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s method has a teacher prep whose output the config does not name yet."""
     cls = METHODS.get(cfg.distill.method)
-    return cls.teacher_stage is not None and cfg.teacher is not None and not cfg.distill.teacher_stage_file
+    return cls.teacher_prep is not None and cfg.teacher is not None and not cfg.distill.teacher_prep_file
 
 
-def stage_file_name(cfg: RunConfig) -> str:
-    """The output's name: the stage and its epochs (a changed epoch count is another output)."""
-    from raykd.distill import METHODS
-
-    return f"{METHODS.get(cfg.distill.method).teacher_stage.name}-e{cfg.distill.stage_epochs}"
+def prep_file_name(cfg: RunConfig) -> str:
+    """The output's name: the prep and its epochs (a changed epoch count is another output)."""
+    return f"{METHODS.get(cfg.distill.method).teacher_prep.name}-e{cfg.distill.prep_epochs}"
 
 
-def _train_stage(cfg: RunConfig, out: Path, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
+def _train_prep(cfg: RunConfig, out: Path, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
                  prepare: Callable[[nn.Module], nn.Module] | None = None,
                  reduce: Callable[[float], float] | None = None,
                  gather: Callable[[Any], list[Any]] | None = None) -> dict[str, Any]:
-    """One rank of the stage: build the teacher, stream this rank's share of the shards, train,
+    """One rank of the prep: build the teacher, stream this rank's share of the shards, train,
     and (rank 0) save. Returns the run's record (rows and batches per rank, world size), which
     rank 0 also writes into the file's safetensors metadata. ``gather`` collects one object from
     every rank (default: this rank's alone)."""
-    from raykd.distill import METHODS
-    from raykd.train.build import build_network, set_seed, teacher_stage_spec
-
     set_seed(cfg.train.seed)  # the same teacher and initial head on every rank
     manifest = Manifest.load(cfg.data.path)
     teacher = build_network(cfg.teacher, manifest.num_classes)
     if device is not None:
-        teacher.to(device)  # the stage trains where its teacher is
-    spec = teacher_stage_spec(cfg, teacher)
-    stage = METHODS.get(cfg.distill.method).teacher_stage()
+        teacher.to(device)  # the prep trains where its teacher is
+    spec = teacher_prep_spec(cfg, teacher)
+    prep = METHODS.get(cfg.distill.method).teacher_prep()
     train = ShardBatches(cfg.data.path, "train", spec, cfg.train.batch_size, rank=rank, world=world)
     val = ShardBatches(cfg.data.path, "val", spec, cfg.train.eval_batch_size, rank=rank, world=world)
     # Decided from the whole split, not this rank's share, so every rank validates (and reduces) alike.
-    state = stage.train(teacher, train, val if val.total_rows else None, epochs=cfg.distill.stage_epochs,
+    state = prep.train(teacher, train, val if val.total_rows else None, epochs=cfg.distill.prep_epochs,
                         prepare=prepare, reduce=reduce)
     mine = {"rank": rank, "rows": train.rows, "batches": train.steps}
     shares = sorted(gather(mine) if gather is not None else [mine], key=lambda s: s["rank"])
-    record = {"stage": stage.name, "epochs": cfg.distill.stage_epochs, "world_size": world,
+    record = {"prep": prep.name, "epochs": cfg.distill.prep_epochs, "world_size": world,
               "rows_per_rank": [s["rows"] for s in shares], "batches_per_rank": [s["batches"] for s in shares],
               "file": str(out)}
     if rank == 0:
@@ -141,7 +139,7 @@ def _train_stage(cfg: RunConfig, out: Path, *, rank: int = 0, world: int = 1, de
 def _save_atomically(state: dict[str, torch.Tensor], out: Path, record: dict[str, Any]) -> None:
     """``state`` as safetensors at ``out`` (a temporary file renamed over it: a reader never sees
     half a file), with ``record`` as JSON values in the file's metadata (how it was made)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: safetensors is heavy
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -150,56 +148,50 @@ def _save_atomically(state: dict[str, torch.Tensor], out: Path, record: dict[str
     os.replace(tmp, out)
 
 
-def stage_record(path: str | Path) -> dict[str, Any]:
-    """How a saved stage output was made (:func:`_train_stage`'s record: world size, training rows
+def prep_record(path: str | Path) -> dict[str, Any]:
+    """How a saved prep output was made (:func:`_train_prep`'s record: world size, training rows
     and batches per rank, epochs), from the safetensors metadata; empty for a file without one."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # lazy: safetensors is heavy
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     return {k: json.loads(v) for k, v in meta.items()}
 
 
-def _stage_task(cfg_dict: dict, out_file: str) -> str:
-    """The stage in this process, as one rank of one: build, stream the shards, train, save."""
-    from raykd.config import from_dict
-
-    cfg = from_dict(RunConfig, cfg_dict, where="teacher stage")
+def _prep_task(cfg_dict: dict, out_file: str) -> str:
+    """The prep in this process, as one rank of one: build, stream the shards, train, save."""
+    cfg = from_dict(RunConfig, cfg_dict, where="teacher prep")
     out = Path(out_file)
-    _train_stage(cfg, out)
+    _train_prep(cfg, out)
     return str(out)
 
 
-def _stage_worker(config: dict[str, Any]) -> dict[str, Any]:
+def _prep_worker(config: dict[str, Any]) -> dict[str, Any]:
     """The Ray Train worker function: this rank's share of the training rows, the head wrapped for
     DDP by ``prepare_model`` (gloo on CPU), losses averaged over ranks with ``all_reduce``."""
-    import math
-
-    import ray.train
+    import ray.train  # lazy: ray is heavy
     import ray.train.torch
 
-    from raykd.config import from_dict
-
     worker_logging()
-    cfg = from_dict(RunConfig, config["run"], where="teacher stage")
+    cfg = from_dict(RunConfig, config["run"], where="teacher prep")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, math.ceil(cfg.scaling.cpus_per_worker)))
     out = Path(config["out"])
     with mirrored(Mirror.of(cfg), own=out.parent if rank == 0 else None, reads=run_reads(cfg), push=rank == 0):
-        return _train_stage(cfg, out, rank=rank, world=world, device=device,
+        return _train_prep(cfg, out, rank=rank, world=world, device=device,
                             prepare=ray.train.torch.prepare_model, reduce=_mean_over_ranks(device),
                             gather=_gather_over_ranks)
 
 
 def _mean_over_ranks(device: torch.device) -> Callable[[float], float]:
-    """``reduce`` for :meth:`TeacherStage.train`: the mean of a float over the process group (the
+    """``reduce`` for :meth:`TeacherPrep.train`: the mean of a float over the process group (the
     identity without one). The tensor lives on ``device``: NCCL reduces only CUDA tensors."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch is heavy
 
     def reduce(value: float) -> float:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if world_size() == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -210,20 +202,20 @@ def _mean_over_ranks(device: torch.device) -> Callable[[float], float]:
 
 def _gather_over_ranks(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (the identity list without a process group)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: torch is heavy
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
-def stage_workers(cfg: RunConfig, capacity: dict[str, float]) -> int:
-    """How many Ray Train workers the stage gets: ``scaling.num_workers`` (at least 1), capped at
+def prep_workers(cfg: RunConfig, capacity: dict[str, float]) -> int:
+    """How many Ray Train workers the prep gets: ``scaling.num_workers`` (at least 1), capped at
     what ``capacity`` (the cluster's CPUs/GPUs) can host at ``scaling.cpus_per_worker`` /
     ``gpus_per_worker`` each, so that a config sized for a bigger cluster still runs here (the
-    stage is short; fewer workers only make it slower). The workers read Parquet with pyarrow
+    prep is short; fewer workers only make it slower). The workers read Parquet with pyarrow
     themselves, so they need no CPU left over for a Ray Data pipeline.
 
     Raises:
@@ -238,58 +230,55 @@ def stage_workers(cfg: RunConfig, capacity: dict[str, float]) -> int:
         fits = min(fits, math.floor(capacity.get("GPU", 0.0) / sc.gpus_per_worker + 1e-9))
     if fits < 1:
         raise ValueError(
-            f"teacher stage: one worker needs {sc.cpus_per_worker:g} CPU"
+            f"teacher prep: one worker needs {sc.cpus_per_worker:g} CPU"
             + (f" and {sc.gpus_per_worker:g} GPU" if sc.use_gpu else "")
             + f" (scaling.cpus_per_worker / scaling.gpus_per_worker), the cluster has {capacity.get('CPU', 0.0):g}"
             f" CPU and {capacity.get('GPU', 0.0):g} GPU: lower them, or set scaling.use_gpu=false")
     if fits < want:
-        log.warning("teacher stage: the cluster hosts %d of the %d workers asked for (scaling.num_workers) at "
+        log.warning("teacher prep: the cluster hosts %d of the %d workers asked for (scaling.num_workers) at "
                     "%g CPU each: running with %d", fits, want, sc.cpus_per_worker, fits)
     return fits
 
 
-def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
-    """Run ``cfg``'s teacher stage into ``out_file`` (reused when it exists) as a Ray Train run;
-    returns ``cfg`` naming the file in ``distill.teacher_stage_file``.
+def run_teacher_prep(cfg: RunConfig, out_file: str | Path) -> RunConfig:
+    """Run ``cfg``'s teacher prep into ``out_file`` (reused when it exists) as a Ray Train run;
+    returns ``cfg`` naming the file in ``distill.teacher_prep_file``.
 
     The run is a ``TorchTrainer`` with ``scaling.num_workers`` workers (at least 1, capped by
-    :func:`stage_workers`), each streaming its own disjoint share of the training split's Parquet
+    :func:`prep_workers`), each streaming its own disjoint share of the training split's Parquet
     shards (:class:`ShardBatches` with its rank), the trainable part wrapped for DDP so gradients
     are averaged, the losses averaged over ranks so early stopping decides alike everywhere; rank
     0 writes the file. Nothing is decoded on the driver. The Train run's own folder is
     ``<out_file's folder>/_train/<stem>``.
 
-    Failures: the stage keeps no checkpoint (it is short next to the runs that read it), so a worker
+    Failures: the prep keeps no checkpoint (it is short next to the runs that read it), so a worker
     group that Ray Train restarts (``train.max_failures`` times) trains it again from the start; a
     group that cannot get its resources within ``train.resource_wait_s`` fails with an error naming
     them (never a silent wait).
     """
-    import ray
+    import ray  # lazy: ray is heavy
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raykd.cluster import cluster_capacity, init_local_ray
-    from raykd.distill import METHODS
-
     out = Path(out_file).resolve()
-    name = METHODS.get(cfg.distill.method).teacher_stage.name
+    name = METHODS.get(cfg.distill.method).teacher_prep.name
     mirror = Mirror.of(cfg)
-    if mirror is not None:  # outputs in a store: the stage may have been trained by an earlier job
+    if mirror is not None:  # outputs in a bucket: the prep may have been trained by an earlier job
         mirror.pull(out)
     if out.is_file():
-        log.info("teacher stage %s: reusing %s", name, out)
-        return replace(cfg, distill=replace(cfg.distill, teacher_stage_file=str(out)))
+        log.info("teacher prep %s: reusing %s", name, out)
+        return replace(cfg, distill=replace(cfg.distill, teacher_prep_file=str(out)))
     init_local_ray(cfg.address)
-    workers = stage_workers(cfg, cluster_capacity())
+    workers = prep_workers(cfg, cluster_capacity())
     rows = sum(Manifest.load(cfg.data.path).counts("train"))
     if rows < workers:
-        raise ValueError(f"teacher stage {name}: the training split of {cfg.data.path} has {rows} rows, fewer "
+        raise ValueError(f"teacher prep {name}: the training split of {cfg.data.path} has {rows} rows, fewer "
                          f"than the {workers} workers (scaling.num_workers): every rank needs rows to step with")
     resources = worker_resources(cfg)
-    log.info("teacher stage %s: training it for %d epochs on the teacher %s with %d worker(s)", name,
-             cfg.distill.stage_epochs, cfg.teacher.checkpoint or cfg.teacher.name, workers)
+    log.info("teacher prep %s: training it for %d epochs on the teacher %s with %d worker(s)", name,
+             cfg.distill.prep_epochs, cfg.teacher.checkpoint or cfg.teacher.name, workers)
     trainer = TorchTrainer(
-        _stage_worker,
+        _prep_worker,
         train_loop_config={"run": to_dict(cfg), "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
@@ -302,9 +291,9 @@ def run_teacher_stage(cfg: RunConfig, out_file: str | Path) -> RunConfig:
     if mirror is not None:  # rank 0 wrote it on its node and pushed it
         mirror.pull(out)
     if not out.is_file():  # rank 0 wrote it on its node: without shared storage the driver cannot see it
-        raise FileNotFoundError(f"teacher stage {name}: the run finished but {out} is not on this machine; "
+        raise FileNotFoundError(f"teacher prep {name}: the run finished but {out} is not on this machine; "
                                 "multi-node clusters need the output folder on storage every node shares")
     record = result.return_value or {}
-    log.info("teacher stage %s: saved %s (%d worker(s), training rows per rank %s)", name, out,
+    log.info("teacher prep %s: saved %s (%d worker(s), training rows per rank %s)", name, out,
              record.get("world_size", workers), record.get("rows_per_rank"))
-    return replace(cfg, distill=replace(cfg.distill, teacher_stage_file=str(out)))
+    return replace(cfg, distill=replace(cfg.distill, teacher_prep_file=str(out)))

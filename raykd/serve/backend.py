@@ -1,9 +1,7 @@
-"""Ray-free predictors: decoded RGB uint8 images in, class probabilities out.
+"""Which backend serves a model, and its GPU -> CPU fallback; test-time augmentation.
 
-Both backends share :func:`preprocess_images`, which is the evaluation transform used during
-training (``raykd.data.transforms``: black-border crop, resize, normalise, NCHW), and
-:func:`softmax`, so torch and ONNX Runtime answer the same question and differ only by kernel
-rounding. The export parity check compares exactly these two classes.
+The predictors themselves (torch and ONNX Runtime, Ray-free, sharing one preprocessing) are
+:mod:`raykd.artifact.predict`'s.
 
 Backend choice (:func:`load_predictor`): on a machine with a CUDA device the torch model runs on
 the GPU and an ONNX Runtime CPU predictor is kept as fallback (built lazily, exporting the artifact
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raykd.artifact import count_params, load_artifact
+from raykd.artifact.format import count_params, load_artifact
 from raykd.artifact.predict import (  # noqa: F401 - part of this module's API
     OnnxPredictor,
     Predictor,
@@ -38,6 +36,7 @@ from raykd.artifact.predict import (  # noqa: F401 - part of this module's API
     select_device,
     softmax,
 )
+from raykd.export.onnx import export_onnx
 from raykd.serve.family import FamilyEntry
 
 log = logging.getLogger(__name__)
@@ -110,7 +109,6 @@ def _onnx_for(entry: FamilyEntry, cache_dir: str | os.PathLike | None) -> OnnxPr
     """
     if entry.onnx:
         return OnnxPredictor(entry.onnx)
-    from raykd.export.onnx import export_onnx
 
     model, meta = load_artifact(entry.artifact)
     with tempfile.TemporaryDirectory(prefix="raykd-onnx-") as tmp:

@@ -1,23 +1,23 @@
-"""Teacher knowledge computed once: a store of teacher outputs on K augmented views of every
-training image, shared by every trial and every epoch of a search.
+"""Teacher knowledge computed once: the teacher's outputs on K augmented views of every training
+image, saved and shared by every trial and every epoch of a search.
 
-Without it every training step runs the teacher forward again: a search of N trials x E epochs
-pays N x E teacher passes over the training split. The store pays K: a Ray Data job (an actor
+Without them every training step runs the teacher forward again: a search of N trials x E epochs
+pays N x E teacher passes over the training split. Teacher outputs pay K: a Ray Data job (an actor
 pool, GPUs where the cluster has them) runs the frozen teacher over K augmented views of every
 training image and writes, per view, the seed that rebuilds it and the teacher's outputs the
 methods read (logits, and the pooled embedding for relational methods) as Parquet beside the
 dataset.
 
 A view is the training transform with its random generator seeded by :func:`view_seed` (the
-store's seed, the image id, the view index): a trial rebuilds exactly the pixels the teacher saw
+outputs' seed, the image id, the view index): a trial rebuilds exactly the pixels the teacher saw
 (:class:`ViewMaker`), and the teacher's input is derived from them as in an online step (the
 student's contract, then :class:`raykd.data.transforms.InputBridge`). Each epoch a trial draws one
-stored view per image.
+saved view per image.
 
-The store is keyed by everything that determines its contents (:class:`StoreKey`: the dataset's
+Teacher outputs are keyed by everything that determines them (:class:`OutputsKey`: the dataset's
 manifest, the teacher's weights and contract, the augmentation recipe and the student contract the
-views are made in, K, the seed, the outputs); a changed input makes another store, and reading a
-store whose key differs from the run's is refused, naming what differs.
+views are made in, K, the seed, the outputs); a changed input makes other teacher outputs, and
+reading teacher outputs whose key differs from the run's is refused, naming what differs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,22 +35,33 @@ from typing import Any
 import numpy as np
 import torch
 
-from raykd.data.manifest import Manifest
-from raykd.data.transforms import PreprocessSpec, build_train_transform
+from raykd.artifact.format import META_NAME, WEIGHTS_NAME, find_artifact, load_artifact
+from raykd.cluster import init_local_ray
+from raykd.data.manifest import Manifest, is_uri
+from raykd.data.transforms import (
+    InputBridge,
+    PreprocessSpec,
+    build_train_transform,
+    decode_image,
+    normalizer,
+    to_chw_batch,
+)
+from raykd.models import features
+from raykd.storage import Mirror
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STORE_DIR", "StaleStoreError", "StoreKey", "TeacherStore", "ViewMaker", "build_store", "store_key",
-           "view_seed"]
+__all__ = ["OUTPUTS_DIR", "OutputsKey", "StaleOutputsError", "TeacherOutputs", "ViewMaker", "build_outputs",
+           "outputs_key", "view_seed"]
 
-#: Stores live in the dataset folder, one subfolder per key fingerprint.
-STORE_DIR = "teacher_store"
-STORE_FILE = "store.json"
+#: Teacher outputs live in the dataset folder, one subfolder per key fingerprint.
+OUTPUTS_DIR = "teacher_outputs"
+OUTPUTS_FILE = "outputs.json"
 OUTPUTS = ("logits", "embedding")
 
 
-class StaleStoreError(ValueError):
-    """A store was asked for with a key other than the one it was built with."""
+class StaleOutputsError(ValueError):
+    """Teacher outputs were asked for with a key other than the one they were built with."""
 
 
 def _sha(data: bytes) -> str:
@@ -65,8 +77,8 @@ def _file_sha(path: Path) -> str:
 
 
 @dataclass(frozen=True)
-class StoreKey:
-    """Everything that determines a store's contents."""
+class OutputsKey:
+    """Everything that determines the saved teacher outputs."""
 
     dataset: str  # sha256 of the dataset's manifest (its shards and splits)
     teacher: str  # sha256 of the teacher artifact's weights and metadata
@@ -79,27 +91,24 @@ class StoreKey:
     def fingerprint(self) -> str:
         return _sha(json.dumps(asdict(self), sort_keys=True, default=list).encode())[:16]
 
-    def differences(self, other: StoreKey) -> list[str]:
+    def differences(self, other: OutputsKey) -> list[str]:
         """The fields that differ, as ``name: this != other``."""
         a, b = asdict(self), asdict(other)
         return [f"{k}: {json.dumps(a[k], default=list)} != {json.dumps(b[k], default=list)}" for k in a
                 if json.dumps(a[k], sort_keys=True, default=list) != json.dumps(b[k], sort_keys=True, default=list)]
 
 
-def store_key(data_path: str | Path, teacher_artifact: str | Path, recipe: str, view: PreprocessSpec, *,
-              views: int, seed: int = 0) -> StoreKey:
-    """The key of the store for these inputs (reads the manifest and the teacher's files)."""
-    from raykd.artifact import META_NAME, WEIGHTS_NAME, find_artifact
-
+def outputs_key(data_path: str | Path, teacher_artifact: str | Path, recipe: str, view: PreprocessSpec, *,
+                views: int, seed: int = 0) -> OutputsKey:
+    """The key of the teacher outputs for these inputs (reads the manifest and the teacher's files)."""
     art = find_artifact(teacher_artifact)
     teacher = _sha((_file_sha(art / WEIGHTS_NAME) + _file_sha(art / META_NAME)).encode())
-    from raykd.data.manifest import is_uri
 
     if is_uri(data_path):
-        raise ValueError(f"teacher store: it is written beside the dataset, and {data_path} is an object-store URI; "
-                         "use a dataset folder every node mounts, or leave search.teacher_store_views unset")
+        raise ValueError(f"teacher outputs: they are written beside the dataset, and {data_path} is a bucket URI; "
+                         "use a dataset folder every node mounts, or leave search.teacher_output_views unset")
     dataset = _file_sha(Path(data_path) / "manifest.json")
-    return StoreKey(dataset=dataset, teacher=teacher, recipe=recipe, view=view.to_dict(), views=int(views),
+    return OutputsKey(dataset=dataset, teacher=teacher, recipe=recipe, view=view.to_dict(), views=int(views),
                     seed=int(seed))
 
 
@@ -126,11 +135,7 @@ class _TeacherViews:
 
     def __init__(self, teacher_artifact: str, view: dict, recipe: str, views: int, seed: int, threads: int,
                  mirror: tuple[str, str] | None = None) -> None:
-        from raykd.artifact import load_artifact
-        from raykd.data.transforms import InputBridge, normalizer
-        from raykd.storage import Mirror
-
-        if mirror is not None:  # outputs in a store: this node may not have the teacher yet
+        if mirror is not None:  # outputs in a bucket: this node may not have the teacher yet
             Mirror.get(*mirror).pull(teacher_artifact)
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,9 +150,6 @@ class _TeacherViews:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from raykd.data.transforms import decode_image, to_chw_batch
-        from raykd.models import features
-
         ids = [str(i) for i in batch["image_id"]]
         decoded = [decode_image(bytes(b)) for b in batch["image"]]
         rows: dict[str, list] = {"image_id": [], "view": [], "logits": [], "embedding": []}
@@ -163,28 +165,26 @@ class _TeacherViews:
                 for k, v in rows.items()}
 
 
-def store_path(data_path: str | Path, key: StoreKey) -> Path:
-    return Path(data_path) / STORE_DIR / key.fingerprint()
+def outputs_path(data_path: str | Path, key: OutputsKey) -> Path:
+    return Path(data_path) / OUTPUTS_DIR / key.fingerprint()
 
 
-def build_store(data_path: str | Path, teacher_artifact: str | Path, key: StoreKey, *, batch_size: int = 64,
-                cpus_per_actor: float = 1.0, actors: int | None = None, use_gpu: bool = False,
-                mirror: tuple[str, str] | None = None) -> Path:
-    """Build (or reuse) the store of ``key``: a Ray Data job over the training split's shards
+def build_outputs(data_path: str | Path, teacher_artifact: str | Path, key: OutputsKey, *,
+                  batch_size: int = 64, cpus_per_actor: float = 1.0, actors: int | None = None,
+                  use_gpu: bool = False, mirror: tuple[str, str] | None = None) -> Path:
+    """Build (or reuse) the teacher outputs of ``key``: a Ray Data job over the training split's shards
     (``mirror``: the ``(mirror_uri, mirror_dir)`` the teacher's run folder is mirrored with).
 
-    Returns the store folder; its ``store.json`` records the key, the number of images, views and
+    Returns their folder; its ``outputs.json`` records the key, the number of images, views and
     teacher forward passes (images x K), the build seconds and the size on disk.
     """
-    import ray
+    import ray  # lazy: ray is heavy
     from ray.data.expressions import col, lit
 
-    from raykd.cluster import init_local_ray
-
-    out = store_path(data_path, key)
-    if (out / STORE_FILE).is_file():
-        TeacherStore.check(out, key)
-        log.info("teacher store %s: reusing it", out)
+    out = outputs_path(data_path, key)
+    if (out / OUTPUTS_FILE).is_file():
+        TeacherOutputs.check(out, key)
+        log.info("teacher outputs %s: reusing them", out)
         return out
     init_local_ray()
     t0 = time.perf_counter()
@@ -205,8 +205,6 @@ def build_store(data_path: str | Path, teacher_artifact: str | Path, key: StoreK
         **resources)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     outputs.write_parquet(str(tmp / "outputs"))
     rows = sum(pq_rows(p) for p in (tmp / "outputs").glob("*.parquet"))
@@ -215,28 +213,28 @@ def build_store(data_path: str | Path, teacher_artifact: str | Path, key: StoreK
     record = {"key": asdict(key), "fingerprint": key.fingerprint(), "images": images, "views": key.views,
               "rows": rows, "teacher_forward_passes": rows, "build_s": time.perf_counter() - t0, "bytes": size,
               "dataset": str(Path(data_path).resolve()), "teacher_artifact": str(teacher_artifact)}
-    (tmp / STORE_FILE).write_text(json.dumps(record, indent=2))
+    (tmp / OUTPUTS_FILE).write_text(json.dumps(record, indent=2))
     os.replace(tmp, out)
-    log.info("teacher store %s: %d teacher forward passes (%d images x %d views), %.1f s, %.1f MB", out, rows,
+    log.info("teacher outputs %s: %d teacher forward passes (%d images x %d views), %.1f s, %.1f MB", out, rows,
              images, key.views, record["build_s"], size / 1e6)
     return out
 
 
 def pq_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: pyarrow is heavy
 
     return pq.ParquetFile(path).metadata.num_rows
 
 
-class TeacherStore:
-    """A built store, loaded for one training split (the rows of ``image_ids``, in that order).
+class TeacherOutputs:
+    """Built teacher outputs, loaded for one training split (the rows of ``image_ids``, in that order).
 
-    ``outputs(rows, views)`` gives the stored teacher outputs of image rows ``rows`` at views
+    ``outputs(rows, views)`` gives the saved teacher outputs of image rows ``rows`` at views
     ``views`` as float32 tensors (``logits`` ``(B, C)``, ``embedding`` ``(B, D)``).
     """
 
-    def __init__(self, path: str | Path, key: StoreKey, image_ids: list[str]) -> None:
-        import pyarrow.dataset as pads
+    def __init__(self, path: str | Path, key: OutputsKey, image_ids: list[str]) -> None:
+        import pyarrow.dataset as pads  # lazy: pyarrow is heavy
 
         self.path = Path(path)
         self.record = self.check(self.path, key)
@@ -246,8 +244,8 @@ class TeacherStore:
         ids, view = table.column("image_id").to_pylist(), np.asarray(table.column("view").to_pylist())
         missing = set(image_ids) - set(ids)
         if missing:
-            raise StaleStoreError(f"teacher store {self.path} has no outputs for {len(missing)} training images "
-                                  f"(e.g. {sorted(missing)[:3]}): rebuild it")
+            raise StaleOutputsError(f"teacher outputs {self.path} have none for {len(missing)} training images "
+                                    f"(e.g. {sorted(missing)[:3]}): rebuild them")
         self.arrays = {}
         for name in OUTPUTS:
             blobs = table.column(name).to_pylist()
@@ -260,37 +258,38 @@ class TeacherStore:
             self.arrays[name] = arr
 
     @staticmethod
-    def check(path: Path, key: StoreKey) -> dict:
-        """The store's record, after checking it was built for ``key`` (else StaleStoreError)."""
-        record_file = Path(path) / STORE_FILE
+    def check(path: Path, key: OutputsKey) -> dict:
+        """The record of the teacher outputs at ``path``, after checking they were built for ``key``
+        (else StaleOutputsError)."""
+        record_file = Path(path) / OUTPUTS_FILE
         if not record_file.is_file():
-            raise StaleStoreError(f"{path} is not a teacher store (no {STORE_FILE}); build it with the search's "
-                                  "stage 1 or raykd.train.store.build_store")
+            raise StaleOutputsError(f"{path} holds no teacher outputs (no {OUTPUTS_FILE}); build them with the "
+                                    "search's stage 1 or raykd.train.teacher_outputs.build_outputs")
         record = json.loads(record_file.read_text())
-        built = StoreKey(**{**record["key"], "outputs": tuple(record["key"]["outputs"])})
+        built = OutputsKey(**{**record["key"], "outputs": tuple(record["key"]["outputs"])})
         diff = key.differences(built)
         if diff:
-            raise StaleStoreError(f"teacher store {path} was built for other inputs; not reading it. Differs "
-                                  "(this run != the store): " + "; ".join(diff))
+            raise StaleOutputsError(f"teacher outputs {path} were built for other inputs; not reading them. Differs "
+                                    "(this run != the teacher outputs): " + "; ".join(diff))
         return record
 
     def outputs(self, rows: np.ndarray, views: np.ndarray) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(arr[rows, views].astype(np.float32)) for name, arr in self.arrays.items()}
 
 
-def open_store(cfg, preprocess: PreprocessSpec, split) -> TeacherStore:
-    """Load the run's teacher store (``distill.teacher_store``) for the training ``split`` (a
-    :class:`raykd.data.memory.MemorySplit`), checked against the run's own inputs, and attach it."""
-    path = Path(cfg.distill.teacher_store)
-    if not (path / STORE_FILE).is_file():
-        raise StaleStoreError(f"distill.teacher_store {path} is not a teacher store (no {STORE_FILE})")
+def open_outputs(cfg, preprocess: PreprocessSpec, split) -> TeacherOutputs:
+    """Load the run's teacher outputs (``distill.teacher_outputs``) for the training ``split`` (a
+    :class:`raykd.data.memory.MemorySplit`), checked against the run's own inputs, and attach them."""
+    path = Path(cfg.distill.teacher_outputs)
+    if not (path / OUTPUTS_FILE).is_file():
+        raise StaleOutputsError(f"distill.teacher_outputs {path} holds no teacher outputs (no {OUTPUTS_FILE})")
     if cfg.teacher is None or not cfg.teacher.checkpoint:
-        raise ValueError("distill.teacher_store needs the teacher as a saved artifact (teacher.checkpoint)")
-    built = json.loads((path / STORE_FILE).read_text())["key"]
-    key = store_key(cfg.data.path, cfg.teacher.checkpoint, cfg.train.recipe, preprocess, views=built["views"],
-                    seed=built["seed"])
-    store = TeacherStore(path, key, split.ids)
-    split.attach_store(store, ViewMaker(preprocess, key.recipe, key.seed))
-    log.info("teacher outputs from the store %s (%d views per image): no teacher forward pass in training",
+        raise ValueError("distill.teacher_outputs needs the teacher as a saved artifact (teacher.checkpoint)")
+    built = json.loads((path / OUTPUTS_FILE).read_text())["key"]
+    key = outputs_key(cfg.data.path, cfg.teacher.checkpoint, cfg.train.recipe, preprocess, views=built["views"],
+                      seed=built["seed"])
+    outputs = TeacherOutputs(path, key, split.ids)
+    split.attach_outputs(outputs, ViewMaker(preprocess, key.recipe, key.seed))
+    log.info("teacher outputs read from %s (%d views per image): no teacher forward pass in training",
              path, key.views)
-    return store
+    return outputs

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from raykd.artifact import load_artifact
+from raykd.artifact.format import load_artifact
 from raykd.data.dataset import PipelineSpec, decode_and_transform
 from raykd.data.transforms import PreprocessSpec, decode_image, normalize_chw
 from raykd.export.onnx import export_onnx
-from raykd.serve.family import FamilyEntry
-from raykd.serve.predictor import (
+from raykd.serve.backend import (
     FallbackPredictor,
     OnnxPredictor,
     TorchPredictor,
@@ -22,6 +21,7 @@ from raykd.serve.predictor import (
     preprocess_images,
     select_device,
 )
+from raykd.serve.family import FamilyEntry
 from tests.export.helpers import encoded_image, make_artifact
 
 
