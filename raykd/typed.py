@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -278,7 +279,7 @@ def make_knobs(cls: type[Knobs], values: Any, *, owner: str) -> Knobs:
         return values
     if isinstance(values, Knobs):
         raise ConfigError(f"{owner} takes {cls.__name__}, got {type(values).__name__}")
-    if not isinstance(values, dict | typing.Mapping):
+    if not isinstance(values, Mapping):
         raise ConfigError(f"{owner}: params must be a mapping or {cls.__name__}, got {type(values).__name__}")
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(valid))
