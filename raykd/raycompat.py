@@ -18,7 +18,7 @@ import time
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WRITTEN_FOR", "trial_session", "version_supported", "wait_for_trial_reports"]
+__all__ = ["WRITTEN_FOR", "serve_http_host", "trial_session", "version_supported", "wait_for_trial_reports"]
 
 #: The Ray release line whose internals this module reads.
 WRITTEN_FOR = "2.60"
@@ -107,6 +107,24 @@ def autoscaler_max_resources() -> dict[str, float]:
     except Exception:  # noqa: BLE001 - no autoscaler (or another Ray): the live resources decide
         log.debug("could not read the autoscaler's maximum resources", exc_info=True)
         return {}
+
+
+def serve_http_host(timeout_s: float = 10.0) -> str | None:
+    """The host the running Serve instance's HTTP proxies bind (its controller's ``http_options``),
+    read from a process already connected to Ray (a Serve build task, a driver after
+    ``serve.start``); None when this process is not connected, no Serve controller runs, or this
+    Ray answers otherwise. Never starts or connects to Ray itself."""
+    try:
+        import ray  # lazy: ray is heavy
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE  # lazy: ray is heavy
+
+        if not ray.is_initialized():
+            return None
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return str(ray.get(controller.get_http_config.remote(), timeout=timeout_s).host)
+    except Exception:  # noqa: BLE001 - unknown: the caller treats it as reachable from other machines
+        log.debug("could not read the Serve HTTP host", exc_info=True)
+        return None
 
 
 def _warn_version() -> None:

@@ -44,6 +44,17 @@ def test_on_another_ray_it_skips_the_wait_and_says_so(monkeypatch, caplog):
         caplog.records[0].getMessage()) == 1 and "written for Ray 2.60" in caplog.records[0].getMessage()
 
 
+def test_the_serve_controller_names_and_http_config_reader_it_uses_exist():
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve._private.controller import ServeController
+
+    assert isinstance(SERVE_CONTROLLER_NAME, str) and isinstance(SERVE_NAMESPACE, str)
+    assert "HTTPOptions" in str(inspect.signature(ServeController.get_http_config).return_annotation)
+    if not ray.is_initialized():
+        assert raycompat.serve_http_host() is None  # not connected: unknown, and Ray stays down
+        assert not ray.is_initialized()
+
+
 def test_cluster_resource_readers_exist_and_answer_on_a_local_cluster(ray_cluster):
     from ray._private.state import available_resources_per_node, state
 

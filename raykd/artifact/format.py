@@ -10,6 +10,11 @@ Keeping the preprocessing contract (image size, mean/std, black-border crop, lab
 benign/malignant map of SkinDistilViT's cancer-vs-benign view, SkinDistilViT section 5.4) *with* the
 weights is what lets export and serving reproduce evaluation exactly.
 
+``meta.json`` is not trusted: its ``model_name`` must be a registered timm or raykd model and its
+``model_kwargs`` keys must be in :data:`ALLOWED_MODEL_KWARGS` (architecture arguments, plain JSON
+values), so a crafted file cannot make ``timm.create_model`` read a checkpoint, a file, a URL or hub
+weights (:func:`check_model_kwargs`).
+
 Example:
     >>> path = save_artifact(run_dir / "best", model, meta)
     >>> model, meta = load_artifact(run_dir)      # finds run_dir/best
@@ -25,6 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -35,6 +41,7 @@ from raykd.models import unwrap_model
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ALLOWED_MODEL_KWARGS",
     "ArtifactMeta",
     "META_NAME",
     "WEIGHTS_NAME",
@@ -42,6 +49,7 @@ __all__ = [
     "load_artifact",
     "save_artifact",
     "build_model",
+    "check_model_kwargs",
     "count_params",
     "read_meta",
     "write_meta",
@@ -49,6 +57,40 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+#: The ``timm.create_model`` arguments that shape a model: the ones raykd writes for its own models
+#: (``configs/``, ``search_spaces/``, a cut ViT's ``depth``, HierAttn's ``size``, the tiny CNN's
+#: ``widths``/``dense``) and for the timm models it uses (ViT shape, dropout rates, input channels).
+#: They are also the arguments a fused teacher's ``backbone_kwargs`` may give each backbone.
+ARCHITECTURE_KWARGS = frozenset({
+    # timm ViTs, FCViT (share_head) and a cut ViT
+    "depth", "embed_dim", "patch_size", "num_heads", "mlp_ratio", "qkv_bias", "img_size", "class_token",
+    "global_pool", "share_head",
+    # regularisation and input (timm ViTs and CNNs, HierAttn, the tiny CNN)
+    "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "patch_drop_rate",
+    "in_chans",
+    # HierAttn (size, shuffle_positions), the tiny CNN and the fused teacher (widths, dense)
+    "size", "shuffle_positions", "widths", "dense",
+})
+#: The fused teacher's own arguments (:mod:`raykd.models.fused_teacher`): ``cnn_names`` and
+#: ``vit_name`` must be registered model names, ``backbone_kwargs`` maps ``cnn_a``/``cnn_b``/``vit``
+#: to :data:`ARCHITECTURE_KWARGS` (the one dict an artifact may carry).
+FUSED_TEACHER_KWARGS = frozenset({"cnn_names", "vit_name", "freeze_backbones", "se_reduction", "drops",
+                                  "backbone_kwargs"})
+#: Every ``model_kwargs`` key a ``meta.json`` may carry. Anything else is refused on load: an
+#: artifact's weights come from its ``model.safetensors`` only, so loader options that name files,
+#: URLs or hub repositories (``checkpoint_path``, ``pretrained``, ``pretrained_cfg``,
+#: ``pretrained_cfg_overlay``, ``pretrained_backbones``) and options that change what the model
+#: returns (``features_only``, ``num_classes``) never reach ``timm.create_model``.
+ALLOWED_MODEL_KWARGS = ARCHITECTURE_KWARGS | FUSED_TEACHER_KWARGS
+#: Arguments that only say where a model's weights were first read from at training time (the fused
+#: teacher's per-backbone files, a URL or file source): :func:`save_artifact` leaves them out of
+#: ``meta.json``. Of these, an older artifact may carry the fused teacher's ``backbone_files``
+#: (paths); loading ignores them with a warning instead of reading those files.
+WEIGHT_SOURCE_KWARGS = frozenset({"backbone_files", "pretrained_cfg", "pretrained_cfg_overlay"})
+_IGNORED_ON_LOAD = frozenset({"backbone_files"})
+_BACKBONE_KEYS = frozenset({"cnn_a", "cnn_b", "vit"})
+_SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass
@@ -58,7 +100,8 @@ class ArtifactMeta:
     Attributes:
         model_name: timm name, e.g. ``"raykd_test_hierattn"`` or ``"vit_base_patch16_224"``.
         num_classes: Size of the classifier head.
-        model_kwargs: Extra ``timm.create_model`` kwargs (``{"depth": 6}`` for a cut ViT).
+        model_kwargs: Extra ``timm.create_model`` kwargs (``{"depth": 6}`` for a cut ViT); only
+            :data:`ALLOWED_MODEL_KWARGS` are saved and loaded.
         label_names: Class names in label-index order.
         malignant: Label names counted malignant (cancer-vs-benign view).
         preprocess: ``PreprocessSpec.to_dict()`` of the evaluation transform.
@@ -119,24 +162,117 @@ class ArtifactMeta:
         return [i for i, name in enumerate(self.label_names) if name in self.malignant]
 
 
-def build_model(meta: ArtifactMeta) -> nn.Module:
-    """``timm.create_model`` for ``meta`` (random weights), after registering raykd's models."""
+def _refuse_keys(given: dict, allowed: frozenset[str], where: str, source: str) -> None:
+    refused = sorted(str(k) for k in given if k not in allowed)
+    if refused:
+        raise ValueError(
+            f"{source}: {where} {refused} not allowed when rebuilding a saved model (allowed: "
+            f"{', '.join(sorted(allowed))}). A saved model takes its weights from {WEIGHTS_NAME} only: "
+            "arguments that name checkpoints, files, URLs or hub weights, or that change what the model "
+            "returns, are refused. If this file is trusted and the key shapes the architecture, add it to "
+            "ARCHITECTURE_KWARGS in raykd/artifact/format.py"
+        )
+
+
+def _check_value(value: Any, where: str, source: str) -> None:
+    if isinstance(value, _SCALARS):
+        return
+    if isinstance(value, list) and all(isinstance(v, _SCALARS) for v in value):
+        return
+    raise ValueError(f"{source}: {where} must be a JSON scalar or a list of scalars, "
+                     f"got {type(value).__name__} {value!r:.80}")
+
+
+def _check_backbone_kwargs(value: Any, source: str) -> None:
+    where = "model_kwargs.backbone_kwargs"
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ValueError(f"{source}: {where} must map {sorted(_BACKBONE_KEYS)} to objects of arguments, "
+                         f"got {value!r:.80}")
+    _refuse_keys(value, _BACKBONE_KEYS, f"{where} keys", source)
+    for key, kw in value.items():
+        _refuse_keys(kw, ARCHITECTURE_KWARGS, f"{where}.{key} keys", source)
+        for k, v in kw.items():
+            _check_value(v, f"{where}.{key}.{k}", source)
+
+
+def _check_model_name(name: Any, where: str, source: str) -> None:
     import timm  # lazy: timm is heavy
 
-    try:
-        return timm.create_model(meta.model_name, pretrained=False, num_classes=meta.num_classes,
-                                 **meta.model_kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc):
-            raise ValueError(
-                f"artifact model_name {meta.model_name!r} is not a timm or raykd model; "
-                "check the name in meta.json or install the package that registers it"
-            ) from exc
-        raise
+    # is_model also refuses "hf-hub:" and "local-dir:" names, which create_model would fetch a config for
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise ValueError(
+            f"{source}: {where} {name!r} is not a timm or raykd model; "
+            "check the name in meta.json or install the package that registers it"
+        )
+
+
+def check_model_kwargs(model_name: Any, kwargs: Any, *, source: str) -> dict[str, Any]:
+    """The ``timm.create_model`` arguments of a saved model, checked against :data:`ALLOWED_MODEL_KWARGS`.
+
+    ``model_name`` (and a fused teacher's ``cnn_names``/``vit_name``) must be registered model
+    names; every value a JSON scalar or a list of scalars (``backbone_kwargs`` excepted, which is
+    checked key by key). ``backbone_files`` of an older artifact are dropped with a warning.
+
+    Args:
+        model_name: The artifact's timm name.
+        kwargs: Its ``model_kwargs``.
+        source: What is being checked (``meta.json``'s path), named in every error.
+
+    Returns:
+        The arguments to pass (a new dict).
+
+    Raises:
+        ValueError: naming ``source``, the refused key(s) or value and the allowed keys.
+    """
+    _check_model_name(model_name, "model_name", source)
+    if not isinstance(kwargs, dict):  # a bad meta.json is a ValueError, as every other fault in it
+        raise ValueError(f"{source}: model_kwargs must be a JSON object, "  # noqa: TRY004
+                         f"got {type(kwargs).__name__}")
+    ignored = sorted(k for k in kwargs if k in _IGNORED_ON_LOAD)
+    if ignored:
+        log.warning("%s: ignoring model_kwargs %s: a saved model's weights come from %s, not from the "
+                    "files its training run read them from", source, ignored, WEIGHTS_NAME)
+    kwargs = {k: v for k, v in kwargs.items() if k not in _IGNORED_ON_LOAD}
+    _refuse_keys(kwargs, ALLOWED_MODEL_KWARGS, "model_kwargs", source)
+    for key, value in kwargs.items():
+        if key == "backbone_kwargs":
+            _check_backbone_kwargs(value, source)
+        else:
+            _check_value(value, f"model_kwargs.{key}", source)
+    names = kwargs.get("cnn_names", [])
+    for i, name in enumerate(names if isinstance(names, list) else [names]):
+        _check_model_name(name, f"model_kwargs.cnn_names[{i}]", source)
+    if "vit_name" in kwargs:
+        _check_model_name(kwargs["vit_name"], "model_kwargs.vit_name", source)
+    return kwargs
+
+
+def build_model(meta: ArtifactMeta) -> nn.Module:
+    """``timm.create_model`` for ``meta`` (random weights), after registering raykd's models.
+
+    ``meta.model_kwargs`` pass :func:`check_model_kwargs` first (``ValueError`` otherwise), whatever
+    ``meta`` was read from.
+    """
+    import timm  # lazy: timm is heavy
+
+    kwargs = check_model_kwargs(meta.model_name, meta.model_kwargs, source=f"model {meta.model_name!r}")
+    return timm.create_model(meta.model_name, pretrained=False, num_classes=meta.num_classes, **kwargs)
+
+
+def _savable(meta: ArtifactMeta) -> ArtifactMeta:
+    """``meta`` without :data:`WEIGHT_SOURCE_KWARGS`, checked as loading will check it."""
+    left_out = sorted(k for k in meta.model_kwargs if k in WEIGHT_SOURCE_KWARGS)
+    if left_out:
+        log.info("%s: leaving model_kwargs %s out of %s (the weights are in %s)", meta.model_name, left_out,
+                 META_NAME, WEIGHTS_NAME)
+    kwargs = {k: v for k, v in meta.model_kwargs.items() if k not in WEIGHT_SOURCE_KWARGS}
+    check_model_kwargs(meta.model_name, kwargs, source=f"saving model {meta.model_name!r}")
+    return dataclasses.replace(meta, model_kwargs=kwargs)
 
 
 def _write_meta_file(path: Path, meta: ArtifactMeta) -> None:
-    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **meta.to_dict()}, indent=2, sort_keys=True))
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, **_savable(meta).to_dict()}, indent=2,
+                               sort_keys=True))
 
 
 def write_meta(directory: str | os.PathLike, meta: ArtifactMeta) -> Path:
@@ -166,6 +302,7 @@ def save_artifact(directory: str | os.PathLike, model: nn.Module, meta: Artifact
     from safetensors.torch import save_model  # lazy: safetensors is heavy
 
     directory = Path(directory)
+    meta = _savable(meta)  # before anything is written
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -205,14 +342,21 @@ def find_artifact(path: str | os.PathLike) -> Path:
 
 
 def read_meta(path: str | os.PathLike) -> ArtifactMeta:
-    """Read only ``meta.json`` of the artifact at ``path`` (cheap; no weights loaded)."""
+    """Read only ``meta.json`` of the artifact at ``path`` (cheap; no weights loaded).
+
+    Raises:
+        ValueError: the file is not JSON, lacks a required key, or names a model or ``model_kwargs``
+            :func:`check_model_kwargs` refuses.
+    """
     directory = find_artifact(path)
     meta_path = directory / META_NAME
     try:
         data = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{meta_path} is not valid JSON: {exc}") from exc
-    return ArtifactMeta.from_dict(data, source=str(meta_path))
+    meta = ArtifactMeta.from_dict(data, source=str(meta_path))
+    meta.model_kwargs = check_model_kwargs(meta.model_name, meta.model_kwargs, source=str(meta_path))
+    return meta
 
 
 def load_artifact(path: str | os.PathLike, *, device: str = "cpu") -> tuple[nn.Module, ArtifactMeta]:

@@ -13,7 +13,9 @@ Formats (registered in :data:`FORMATS`):
 * ``folder`` - one sub-folder per class.
 
 Images are found anywhere under the source folder by file name, so both the zip layouts and
-flattened copies work.
+flattened copies work. Nothing outside the source folder is read: an image that is a symlink
+resolving outside it, or a CSV row naming a path that leaves it (``../x.jpg``, ``/abs/x.jpg``), is
+quarantined with the reason :data:`OUTSIDE_REASON`; symlinks that stay inside are followed.
 
 ``binary=True`` (``--binary``) ingests a benign-vs-malignant task instead: every class named
 malignant (``--malignant``, default the format's own list) becomes the label ``malignant``, every
@@ -38,6 +40,8 @@ from raykd.registry import Registry
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+#: Quarantine reason of an image (or a CSV row's path) that is not inside the source folder.
+OUTSIDE_REASON = "resolves outside the source folder"
 
 
 @dataclass
@@ -56,6 +60,15 @@ FORMATS: Registry[Reader] = Registry("dataset format")
 
 def _file_loader(path: Path) -> Callable[[], bytes]:
     return path.read_bytes
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies under the resolved folder ``root`` once its symlinks and ``..`` are
+    resolved (a symlink loop or an unreadable link counts as outside)."""
+    try:
+        return path.resolve().is_relative_to(root)
+    except (OSError, RuntimeError):
+        return False
 
 
 def _index_images(root: Path) -> dict[str, Path]:
@@ -105,25 +118,36 @@ def _match_images(
     images: dict[str, Path],
     make: Callable[[str, str, Path, dict], Item],
     csv_path: Path,
+    src: Path,
     claimed: Iterable[str] = (),
 ) -> tuple[list[Item], list[Quarantined]]:
     """Join CSV rows ``(image_id, label, row)`` with image files; both kinds of orphan are quarantined.
 
-    ``claimed`` names images whose rows were already quarantined (they are not orphans).
+    ``claimed`` names images whose rows were already quarantined (they are not orphans). A row naming
+    a path that leaves ``src``, and an image file that resolves outside it (a symlink), are
+    quarantined with :data:`OUTSIDE_REASON` and never read.
     """
+    root = src.resolve()
     items, bad = [], []
     used: set[str] = {Path(c).stem for c in claimed}
     for image_id, label, row in rows:
+        if not _inside(src / image_id, root):
+            bad.append(Quarantined(image_id, str(csv_path), OUTSIDE_REASON))
+            continue
         stem = Path(image_id).stem
         path = images.get(stem)
         if path is None:
             bad.append(Quarantined(image_id, str(csv_path), "image file not found for CSV row"))
             continue
         used.add(stem)
+        if not _inside(path, root):
+            bad.append(Quarantined(stem, str(path), OUTSIDE_REASON))
+            continue
         items.append(make(stem, label, path, row))
     for stem, path in images.items():
         if stem not in used:
-            bad.append(Quarantined(stem, str(path), f"image has no row in {csv_path.name}"))
+            why = f"image has no row in {csv_path.name}" if _inside(path, root) else OUTSIDE_REASON
+            bad.append(Quarantined(stem, str(path), why))
     return items, bad
 
 
@@ -159,7 +183,8 @@ def read_isic2019(src: Path) -> Source:
             sex=_or_none(m.get("sex")), site=_or_none(m.get("anatom_site_general")), origin=str(path),
         )
 
-    items, orphans = _match_images(rows, _index_images(src), make, gt_path, claimed=[q.image_id for q in bad])
+    items, orphans = _match_images(rows, _index_images(src), make, gt_path, src,
+                                   claimed=[q.image_id for q in bad])
     # ISIC 2019 has no patient ids; lesion ids (metadata) group the BCN/HAM duplicates.
     return Source(items, list(ISIC2019_CLASSES), list(ISIC2019_MALIGNANT), bad + orphans)
 
@@ -181,7 +206,7 @@ def read_ham10000(src: Path) -> Source:
             sex=_or_none(row.get("sex")), site=_or_none(row.get("localization")), origin=str(path),
         )
 
-    items, bad = _match_images(rows, _index_images(src), make, meta_path)
+    items, bad = _match_images(rows, _index_images(src), make, meta_path, src)
     return Source(items, list(HAM10000_CLASSES), list(HAM10000_MALIGNANT), bad)
 
 
@@ -204,7 +229,7 @@ def read_pad_ufes_20(src: Path) -> Source:
             sex=_or_none(row.get("gender")), site=_or_none(row.get("region")), origin=str(path),
         )
 
-    items, bad = _match_images(rows, _index_images(src), make, meta_path)
+    items, bad = _match_images(rows, _index_images(src), make, meta_path, src)
     return Source(items, list(PAD_CLASSES), list(PAD_MALIGNANT), bad)
 
 
@@ -214,11 +239,15 @@ def read_folder(src: Path) -> Source:
     if not classes:
         raise IngestError(f"{src} has no class sub-folders (expected {src}/<class>/<image>)")
     items, bad = [], []
+    root = src.resolve()
     for cls in classes:
         for p in sorted((src / cls).rglob("*")):
             if not p.is_file() or p.name.startswith("."):
                 continue
             image_id = f"{cls}/{p.relative_to(src / cls).with_suffix('')}"
+            if not _inside(p, root):  # a symlinked file, or a class folder that is a symlink out
+                bad.append(Quarantined(image_id, str(p), OUTSIDE_REASON))
+                continue
             if p.suffix.lower() not in IMAGE_SUFFIXES:
                 bad.append(Quarantined(image_id, str(p), f"not an image file type ({p.suffix or 'no suffix'})"))
                 continue

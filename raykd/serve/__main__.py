@@ -4,7 +4,10 @@ Connects to ``--address`` / ``$RAY_ADDRESS`` or starts a local Ray cluster, bind
 ``--host:--port`` and blocks until interrupted. The same application starts with
 ``serve run raykd.serve.app:build_app family=FILE`` or ``serve deploy deploy/serve_config.yaml``.
 Set ``RAYKD_API_KEY`` to require an API key: a local cluster started here inherits it from this
-process's environment; a running cluster (``--address``) needs it in its own environment.
+process's environment; a running cluster (``--address``) needs it in its own environment (and this
+shell too, for the check below). Without a key it fails closed, before Ray starts
+(:func:`raykd.serve.guard.check_bind`): a loopback ``--host`` serves with a warning, any other host
+exits 2 unless ``--allow-unauthenticated`` is given.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import typing
 from raykd.cli import HelpFormatter
 from raykd.cluster import init_local_ray
 from raykd.console import configure
+from raykd.serve.guard import api_key_from_env, check_bind
 from raykd.serve.options import ServeArgs, ServerOptions, default
 
 APP_NAME = "raykd"
@@ -110,7 +114,16 @@ def run_serve(args, *, host: str = default(ServerOptions, "host"), port: int = d
 
     ``env_vars`` are set in the replicas' environment (``runtime_env``), e.g. ``RAYKD_API_KEY`` in
     tests. Returns the app's deployment handle when ``blocking`` is False (tests, benchmarks).
+
+    Fails closed before anything starts: without a key (in ``env_vars`` or this environment)
+    :func:`~raykd.serve.guard.check_bind` refuses a ``host`` other machines can reach unless
+    ``args.allow_unauthenticated``. Direct ingress binds the replicas' ports to the same ``host``
+    (Ray 2.60 gives them the proxy's HTTP options with their own port), so one check covers both.
     """
+    key = api_key_from_env({**os.environ, **(env_vars or {})})
+    warning = check_bind(host, key, args.allow_unauthenticated)
+    if warning:
+        logging.getLogger(__name__).warning(warning)
     from ray import serve  # lazy: ray is heavy
 
     from raykd.serve.app import bind_app  # lazy: imports ray

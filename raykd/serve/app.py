@@ -35,7 +35,9 @@ Routes:
     ``GET /healthz`` - liveness (the one route that never needs the API key).
 
 When ``RAYKD_API_KEY`` is set in the replica's environment every other route needs
-``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (401 otherwise); a prediction that takes
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (401 otherwise); without it
+:func:`build_app` refuses to build for a Serve HTTP host other machines can reach, unless the
+``allow_unauthenticated`` arg is set (:func:`~raykd.serve.guard.check_bind`); a prediction that takes
 longer than ``request_timeout_s`` answers 503; an unexpected fault answers
 ``{"error": "internal error", "request_id": ...}`` and is logged with that id
 (:mod:`raykd.serve.guard`).
@@ -72,12 +74,15 @@ from ray import serve
 from ray.serve import Application
 
 from raykd.data.manifest import is_uri
+from raykd.raycompat import serve_http_host
 from raykd.serve.family import BYTES_PER_MB, Family, FamilyEntry, family_from_paths, load_family
 from raykd.serve.guard import (
     ApiKeyMiddleware,
     InternalErrorMiddleware,
     PredictionTimeout,
     announce_auth,
+    api_key_from_env,
+    check_bind,
     error_response,
     internal_error,
     new_request_id,
@@ -441,12 +446,30 @@ class ModelServer:
         return Response(png, media_type="image/png", headers=headers)
 
 
+#: How a Serve config's user spells the fixes :class:`~raykd.serve.guard.UnauthenticatedBind` names.
+CONFIG_FIXES = {"bind_fix": "http_options: {host: 127.0.0.1} in the Serve config",
+                "override_fix": ("the application arg allow_unauthenticated: true (serve run ... "
+                                 "allow_unauthenticated=true)")}
+
+
 def build_app(args: ServeArgs) -> Application:
     """Typed application builder (``serve run raykd.serve.app:build_app family=FILE``).
+
+    Fails closed, like ``raykd serve``: without ``RAYKD_API_KEY`` in the environment it is built in
+    (a ``serve deploy``/RayService build task runs on any node, the head included, so the key
+    belongs on every node) and without ``allow_unauthenticated``, it raises
+    :class:`~raykd.serve.guard.UnauthenticatedBind` (a ``ValueError``) unless the Serve HTTP host
+    is loopback. The host is asked of the running Serve controller
+    (:func:`raykd.raycompat.serve_http_host`); where it cannot be read (``serve run IMPORT_PATH``
+    builds before Ray starts, so no controller exists yet) it counts as reachable from other
+    machines, and the build is refused.
 
     The family is resolved here, on the driver, so a missing file or an unknown winner fails
     before any replica starts.
     """
+    warning = check_bind(serve_http_host(), api_key_from_env(), args.allow_unauthenticated, **CONFIG_FIXES)
+    if warning:
+        log.warning(warning)
     return bind_app(args)
 
 

@@ -6,11 +6,16 @@ them on its FastAPI ingress.
 - **API key.** When ``RAYKD_API_KEY`` is set in the replica's environment, every route except
   ``GET /healthz`` needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (compared in
   constant time); otherwise the answer is a 401 JSON body with ``WWW-Authenticate: Bearer``.
-  Without the variable the endpoint is open (the replica logs a warning at startup). Pass the key
-  from a secret: a Kubernetes Secret as container env of the pods that run replicas (see
-  ``deploy/kuberay-rayservice.yaml``), or the application's ``runtime_env: {env_vars: ...}`` in a
-  Serve config that is not committed; a local cluster started by ``serve run`` or
-  ``python -m raykd.serve`` inherits it from the shell.
+  Pass the key from a secret: a Kubernetes Secret as container env of every pod (see
+  ``deploy/kuberay-rayservice.yaml``), or the environment of ``ray start`` on every node; a local
+  cluster started by ``serve run`` or ``python -m raykd.serve`` inherits it from the shell.
+- **Fail closed.** :func:`check_bind` decides whether serving may start without a key: with a key,
+  always; without one, only on a loopback bind (``127.0.0.0/8``, ``::1``, ``localhost``: reachable
+  from this machine only, with a warning) or when ``allow_unauthenticated`` says to serve openly on
+  purpose (a louder warning). Any other bind (``0.0.0.0``, ``::``, a LAN address, a host name, or a
+  host that could not be read) raises :class:`UnauthenticatedBind` naming the three fixes.
+  ``raykd serve`` checks before Ray starts; :func:`raykd.serve.app.build_app` checks too, for
+  ``serve run`` and ``serve deploy``.
 - **Timeout.** :func:`within` answers :class:`PredictionTimeout` when a prediction (queueing,
   decoding and forward pass) outlasts ``request_timeout_s``; the work is abandoned, not waited for,
   so the event loop and the replica stay responsive.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import os
 import uuid
@@ -35,8 +41,8 @@ from starlette.responses import JSONResponse
 log = logging.getLogger(__name__)
 
 __all__ = ["API_KEY_ENV", "OPEN_ROUTES", "ApiKeyMiddleware", "InternalErrorMiddleware",
-           "PredictionTimeout", "announce_auth", "api_key_from_env", "error_response", "internal_error",
-           "presented_keys", "within"]
+           "PredictionTimeout", "UnauthenticatedBind", "announce_auth", "api_key_from_env", "check_bind",
+           "error_response", "internal_error", "is_loopback", "presented_keys", "within"]
 
 API_KEY_ENV = "RAYKD_API_KEY"
 OPEN_ROUTES = frozenset({("GET", "/healthz")})  # (method, path) pairs that never need the key
@@ -49,6 +55,55 @@ def api_key_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     None when ``RAYKD_API_KEY`` is unset or blank."""
     value = (os.environ if environ is None else environ).get(API_KEY_ENV, "").strip()
     return value or None
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether binding ``host`` is reachable from this machine only: ``localhost``, an address in
+    ``127.0.0.0/8`` or ``::1`` (bracketed or IPv4-mapped too). Anything else, ``0.0.0.0``, ``::``,
+    another name and None (a host that could not be read) included, is not."""
+    name = (host or "").strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+class UnauthenticatedBind(ValueError):
+    """Serving would be open to other machines: no API key, a non-loopback bind and no override."""
+
+
+def check_bind(host: str | None, api_key: str | None, allow_unauthenticated: bool = False, *,
+               bind_fix: str = "--host 127.0.0.1",
+               override_fix: str = "--allow-unauthenticated") -> str | None:
+    """The fail-closed rule of serving (pure: no Ray, no environment read).
+
+    With ``api_key``: None (nothing to say). Without one: a warning to log when ``host`` is loopback
+    (:func:`is_loopback`) or ``allow_unauthenticated`` is set; otherwise :class:`UnauthenticatedBind`,
+    whose message names the fixes (``bind_fix`` and ``override_fix`` spell two of them the way the
+    caller's user writes them: flags for ``raykd serve``, config keys for a Serve config).
+    """
+    if api_key:
+        return None
+    where = (f"on {host}" if host else
+             "on a host that could not be read (counted as reachable from other machines)")
+    if is_loopback(host):
+        return (f"{API_KEY_ENV} is not set: serving without authentication {where}, reachable from this "
+                f"machine only (any local user or process may call every route); set {API_KEY_ENV} to "
+                "require an API key")
+    if allow_unauthenticated:
+        return (f"{API_KEY_ENV} is not set and unauthenticated serving was allowed on purpose: serving "
+                f"without authentication {where}, reachable from other machines; anyone who can reach it "
+                "may call every route")
+    raise UnauthenticatedBind(
+        f"refusing to serve without authentication {where}: {API_KEY_ENV} is not set and the bind is "
+        "reachable from other machines, so anyone who can reach it could call every route. "
+        f"Set an API key in the environment of the processes that serve (e.g. export {API_KEY_ENV}="
+        f"$(openssl rand -hex 32); clients then send 'Authorization: Bearer <key>'), or bind this "
+        f"machine only ({bind_fix}), or pass {override_fix} to serve openly on purpose.")
 
 
 def announce_auth(environ: Mapping[str, str] | None = None) -> str | None:

@@ -6,6 +6,9 @@ and ``raykd serve``, whose flags are made from its fields (:mod:`raykd.serve.__m
 :class:`ServerOptions` is what only ``raykd serve`` is told: where to listen and which Ray cluster
 to join (a Serve config file says that in its own ``http_options``).
 
+Serving fails closed (:func:`raykd.serve.guard.check_bind`): without ``RAYKD_API_KEY`` it starts on
+a loopback bind only, unless ``allow_unauthenticated`` is set (``--allow-unauthenticated``).
+
 Each field's default, type, constraint and description (the flag's help) are written here and
 nowhere else: the request :class:`~raykd.serve.intake.Limits` default to these fields too. This
 module imports pydantic only (no Ray, no torch), so ``raykd serve --help`` stays fast.
@@ -51,6 +54,10 @@ class ServeArgs(BaseModel):
     onnx_cache_dir: str | None = Field(None, description=(
         "folder kept for the ONNX files exported at startup for models that have none (default: a "
         "temporary folder)"))
+    allow_unauthenticated: bool = Field(False, description=(
+        "serve without an API key on a bind other machines can reach (0.0.0.0, ::, a LAN address), on "
+        "purpose; without it serving refuses to start there unless RAYKD_API_KEY is set (a loopback "
+        "bind such as 127.0.0.1 serves without a key, with a warning)"))
 
     @model_validator(mode="after")
     def _one_source(self) -> "ServeArgs":
@@ -64,7 +71,9 @@ class ServerOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field("127.0.0.1", description="HTTP bind address; 0.0.0.0 to expose")
+    host: str = Field("127.0.0.1", description=(
+        "HTTP bind address, of the proxy and of --direct-port's replica ports; 0.0.0.0 to expose "
+        "(needs RAYKD_API_KEY, or --allow-unauthenticated)"))
     port: int = Field(8000, description="HTTP port")
     direct_port: int | None = Field(None, description=(
         "also answer on each replica's own port (PORT, PORT+1, ...), skipping Serve's proxy hop "

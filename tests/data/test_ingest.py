@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -112,6 +113,64 @@ def test_shards_respect_the_target_size(tmp_path):
     assert len(m.shards) > 3  # ~1 KB images, 2 KB shards
     _, rows = read_rows(tmp_path / "out")
     assert len(rows) == 21
+
+
+def _append_csv_rows(path, rows):
+    import csv
+
+    with path.open("a", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+
+
+def test_csv_paths_and_symlinks_resolving_outside_the_source_are_quarantined_unread(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    expected = fixtures.ham10000(src)
+    part = src / "HAM10000_images_part_1"
+    fixtures.write_image(tmp_path / "outside.jpg", 900)  # what src/../outside.jpg names
+    fixtures.write_image(tmp_path / "elsewhere" / "secret.jpg", 901)
+    (part / "ISIC_7000000.jpg").symlink_to(tmp_path / "elsewhere" / "secret.jpg")  # has a CSV row
+    (part / "ISIC_7000002.jpg").symlink_to(tmp_path / "elsewhere" / "secret.jpg")  # has none
+    fixtures.write_image(src / "store" / "blob.bin", 902, ".jpg")  # not an image suffix: found via the link only
+    (part / "ISIC_7000001.jpg").symlink_to(Path("..") / "store" / "blob.bin")  # relative, stays inside
+    _append_csv_rows(src / "HAM10000_metadata.csv", [
+        ["HAM_7000000", "ISIC_7000000", "nv", "histo", 30, "male", "back"],
+        ["HAM_7000001", "ISIC_7000001", "nv", "histo", 30, "male", "back"],
+        ["HAM_7000003", "../outside.jpg", "mel", "histo", 30, "male", "back"],
+        ["HAM_7000004", str(tmp_path / "outside.jpg"), "mel", "histo", 30, "male", "back"],
+    ])
+    read = []
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.resolve()) or real_read_bytes(self))
+    manifest = ingest_mod.ingest("ham10000", src, tmp_path / "out", fractions=FRACTIONS, split_seed=1)
+    monkeypatch.undo()
+
+    reasons = {q["image_id"]: q["reason"] for q in manifest.quarantine}
+    outside = {"ISIC_7000000", "ISIC_7000002", "../outside.jpg", str(tmp_path / "outside.jpg")}
+    assert set(reasons) == set(expected["quarantined"]) | outside
+    assert all(reasons[i] == ingest_mod.OUTSIDE_REASON for i in outside)
+    assert not [p for p in read if not p.is_relative_to(src.resolve())]
+    _, rows = read_rows(tmp_path / "out")
+    assert len(rows) == manifest.num_images == expected["good"] + 1
+    assert "ISIC_7000001" in {r["image_id"] for r in rows}
+
+
+def test_folder_symlinks_out_of_the_source_are_quarantined_and_inside_ones_ingest(tmp_path):
+    src = tmp_path / "src"
+    expected = fixtures.folder(src)
+    fixtures.write_image(tmp_path / "elsewhere" / "a.png", 903)
+    fixtures.write_image(tmp_path / "elsewhere" / "b.png", 904)
+    (src / "benign" / "link_out.png").symlink_to(tmp_path / "elsewhere" / "a.png")
+    (src / "outlinked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a class folder
+    (src / "malignant" / "link_in.png").symlink_to(src / "malignant" / "img0.png")
+    manifest = ingest_mod.ingest("folder", src, tmp_path / "out", fractions=FRACTIONS, split_seed=1)
+
+    reasons = {q["image_id"]: q["reason"] for q in manifest.quarantine}
+    outside = {"benign/link_out", "outlinked/a", "outlinked/b"}
+    assert set(reasons) == set(expected["quarantined"]) | outside
+    assert all(reasons[i] == ingest_mod.OUTSIDE_REASON for i in outside)
+    _, rows = read_rows(tmp_path / "out")
+    assert "malignant/link_in" in {r["image_id"] for r in rows}
+    assert len(rows) == manifest.num_images == expected["good"] + 1
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -208,7 +208,7 @@ def test_an_image_just_over_25_megapixels_is_refused_naming_the_limit(url):
         assert "25000000 pixels (25 megapixels)" in error and dims in error
 
 
-def test_build_app_takes_typed_args_as_serve_run_passes_them(family):
+def test_build_app_takes_typed_args_as_serve_run_passes_them(family, monkeypatch):
     """``serve run raykd.serve.app:build_app family=FILE max_batch_size=4`` (strings, validated)."""
     from pydantic import ValidationError
     from ray.serve import Application
@@ -216,6 +216,7 @@ def test_build_app_takes_typed_args_as_serve_run_passes_them(family):
 
     from raykd.serve.app import build_app
 
+    monkeypatch.setenv(API_KEY_ENV, KEY)  # build_app fails closed without one (tests/serve/test_fail_closed.py)
     app = call_user_app_builder_with_args_if_necessary(
         build_app, {"family": str(family["file"]), "max_batch_size": "4"})
     assert isinstance(app, Application)
