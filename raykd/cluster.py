@@ -107,6 +107,39 @@ def cluster_capacity() -> dict[str, float]:
     return live
 
 
+def _pong() -> bool:
+    return True
+
+
+def responsive_node_cpus(*, probe: bool = True, timeout_s: float = 20.0) -> dict[str, float]:
+    """Each alive node's CPUs, by node id. With ``probe``, only the nodes that run a zero-CPU task
+    pinned to them within ``timeout_s``: a node lost a moment ago stays listed alive until its
+    health checks have failed, and a worker group sized on it would not fit where it lands."""
+    import ray  # lazy: ray is heavy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = {n["NodeID"]: float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")}
+    if not probe or len(nodes) <= 1:
+        return nodes
+    ping = ray.remote(num_cpus=0, max_retries=0)(_pong)
+    refs = {ping.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(): node
+            for node in nodes}
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    for ref in pending:
+        ray.cancel(ref)
+    answered = set()
+    for ref in ready:
+        try:
+            ray.get(ref)
+            answered.add(refs[ref])
+        except Exception as exc:  # noqa: BLE001 - a node that cannot run the task does not count
+            log.debug("node %s did not run the check: %s", refs[ref][:8], exc)
+    if len(answered) < len(nodes):
+        log.warning("%d of %d nodes did not answer within %g s and are left out: %s", len(nodes) - len(answered),
+                    len(nodes), timeout_s, ", ".join(n[:8] for n in nodes if n not in answered))
+    return {node: cpus for node, cpus in nodes.items() if node in answered}
+
+
 def _probe_storage(read: dict[str, str], write: dict[str, str], marker: str,
                    local: dict[str, str] | None = None) -> list[str]:
     """On one node: what of ``read`` (dataset folders) it cannot read, of ``write`` (folders or

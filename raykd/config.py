@@ -242,6 +242,10 @@ class TrainConfig:
     #: How long a Ray Train worker group may wait for its resources (at start, or after a node is
     #: lost) before the run stops with an error naming what is missing; never a silent hang.
     resource_wait_s: float = field(default=600.0, metadata=bounded(1.0, 86_400.0))
+    #: A rank that gets no batch for this long stops the run's worker group with an error naming the
+    #: wait (sooner, after 10 s, when no alive node has a CPU left for Ray Data); the group then
+    #: restarts from its last checkpoint, sized so that its data pipeline can run.
+    stall_timeout_s: float = field(default=600.0, metadata=bounded(10.0, 86_400.0))
     seed: int = 0
     #: Shuffle buffer (rows) of the training iterator.
     shuffle_buffer: int = field(default=256, metadata=bounded(0, 1_000_000))

@@ -214,10 +214,45 @@ def test_a_node_that_joins_mid_search_gets_trials(shared_two_nodes, capsys):
     assert "the cluster now fits 4 trials at once (was 2)" in text
 
 
+def _kill_node_b_mid_run(argv: list[str], run: Path, env: dict, log_path: Path, *also: str) -> dict:
+    """Run ``python -m raykd.train argv``; SIGKILL node_b's raylet once the run's first checkpoint is
+    written; wait for the end. Returns the exit code, the log, the epochs and worker groups recorded
+    and the epochs the run resumed from."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "raykd.train", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=ROOT, env=env)
+        deadline = time.monotonic() + 300
+        while not any(run.glob("checkpoint_*")):
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s\n" + log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        killed_after = len(json.loads((run / "metrics.json").read_text()))
+        t_kill = time.monotonic()
+        os.kill(_raylet_pid("node_b", *also), signal.SIGKILL)
+        rc = proc.wait(timeout=500)
+    text = log_path.read_text()
+    assert rc == 0, text[-6000:]
+    resumed = sorted(set(re.findall(r"resuming \S+ from epoch \d+ \(best [^)]*\)", text)))
+    return {"text": text, "killed_after": killed_after, "after_kill_s": time.monotonic() - t_kill,
+            "history": json.loads((run / "metrics.json").read_text()),
+            "workers": json.loads((run / "workers.json").read_text()), "resumed": resumed,
+            "resumed_from": [int(r.split()[4]) for r in resumed]}
+
+
+def _print_kill_story(title: str, out: dict, names: dict[str, str]) -> None:
+    print(f"\n{title}:")
+    for i, w in enumerate(out["workers"]):
+        print(f"  worker group {i + 1}: {w['world_size']} worker(s), ranks on {[names[n] for n in w['nodes']]}")
+        if i == 0:
+            print(f"  SIGKILL node_b's raylet after epoch {out['killed_after']} was checkpointed")
+    print(f"  {'; '.join(out['resumed'])}; the run ended {out['after_kill_s']:.0f} s after the kill")
+    print(f"  epochs recorded: {[(r['epoch'], r['world_size']) for r in out['history']]} (epoch, workers)")
+
+
 def test_a_lost_node_shrinks_the_ddp_run_which_finishes_from_its_checkpoint(shared_two_nodes, tmp_path, capsys):
-    """2 DDP workers, one per node; node_b's raylet is SIGKILLed after the first checkpoint. The
-    run restarts elastically with 1 worker on node_a (its 0.25 spare CPU left to Ray Data), resumes
-    from the checkpoint and records every epoch once."""
+    """Elastic (``scaling.min_workers``): 2 DDP workers, one per node; node_b's raylet is SIGKILLed
+    after the first checkpoint. The run restarts elastically with 1 worker on node_a (its 0.25 spare
+    CPU left to Ray Data), resumes from the checkpoint and records every epoch once."""
     address, data, out, env, _ = shared_two_nodes
     names = _node_names(address, env)
     epochs = 4
@@ -228,42 +263,18 @@ def test_a_lost_node_shrinks_the_ddp_run_which_finishes_from_its_checkpoint(shar
         "optim: {name: adamw, lr: 3.0e-3}\n"
         "scaling: {num_workers: 2, min_workers: 1, cpus_per_worker: 0.75, placement: spread, executor: trainer}\n"
         f"train: {{epochs: {epochs}, batch_size: 16, recipe: light, max_failures: 3, resource_wait_s: 120}}\n")
-    log_path = tmp_path / "train.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "raykd.train", "--config", str(cfg), "--address", address],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        run = out / "twonode"
-        deadline = time.monotonic() + 300
-        while not any(run.glob("checkpoint_*")):
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            assert time.monotonic() < deadline, "no checkpoint within 300 s\n" + log_path.read_text()[-4000:]
-            time.sleep(0.5)
-        metrics = json.loads((run / "metrics.json").read_text())
-        killed_after = len(metrics)
-        os.kill(_raylet_pid("node_b"), signal.SIGKILL)
-        kill = f"SIGKILL node_b's raylet after epoch {killed_after} was checkpointed"
-        rc = proc.wait(timeout=400)
-    text = log_path.read_text()
-    assert rc == 0, text[-4000:]
-    history = json.loads((run / "metrics.json").read_text())
-    workers = json.loads((run / "workers.json").read_text())
-    resumed = sorted(set(re.findall(r"resuming twonode from epoch \d+ \(best [^)]*\)", text)))
+    res = _kill_node_b_mid_run(["--config", str(cfg), "--address", address], out / "twonode", env,
+                               tmp_path / "train.log", f":{PORT}")
     with capsys.disabled():  # the story of the run, in CI's output too
-        print("\n2-node kill test:")
-        for i, w in enumerate(workers):
-            print(f"  worker group {i + 1}: {w['world_size']} worker(s), ranks on {[names[n] for n in w['nodes']]}")
-            if i == 0:
-                print(f"  {kill}")
-        print(f"  {'; '.join(resumed)}")
-        print(f"  epochs recorded: {[(r['epoch'], r['world_size']) for r in history]} (epoch, workers)")
+        _print_kill_story("2-node kill test, elastic", res, names)
+    history, workers = res["history"], res["workers"]
     assert [r["epoch"] for r in history] == list(range(1, epochs + 1))  # continuous, each epoch once
     first, last = workers[0], workers[-1]
     assert sorted(names[n] for n in first["nodes"]) == ["node_a", "node_b"]  # one worker per node
     assert last["world_size"] == 1 and [names[n] for n in last["nodes"]] == ["node_a"]
     assert history[0]["world_size"] == 2 and history[-1]["world_size"] == 1
-    resumed_from = [int(r.split()[4]) for r in resumed]
-    assert resumed_from and min(resumed_from) >= killed_after  # at most the epoch in flight is lost
-    summary = json.loads((run / "summary.json").read_text())
+    assert res["resumed_from"] and min(res["resumed_from"]) >= res["killed_after"]  # at most the epoch in flight is lost
+    summary = json.loads((out / "twonode" / "summary.json").read_text())
     assert summary["epochs"] == epochs and summary["test"]
 
 
@@ -319,3 +330,38 @@ def test_a_search_with_its_outputs_in_s3_runs_on_two_nodes_that_share_no_disk(s3
         assert f"tune-smoke/runs/{t['trial_id']}/best/model.safetensors" in stored
     assert "tune-smoke/leaderboard.json" in stored and "family.json" in stored
     assert "stored at: s3://raykd/twonode/tune-smoke" in res.stdout
+
+
+def test_the_shipped_tiny_cpu_config_survives_a_lost_node(tmp_path, capsys):
+    """``configs/tiny_cpu.yaml`` as shipped (2 workers x 0.5 CPU, packed, no ``min_workers``) on
+    two 1-CPU nodes; node_b's raylet is SIGKILLed after the first checkpoint. Whether node_b held
+    workers or only the Ray Data tasks, the group restarts with 1 worker on node_a, leaving Ray Data
+    half its CPU, resumes from the checkpoint and records every epoch once."""
+    epochs, port = 3, PORT + 20
+    data, out = tmp_path / "data", tmp_path / "out"  # the run generates the data, as its synth: block says
+    out.mkdir()
+    temp = None
+    try:
+        address, env, temp, _ = _start_two_nodes(tmp_path, data, out, hide=False, port=port, env_extra={
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
+        names = _node_names(address, env)
+        argv = ["--config", str(ROOT / "configs" / "tiny_cpu.yaml"), "--address", address,
+                "--set", f"train.epochs={epochs}", "--set", f"data.path={data}", "--set", f"output_dir={out}"]
+        res = _kill_node_b_mid_run(argv, out / "tiny-teacher", env, tmp_path / "train.log", f":{port}")
+        names = {**names, **_node_names(address, env)}
+    finally:
+        _kill_cluster(f"127.0.0.1:{port}")
+        if temp is not None:
+            _kill_cluster(str(temp))
+            shutil.rmtree(temp, ignore_errors=True)
+    with capsys.disabled():
+        _print_kill_story("2-node kill test, configs/tiny_cpu.yaml as shipped", res, names)
+        print("  " + "\n  ".join(line for line in res["text"].splitlines()
+                                   if "no train batch" in line or "restart 1 of" in line or "left out" in line)[:1500])
+    history, workers = res["history"], res["workers"]
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))  # every epoch once
+    assert workers[0]["world_size"] == 2 and history[0]["world_size"] == 2
+    assert workers[-1]["world_size"] == 1 and [names[n] for n in workers[-1]["nodes"]] == ["node_a"]
+    assert res["resumed_from"] and min(res["resumed_from"]) >= res["killed_after"] - 1  # at most one epoch lost
+    assert json.loads((out / "tiny-teacher" / "summary.json").read_text())["epochs"] == epochs

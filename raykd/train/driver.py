@@ -7,6 +7,7 @@ student/teacher pair, a missing dataset) fails here, before any Ray worker start
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -28,7 +29,7 @@ from raykd.storage import Mirror, mirrored, resolve_output, run_reads, train_sto
 from raykd.train.build import build_run, set_seed
 from raykd.train.loop import fit
 from raykd.train.prep import needs_teacher_prep, prep_file_name, run_teacher_prep
-from raykd.train.trainer import _warn_data_cpus, _worker_count, failure_config, fit_bounded, worker_resources
+from raykd.train.trainer import _warn_data_cpus, failure_config, fit_restarting, worker_resources
 from raykd.train.worker import LocalSession, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -256,12 +257,34 @@ def _local_task(cfg: RunConfig, run_dir: Path, build_s: float) -> dict[str, Any]
     return out
 
 
-def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, callbacks: list | None) -> dict:
-    """The run as a Ray Train ``TorchTrainer`` (DDP workers, Ray Data shards)."""
+def _torch_trainer(cfg: RunConfig, run_dir: Path, datasets: dict, callbacks: list | None,
+                   workers: int | tuple[int, int]):
+    """The run's ``TorchTrainer`` with ``workers`` workers (Ray Train's ``(min, max)`` when elastic)."""
     import ray.train  # lazy: ray is heavy
     from ray.train.torch import TorchTrainer
 
-    storage = run_dir.parent
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=worker_resources(cfg),
+            placement_strategy="SPREAD" if cfg.scaling.placement == "spread" else "PACK",
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            **train_storage(Mirror.of(cfg), run_dir.parent),  # with mirrored outputs: the bucket itself
+            # a fixed-size group is restarted by fit_restarting, an elastic one by Ray Train
+            failure_config=failure_config(cfg, restarts=cfg.scaling.min_workers is not None),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, callbacks: list | None) -> dict:
+    """The run as a Ray Train ``TorchTrainer`` (DDP workers, Ray Data shards)."""
     init_local_ray(cfg.address)
     t0 = time.perf_counter()
     sampling = cfg.data.sampling
@@ -280,27 +303,9 @@ def _trainer_fit(cfg: RunConfig, manifest: Manifest, preprocess, run_dir: Path, 
     datasets.update(eval_datasets(cfg.data.path, manifest, "test", preprocess, workers, cfg.train.eval_batch_size))
     data_s = time.perf_counter() - t0
 
-    resources = worker_resources(cfg)
     if cfg.scaling.min_workers is not None:
         _warn_data_cpus(cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run": to_dict(cfg), "run_dir": str(run_dir)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=_worker_count(cfg), use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
-            placement_strategy="SPREAD" if cfg.scaling.placement == "spread" else "PACK",
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            **train_storage(Mirror.of(cfg), storage),  # with mirrored outputs: the bucket itself
-            failure_config=failure_config(cfg),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-        ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = fit_bounded(trainer, cfg)
+    result = fit_restarting(cfg, functools.partial(_torch_trainer, cfg, run_dir, datasets, callbacks))
     out = dict(result.return_value or {})
     out.setdefault("timing", {})["data_s"] = data_s
     return out

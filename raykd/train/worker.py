@@ -30,8 +30,10 @@ from raykd.distributed import world_size
 from raykd.storage import Mirror, mirrored, run_reads
 from raykd.train.build import build_run, set_seed
 from raykd.train.checkpoint import has_state, load_state, save_state
+from raykd.train.feed import Feed
 from raykd.train.loop import Session, fit
 from raykd.train.teacher_outputs import open_outputs
+from raykd.train.trainer import starved_data
 
 
 class TrainSession(Session):
@@ -49,6 +51,8 @@ class TrainSession(Session):
         # The driver cut val/test into num_workers slices; an elastic group running with fewer
         # workers deals them out round-robin, so every row is still scored once.
         self.eval_slices = [k for k in range(max(1, cfg.scaling.num_workers)) if k % self.world == self.rank]
+        self.cpus_per_worker, self.stall_s = cfg.scaling.cpus_per_worker, cfg.train.stall_timeout_s
+        self.nodes: list[str] = []  # each rank's node, known once placement() ran
 
     def placement(self) -> dict[str, Any] | None:
         """Every rank's node (rank 0 gets the list; the others None): logged at each group start."""
@@ -59,6 +63,7 @@ class TrainSession(Session):
         if world_size() > 1:
             nodes = [None] * self.world
             dist.all_gather_object(nodes, node)
+        self.nodes = nodes
         return {"world_size": self.world, "nodes": nodes} if self.rank == 0 else None
 
     def prepare(self, method):
@@ -89,11 +94,14 @@ class TrainSession(Session):
 
         if train:  # drop_last: a trailing batch of one breaks BatchNorm; equal shards keep ranks in step
             shard = ray.train.get_dataset_shard(split)
-            return shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=self.shuffle,
-                                            drop_last=True)
-        return itertools.chain.from_iterable(
-            ray.train.get_dataset_shard(f"{split}_{k}").iter_torch_batches(batch_size=batch_size)
-            for k in self.eval_slices)
+            batches = shard.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=self.shuffle,
+                                               drop_last=True)
+        else:
+            batches = itertools.chain.from_iterable(
+                ray.train.get_dataset_shard(f"{split}_{k}").iter_torch_batches(batch_size=batch_size)
+                for k in self.eval_slices)
+        return Feed(batches, stall_s=self.stall_s, what=f"{split} batch on rank {self.rank} in epoch {epoch + 1}",
+                    diagnose=lambda: starved_data(self.nodes, self.cpus_per_worker) if self.nodes else None)
 
 
 class LocalSession(Session):
