@@ -8,6 +8,10 @@ process's environment; a running cluster (``--address``) needs it in its own env
 shell too, for the check below). Without a key it fails closed, before Ray starts
 (:func:`raykd.serve.guard.check_bind`): a loopback ``--host`` serves with a warning, any other host
 exits 2 unless ``--allow-unauthenticated`` is given.
+
+Load limits: ``--max-queued-requests`` (Serve's queue at the proxy), ``--max-pixels-in-flight`` (each
+replica's decoded pixels), ``--request-timeout-s`` (each request in its replica, the body upload
+included) and ``--proxy-timeout-s`` (the proxy's end-to-end limit), :mod:`raykd.serve.options`.
 """
 
 from __future__ import annotations
@@ -106,11 +110,28 @@ def server_options(ns: argparse.Namespace) -> ServerOptions:
     return ServerOptions(**{name: getattr(ns, name) for name in ServerOptions.model_fields})
 
 
+def http_options(args: ServeArgs, host: str, port: int,
+                 proxy_timeout_s: float = default(ServerOptions, "proxy_timeout_s")) -> dict:
+    """Serve's ``http_options`` for ``raykd serve``: the bind and the proxy's end-to-end timeout.
+
+    A proxy timeout at or below ``args.request_timeout_s`` is allowed, with a warning: the proxy's
+    plain-text 408 would then pre-empt the app's own JSON answers (408 for a slow body, 503 for a
+    slow prediction).
+    """
+    if proxy_timeout_s <= args.request_timeout_s:
+        logging.getLogger(__name__).warning(
+            "--proxy-timeout-s %g is not above --request-timeout-s %g: slow requests will get the "
+            "proxy's plain-text 408 instead of the app's JSON answer", proxy_timeout_s, args.request_timeout_s)
+    return {"host": host, "port": port, "request_timeout_s": proxy_timeout_s}
+
+
 def run_serve(args, *, host: str = default(ServerOptions, "host"), port: int = default(ServerOptions, "port"),
               address: str | None = None, name: str = APP_NAME, blocking: bool = True,
-              env_vars: dict[str, str] | None = None, direct_port: int | None = None):
+              env_vars: dict[str, str] | None = None, direct_port: int | None = None,
+              proxy_timeout_s: float = default(ServerOptions, "proxy_timeout_s")):
     """Start Serve on ``host:port`` and run the app built from ``args`` (a ``ServeArgs``); ``host``,
-    ``port``, ``address`` and ``direct_port`` are :class:`ServerOptions`' (with its defaults).
+    ``port``, ``address``, ``direct_port`` and ``proxy_timeout_s`` are :class:`ServerOptions`' (with
+    its defaults).
 
     ``env_vars`` are set in the replicas' environment (``runtime_env``), e.g. ``RAYKD_API_KEY`` in
     tests. Returns the app's deployment handle when ``blocking`` is False (tests, benchmarks).
@@ -132,7 +153,7 @@ def run_serve(args, *, host: str = default(ServerOptions, "host"), port: int = d
     if direct_port is not None:
         os.environ.update(direct_ingress_env(direct_port, args.num_replicas))  # the processes Ray starts read them
     init_local_ray(address)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options=http_options(args, host, port, proxy_timeout_s))
     logging.getLogger(__name__).info("raykd serving on http://%s:%d (POST /predict, GET /models)", host, port)
     if direct_port is not None:
         logging.getLogger(__name__).info("each replica also answers on its own port from http://%s:%d "

@@ -28,7 +28,8 @@ Routes:
         on CPU from its artifact folder on first use; an ONNX-only member answers 409.
     ``GET /models`` - the family: name, version, parameters, size, validation BMA, latency, and
         ``budget``: the figures budgets are checked against (``latency_ms``, ``latency_from``
-        ``"export"`` or ``"measured"``, ``size_mb``).
+        ``"export"`` or ``"measured"``, ``size_mb``); ``pixel_budget``: this replica's decoded
+        pixels in flight (``capacity``, ``in_use``, ``peak``, ``refused``).
     ``GET /models/{name}/card[?format=md]`` - the member's ``model_card.json`` (or
         ``model_card.md`` as ``text/markdown``) from its artifact folder (or its ONNX file's
         folder); 404 naming the file when it has none.
@@ -37,10 +38,19 @@ Routes:
 When ``RAYKD_API_KEY`` is set in the replica's environment every other route needs
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (401 otherwise); without it
 :func:`build_app` refuses to build for a Serve HTTP host other machines can reach, unless the
-``allow_unauthenticated`` arg is set (:func:`~raykd.serve.guard.check_bind`); a prediction that takes
-longer than ``request_timeout_s`` answers 503; an unexpected fault answers
-``{"error": "internal error", "request_id": ...}`` and is logged with that id
+``allow_unauthenticated`` arg is set (:func:`~raykd.serve.guard.check_bind`); an unexpected fault
+answers ``{"error": "internal error", "request_id": ...}`` and is logged with that id
 (:mod:`raykd.serve.guard`).
+
+Load and memory limits (each answer JSON, each 503 with ``Retry-After: retry_after_s``): a request
+has ``request_timeout_s`` from the moment its replica starts it, for its whole body to arrive (else
+408) and for its prediction (else 503); before decoding, its image's width x height x copies
+(:data:`~raykd.serve.options.IMAGE_COPIES`: 2, or 4 with ``tta=flip``) is reserved from the
+replica's ``max_pixels_in_flight`` (:class:`~raykd.serve.guard.PixelBudget`), and a request that
+does not fit is answered 503 at once. In front of the replicas Serve's own limits hold:
+``max_queued_requests`` waiting at each HTTP proxy (beyond: 503 with ``Retry-After``, plain text)
+and the proxy's ``request_timeout_s`` (``proxy_timeout_s`` of ``raykd serve``; beyond: 408, plain
+text).
 
 Each request decodes its image in a worker thread, then joins ``@serve.batch``: one forward pass
 per model per batch, in a worker thread too, so the event loop keeps accepting requests while a
@@ -72,21 +82,25 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 
 from raykd.data.manifest import is_uri
 from raykd.raycompat import serve_http_host
 from raykd.serve.family import BYTES_PER_MB, Family, FamilyEntry, family_from_paths, load_family
 from raykd.serve.guard import (
     ApiKeyMiddleware,
+    Deadline,
     InternalErrorMiddleware,
-    PredictionTimeout,
+    Overloaded,
+    PixelBudget,
+    RequestTimeout,
+    UploadTimeout,
     announce_auth,
     api_key_from_env,
     check_bind,
     error_response,
     internal_error,
     new_request_id,
-    within,
 )
 from raykd.serve.intake import (
     Limits,
@@ -97,7 +111,7 @@ from raykd.serve.intake import (
     precheck,
     read_body,
 )
-from raykd.serve.options import ServeArgs
+from raykd.serve.options import IMAGE_COPIES, ServeArgs
 
 if TYPE_CHECKING:
     from raykd.artifact.format import ArtifactMeta
@@ -109,6 +123,8 @@ CARD_FILES = {"json": "model_card.json", "md": "model_card.md"}
 __all__ = ["ServeArgs", "ModelServer", "build_app", "bind_app", "resolve_family"]
 
 DEPLOYMENT_NAME = "ModelServer"
+#: What a route answers on purpose, without a traceback: a 4xx, a timeout (408/503), no room (503).
+REFUSALS = (RequestError, RequestTimeout, Overloaded)
 
 
 def resolve_family(args: ServeArgs) -> Family:
@@ -197,6 +213,7 @@ class ModelServer:
         self.family = Family.from_dict(family)
         announce_auth()  # one warning when RAYKD_API_KEY is unset: the endpoint is open
         self.limits = Limits(self.args.max_body_bytes, self.args.max_image_pixels)
+        self.pixel_budget = PixelBudget(self.args.max_pixels_in_flight)
         self.predictors = {}
         self.measured_ms: dict[str, float] = {}
         self._explain_models: dict = {}  # torch models loaded for /explain next to ONNX predictors
@@ -252,14 +269,33 @@ class ModelServer:
         except KeyError as exc:
             raise RequestError(404, str(exc.args[0])) from None
 
-    async def _image_bytes(self, request: Request) -> bytes:
-        """The checked image bytes of a request (checks 1-5 of :mod:`raykd.serve.intake`)."""
+    async def _image_bytes(self, request: Request) -> tuple[bytes, int]:
+        """The checked image bytes of a request (checks 1-5 of :mod:`raykd.serve.intake`) and the
+        image's width x height, read from its header."""
         content_type = request.headers.get("content-type")
         check_content_type(content_type)  # before reading any of the body
         body = await read_body(request.headers.get("content-length"), request.stream(), self.limits)
         data = await extract_image_bytes(content_type, body, self.limits)
-        precheck(data, self.limits)  # header only: cheap enough for the event loop
-        return data
+        width, height = precheck(data, self.limits)  # header only: cheap enough for the event loop
+        return data, width * height
+
+    async def _admit(self, request: Request, deadline: Deadline, copies: int) -> tuple[bytes, int]:
+        """The request's checked image bytes, read within its deadline (else :class:`UploadTimeout`),
+        and the pixels reserved for decoding it: width x height x ``copies`` from the replica's
+        budget (else :class:`Overloaded`, at once). The caller releases them once it answers."""
+        data, pixels = await deadline.run(self._image_bytes(request), UploadTimeout)
+        return data, self.pixel_budget.reserve(pixels * copies)
+
+    def _refusal(self, exc: Exception, what: str) -> JSONResponse:
+        """The JSON answer to a request refused on purpose (one of :data:`REFUSALS`)."""
+        retry = {"Retry-After": str(self.args.retry_after_s)}
+        if isinstance(exc, RequestError):
+            return error_response(exc.status, exc.message)
+        if isinstance(exc, RequestTimeout):
+            log.warning("%s timed out after %g s (request %s)", what, exc.timeout_s, _request_id())
+            return error_response(exc.status, str(exc), headers=retry if exc.status == 503 else None)
+        log.debug("refused %s: %s", what, exc)  # Overloaded: Serve's access log counts the 503s
+        return error_response(503, str(exc), headers=retry)
 
     def _budget_figures(self, entry: FamilyEntry) -> dict:
         latency = self.family.budget_latency_ms(entry, self.measured_ms)
@@ -292,7 +328,8 @@ class ModelServer:
             })
         batching = {"max_batch_size": self.args.max_batch_size, "batches": self.batches,
                     "requests": self.batched_requests}
-        return {"winner": self.family.winner, "models": rows, "batching": batching}
+        return {"winner": self.family.winner, "models": rows, "batching": batching,
+                "pixel_budget": self.pixel_budget.stats()}
 
     def _choose(self, model: str | None, max_latency_ms: str | None, max_size_mb: str | None) -> tuple:
         """The entry a /predict request names or affords, and the budget it gave (or None)."""
@@ -314,26 +351,29 @@ class ModelServer:
                       max_size_mb: str | None = None, tta: str = "none"):
         from raykd.serve.backend import TTA_MODES  # lazy: imports torch
 
+        deadline = Deadline(self.args.request_timeout_s)  # the body's upload counts too
         try:
             entry, budget = self._choose(model, max_latency_ms, max_size_mb)
             if tta not in TTA_MODES:
                 raise RequestError(422, f"tta={tta!r}: use one of {list(TTA_MODES)}")
-            data = await self._image_bytes(request)
-        except RequestError as exc:
-            return error_response(exc.status, exc.message)
+            data, pixels = await self._admit(request, deadline, IMAGE_COPIES[tta])
+        except REFUSALS as exc:
+            return self._refusal(exc, "reading a /predict request")
         try:
-            result = await within(self._predict(entry.name, data, tta), self.args.request_timeout_s)
-        except RequestError as exc:  # the image did not decode
-            return error_response(exc.status, exc.message)
-        except PredictionTimeout as exc:
-            log.warning("prediction with %s timed out after %g s (request %s)", entry.name,
-                        exc.timeout_s, _request_id())
-            return error_response(503, str(exc), headers={"Retry-After": "1"})
+            probs, backend = await deadline.run(self._predict(entry.name, data, tta))
+        except REFUSALS as exc:  # the image did not decode, or the prediction timed out
+            return self._refusal(exc, f"prediction with {entry.name}")
         except Exception:  # noqa: BLE001 - a model fault must not kill the replica
             rid = _request_id()
             log.exception("prediction with %s failed (request %s)", entry.name, rid)
             return internal_error(rid)
-        probs, backend = result
+        finally:
+            self.pixel_budget.release(pixels)
+        return self._prediction(entry, probs, backend, tta, budget)
+
+    def _prediction(self, entry: FamilyEntry, probs: np.ndarray, backend: str, tta: str,
+                    budget: dict | None) -> dict:
+        """The body of a /predict answer."""
         meta = self.predictors[entry.name].meta
         top = int(np.argmax(probs))
         malignant = float(sum(probs[i] for i in meta.malignant_indices()))
@@ -399,6 +439,7 @@ class ModelServer:
     async def explain(self, request: Request, model: str | None = None, target: str | None = None):
         from raykd.serve.backend import torch_model  # lazy: imports torch
 
+        deadline = Deadline(self.args.request_timeout_s)
         try:
             entry = self._entry(model)
             meta = self.predictors[entry.name].meta
@@ -409,22 +450,19 @@ class ModelServer:
             if target is not None and target not in meta.label_names:
                 raise RequestError(422, f"target={target!r} is not one of the model's classes {meta.label_names}")
             target_index = None if target is None else meta.label_names.index(target)
-            data = await self._image_bytes(request)
-        except RequestError as exc:
-            return error_response(exc.status, exc.message)
+            data, pixels = await self._admit(request, deadline, IMAGE_COPIES["none"])
+        except REFUSALS as exc:
+            return self._refusal(exc, "reading an /explain request")
         try:
-            result, png = await within(asyncio.to_thread(self._explain, entry, data, target_index),
-                                       self.args.request_timeout_s)
-        except PredictionTimeout as exc:
-            log.warning("explanation with %s timed out after %g s (request %s)", entry.name,
-                        exc.timeout_s, _request_id())
-            return error_response(503, str(exc), headers={"Retry-After": "1"})
-        except RequestError as exc:  # the image would not decode
-            return error_response(exc.status, exc.message)
+            result, png = await deadline.run(asyncio.to_thread(self._explain, entry, data, target_index))
+        except REFUSALS as exc:  # the image would not decode, or the explanation timed out
+            return self._refusal(exc, f"explanation with {entry.name}")
         except Exception:  # a model fault must not kill the replica
             rid = _request_id()
             log.exception("explanation with %s failed (request %s)", entry.name, rid)
             return internal_error(rid)
+        finally:
+            self.pixel_budget.release(pixels)
         probs = result.probabilities
         top = int(np.argmax(probs))
         malignant = float(sum(probs[i] for i in meta.malignant_indices()))
@@ -488,5 +526,8 @@ def bind_app(args: ServeArgs | dict, *, env_vars: dict[str, str] | None = None) 
     return ModelServer.options(
         num_replicas=args.num_replicas,
         max_ongoing_requests=args.max_ongoing_requests,
+        # Serve's own queue bound: each HTTP proxy answers 503 + Retry-After beyond it.
+        max_queued_requests=args.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=args.retry_after_s),
         ray_actor_options=actor_options,
     ).bind(family.to_dict(), args.model_dump())

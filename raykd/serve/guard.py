@@ -16,9 +16,16 @@ them on its FastAPI ingress.
   host that could not be read) raises :class:`UnauthenticatedBind` naming the three fixes.
   ``raykd serve`` checks before Ray starts; :func:`raykd.serve.app.build_app` checks too, for
   ``serve run`` and ``serve deploy``.
-- **Timeout.** :func:`within` answers :class:`PredictionTimeout` when a prediction (queueing,
-  decoding and forward pass) outlasts ``request_timeout_s``; the work is abandoned, not waited for,
-  so the event loop and the replica stay responsive.
+- **Timeout.** Each request has one :class:`Deadline`, ``request_timeout_s`` from the moment its
+  replica starts it: reading the body must finish within it (else :class:`UploadTimeout`, 408: a
+  client trickling its upload cannot hold a replica slot), and so must the prediction, queueing,
+  decoding and forward pass (else :class:`PredictionTimeout`, 503). :func:`within` abandons the
+  work rather than wait for it, so the event loop and the replica stay responsive.
+- **Pixel budget.** :class:`PixelBudget` bounds the decoded pixels a replica holds at once: a
+  request reserves width x height x copies (read from the image header, before any pixel is
+  decoded) and gives them back when it is answered; a request that does not fit is refused at once
+  with :class:`Overloaded` (503 with ``Retry-After``), never queued, so a burst of large images
+  cannot grow the replica's memory past the budget.
 - **Error bodies.** 4xx and 5xx bodies say what went wrong in words; an unexpected exception is
   logged with its traceback and a request id, and the client gets only
   ``{"error": "internal error", "request_id": ...}`` (the id is also Serve's ``X-Request-ID``).
@@ -31,6 +38,8 @@ import hmac
 import ipaddress
 import logging
 import os
+import threading
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -40,9 +49,10 @@ from starlette.responses import JSONResponse
 
 log = logging.getLogger(__name__)
 
-__all__ = ["API_KEY_ENV", "OPEN_ROUTES", "ApiKeyMiddleware", "InternalErrorMiddleware",
-           "PredictionTimeout", "UnauthenticatedBind", "announce_auth", "api_key_from_env", "check_bind",
-           "error_response", "internal_error", "is_loopback", "presented_keys", "within"]
+__all__ = ["API_KEY_ENV", "OPEN_ROUTES", "ApiKeyMiddleware", "Deadline", "InternalErrorMiddleware",
+           "Overloaded", "PixelBudget", "PredictionTimeout", "RequestTimeout", "UnauthenticatedBind",
+           "UploadTimeout", "announce_auth", "api_key_from_env", "check_bind", "error_response",
+           "internal_error", "is_loopback", "presented_keys", "within"]
 
 API_KEY_ENV = "RAYKD_API_KEY"
 OPEN_ROUTES = frozenset({("GET", "/healthz")})  # (method, path) pairs that never need the key
@@ -224,13 +234,32 @@ class InternalErrorMiddleware:
                 await internal_error(rid)(scope, receive, send)
 
 
-class PredictionTimeout(Exception):
-    """A prediction outlasted ``request_timeout_s`` (the app answers 503)."""
+class RequestTimeout(Exception):
+    """A request outlasted ``request_timeout_s``; ``status`` is what the app answers."""
+
+    status = 503
+
+    def __init__(self, timeout_s: float, message: str) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(message)
+
+
+class UploadTimeout(RequestTimeout):
+    """The request body did not arrive within ``request_timeout_s`` (408 Request Timeout)."""
+
+    status = 408
 
     def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        super().__init__(f"the prediction did not finish within {timeout_s:g} s (the server is busy "
-                         "or the model is slow); retry later")
+        super().__init__(timeout_s, f"the request body did not arrive within {timeout_s:g} s; send the "
+                                    "whole image at once (or a smaller one)")
+
+
+class PredictionTimeout(RequestTimeout):
+    """A prediction outlasted ``request_timeout_s`` (the app answers 503 with ``Retry-After``)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(timeout_s, f"the prediction did not finish within {timeout_s:g} s (the server is "
+                                    "busy or the model is slow); retry later")
 
 
 def _consume(task: asyncio.Task) -> None:
@@ -238,8 +267,9 @@ def _consume(task: asyncio.Task) -> None:
         task.exception()  # retrieved, so an abandoned failure is not reported as never retrieved
 
 
-async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
-    """``await awaitable``, or :class:`PredictionTimeout` after ``timeout_s`` seconds.
+async def within(awaitable: Awaitable[T], timeout_s: float,
+                 error: Callable[[], Exception] | None = None) -> T:
+    """``await awaitable``, or ``error()`` (default :class:`PredictionTimeout`) after ``timeout_s``.
 
     On timeout the work is cancelled but not waited for: a forward pass stuck in a worker thread
     cannot hold the request (or the event loop) hostage. Cancelling the caller cancels the work.
@@ -253,5 +283,84 @@ async def within(awaitable: Awaitable[T], timeout_s: float) -> T:
     if not done:
         task.add_done_callback(_consume)
         task.cancel()
-        raise PredictionTimeout(timeout_s)
+        raise (error() if error is not None else PredictionTimeout(timeout_s))
     return task.result()
+
+
+class Deadline:
+    """One time limit shared by the phases of a request (reading the body, then predicting).
+
+    Args:
+        timeout_s: The whole request's limit, ``request_timeout_s``, counted from construction.
+        clock: Monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(self, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._end = clock() + timeout_s
+
+    def remaining(self) -> float:
+        """Seconds left (0 once expired)."""
+        return max(0.0, self._end - self._clock())
+
+    async def run(self, awaitable: Awaitable[T], timeout: type[RequestTimeout] = PredictionTimeout) -> T:
+        """``await awaitable`` within what is left; ``timeout(timeout_s)`` once the deadline passes
+        (at once, without starting the work, when nothing is left)."""
+        left = self.remaining()
+        if left <= 0:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()  # never started: no "never awaited" warning
+            raise timeout(self.timeout_s)
+        return await within(awaitable, left, lambda: timeout(self.timeout_s))
+
+
+class Overloaded(Exception):
+    """The replica cannot take this request now: 503 with ``Retry-After`` (try again shortly)."""
+
+
+class PixelBudget:
+    """The decoded pixels a replica may hold at once, shared by its requests.
+
+    :meth:`reserve` takes a request's pixels (width x height x copies) or refuses it at once with
+    :class:`Overloaded`; :meth:`release` gives them back. Reservations come from the replica's
+    event loop and never wait, so one lock (held for a few instructions) keeps them exact even
+    when a worker thread releases.
+
+    Args:
+        capacity: Most pixels in flight (``max_pixels_in_flight``).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"a pixel budget needs a positive capacity, got {capacity}")
+        self.capacity = capacity
+        self.in_use = self.peak = self.refused = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, pixels: int) -> int:
+        """Take ``pixels`` (returned, for :meth:`release`), or raise :class:`Overloaded`."""
+        if not 0 < pixels <= self.capacity:
+            raise ValueError(f"cannot reserve {pixels} pixels from a budget of {self.capacity}")
+        with self._lock:
+            if self.in_use + pixels > self.capacity:
+                self.refused += 1
+                raise Overloaded(
+                    f"the server is busy decoding other images and has no room for this one now "
+                    f"({pixels / 1e6:.1f} megapixels with its working copies); retry shortly")
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+        return pixels
+
+    def release(self, pixels: int) -> None:
+        """Give back what :meth:`reserve` took."""
+        with self._lock:
+            if pixels > self.in_use:
+                raise ValueError(f"releasing {pixels} pixels, but only {self.in_use} are reserved")
+            self.in_use -= pixels
+
+    def stats(self) -> dict[str, int]:
+        """``capacity``, ``in_use``, ``peak`` and ``refused`` (for ``GET /models``)."""
+        with self._lock:
+            return {"capacity": self.capacity, "in_use": self.in_use, "peak": self.peak,
+                    "refused": self.refused}

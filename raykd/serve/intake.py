@@ -13,9 +13,10 @@ replica almost nothing and can never take it down:
    (a few KB that expand to gigabytes of pixels) is refused before any pixel is allocated; the
    default limit is 25 megapixels (a 6000 x 4000 dermoscopy photo is 24);
 6. decoding (400) - ``raykd.data.transforms.decode_image``, the decoder used in training, which
-   raises ``ValueError`` on corrupt or truncated bytes. The Serve app decodes inside the batch
-   (after checks 1-5 passed), so requests join the batch queue at once instead of trickling in
-   as their decodes compete for the CPU with the running batch.
+   raises ``ValueError`` on corrupt or truncated bytes. The Serve app decodes in a worker thread
+   after checks 1-5 passed and after the image's pixels (the dimensions of check 5, times its
+   copies) were reserved from the replica's pixel budget (:class:`raykd.serve.guard.PixelBudget`),
+   so a burst of large images is refused with a 503 instead of growing the replica's memory.
 """
 
 from __future__ import annotations
@@ -160,10 +161,11 @@ def check_dimensions(data: bytes, limits: Limits) -> tuple[int, int]:
     return width, height
 
 
-def precheck(data: bytes, limits: Limits) -> None:
-    """The cheap checks (signature, header dimensions) that run before a request may queue."""
+def precheck(data: bytes, limits: Limits) -> tuple[int, int]:
+    """The cheap checks (signature, header dimensions) that run before a request may queue; the
+    image's width and height (what decoding it will allocate, known before a pixel is decoded)."""
     image_format(data)
-    check_dimensions(data, limits)
+    return check_dimensions(data, limits)
 
 
 def decode(data: bytes) -> np.ndarray:
