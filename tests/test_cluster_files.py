@@ -15,18 +15,32 @@
   KubeRay manifests, ``RAY_AUTH_MODE=token`` and a token on every node of the launcher), and no
   file exposes GCS (6379), the dashboard (8265) or the Ray client port (10001) beyond the cluster
   network.
-- Every YAML file in ``cluster/`` and ``deploy/`` is validated by one of these schemas (a test
-  fails for a new file nobody validates); the Dockerfile and ``.dockerignore`` are checked too.
+- Hardened: every KubeRay pod template (head, worker groups, a RayJob's submitter, the autoscaler
+  sidecar) runs restricted as the image's ``ray`` user; each KubeRay file ends with a
+  ``networking.k8s.io/v1`` NetworkPolicy (checked against the API's NetworkPolicy fields, unknown
+  ones refused) that selects every pod of its cluster, admits every port from the cluster's own
+  pods, the dashboard (and Serve's port) from the KubeRay operator where it calls them, port 8000
+  from the ingress namespace for the RayService, and denies other ingress. The RayService runs two
+  Serve replicas that fit on the workers it keeps, with GCS fault tolerance on an external Redis.
+  The launcher names its own security group (SSH from a stated CIDR; Ray's default group opens
+  SSH to 0.0.0.0/0) and instance profiles whose IAM policies (``cluster/iam/``) hold no wildcard
+  action and touch S3 in the run bucket only; it gives every node the Serve API key.
+- Every YAML file in ``cluster/`` and ``deploy/`` is validated by one of these schemas, and every
+  JSON file in ``cluster/iam/`` is an IAM policy checked here (a test fails for a new file nobody
+  validates); the Dockerfile and ``.dockerignore`` are checked too.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import hashlib
 import importlib
 import importlib.util
+import ipaddress
 import json
+import math
 import re
 import shlex
 from fnmatch import fnmatch
@@ -52,12 +66,32 @@ KUBERAY_MANIFESTS = {"cluster/kuberay-raycluster.yaml": "RayCluster",
                      "deploy/kuberay-rayservice.yaml": "RayService"}
 LAUNCHER_FILES = ["cluster/ray-cluster.yaml"]
 SERVE_CONFIGS = ["deploy/serve_config.yaml", "deploy/serve_config_cpu.yaml"]
+# The launcher's IAM policies (trust policy of both roles, the head's and the workers' permissions).
+IAM_POLICIES = ["cluster/iam/ec2-trust-policy.json", "cluster/iam/raykd-head-policy.json",
+                "cluster/iam/raykd-worker-policy.json"]
 RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard, Ray client: never outside the cluster network
+SERVE_PORT = 8000
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+# The rayproject image's user: ray (uid 1000), primary group users (gid 100, no "ray" group);
+# cluster/Dockerfile copies the project as ray:users.
+RAY_UID, RAY_GID = 1000, 100
+NAMESPACE_LABEL = "kubernetes.io/metadata.name"  # set by Kubernetes on every namespace
+INGRESS_NAMESPACE = "ingress-nginx"              # the one users adapt to their ingress controller
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay Helm chart's
+# What the KubeRay operator (v1.7.0) calls on a cluster's pods: a RayJob's dashboard (job status),
+# a RayService's dashboard (serveConfigV2) and Serve proxy (/-/healthz); nothing for a RayCluster.
+OPERATOR_PORTS = {"RayCluster": set(), "RayJob": {8265}, "RayService": {8265, SERVE_PORT}}
+RUN_BUCKET = "raykd-runs"  # the IAM policies' placeholder bucket
+
+
+def load_all(rel: str) -> list:
+    return list(yaml.safe_load_all((ROOT / rel).read_text()))
 
 
 def load(rel: str) -> dict:
-    return yaml.safe_load((ROOT / rel).read_text())
+    """The file's first object: the whole file, or a KubeRay file's Ray object (its
+    NetworkPolicy follows as a second document)."""
+    return load_all(rel)[0]
 
 
 def check_tune_command(command: str) -> None:
@@ -175,12 +209,21 @@ def test_cpu_serve_config_is_valid_and_runs_onnx_runtime_without_a_gpu():
     assert all(d["ray_actor_options"].get("num_gpus", 0) == 0 for d in app["deployments"])
 
 
+def _without_replica_counts(cfg: dict) -> dict:
+    out = copy.deepcopy(cfg)
+    for app in out["applications"]:
+        for deployment in app.get("deployments", []):
+            deployment.pop("num_replicas", None)
+    return out
+
+
 def test_rayservice_serves_the_same_application_as_the_serve_config():
     doc = load("deploy/kuberay-rayservice.yaml")
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
     serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
     _check_serve_config(serve_cfg)
-    assert serve_cfg == load("deploy/serve_config.yaml")
+    # the same application; the RayService may run more replicas (it runs two, checked below)
+    assert _without_replica_counts(serve_cfg) == _without_replica_counts(load("deploy/serve_config.yaml"))
     cluster = doc["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
     head_ports = {p["containerPort"] for p in head["ports"]}
@@ -193,7 +236,8 @@ def test_rayservice_serves_the_same_application_as_the_serve_config():
 def test_every_file_is_plain_yaml_without_tabs(rel):
     text = (ROOT / rel).read_text()
     assert "\t" not in text
-    assert isinstance(yaml.safe_load(text), dict)
+    docs = list(yaml.safe_load_all(text))
+    assert docs and all(isinstance(d, dict) for d in docs)
 
 
 
@@ -201,12 +245,14 @@ def test_every_file_is_plain_yaml_without_tabs(rel):
 
 
 def test_every_yaml_file_in_cluster_and_deploy_is_validated_against_a_schema():
-    """A new YAML file in cluster/ or deploy/ must be added to one of the validated lists."""
-    shipped = {p.relative_to(ROOT).as_posix() for d in ("cluster", "deploy") for p in (ROOT / d).iterdir()
-               if p.is_file()}
+    """A new YAML file in cluster/ or deploy/, or JSON file in cluster/iam/, must be added to one of
+    the validated lists."""
+    shipped = {p.relative_to(ROOT).as_posix() for d in ("cluster", "deploy") for p in (ROOT / d).rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
     yaml_files = {f for f in shipped if f.endswith((".yaml", ".yml"))}
     assert yaml_files == {*LAUNCHER_FILES, *KUBERAY_MANIFESTS, *SERVE_CONFIGS}
-    assert shipped - yaml_files == {"cluster/Dockerfile"}
+    assert {f for f in shipped if f.endswith(".json")} == set(IAM_POLICIES)
+    assert shipped - yaml_files - set(IAM_POLICIES) == {"cluster/Dockerfile"}
 
 
 @functools.cache
@@ -279,9 +325,9 @@ def test_vendored_kuberay_schemas_are_the_recorded_release():
 
 @pytest.mark.parametrize("rel, kind", sorted(KUBERAY_MANIFESTS.items()))
 def test_kuberay_manifest_passes_its_crd_schema(rel, kind):
-    docs = list(yaml.safe_load_all((ROOT / rel).read_text()))
-    assert len(docs) == 1, f"{rel}: one object per file"
-    (doc,) = docs
+    doc, *others = load_all(rel)
+    # the Ray object, then its NetworkPolicy (validated below), which `kubectl apply -f` applies too
+    assert [d["kind"] for d in others] == ["NetworkPolicy"], f"{rel}: the Ray object and one NetworkPolicy"
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", kind)
     assert not _schema_errors(kind, doc), "\n".join(_schema_errors(kind, doc))
     # CEL rules are not evaluated offline: the manifests stay off the fields they guard.
@@ -306,10 +352,13 @@ def test_kuberay_schema_validation_catches_broken_manifests(mutate):
 # --- secure by default ---------------------------------------------------------------------------
 
 
-def _ray_cluster_spec(rel: str) -> dict:
-    doc = load(rel)
+def _cluster_spec(doc: dict) -> dict:
     return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
             "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+
+
+def _ray_cluster_spec(rel: str) -> dict:
+    return _cluster_spec(load(rel))
 
 
 def _pod_specs(cluster_spec: dict) -> list[dict]:
@@ -379,6 +428,15 @@ def _launcher() -> dict:
     return load("cluster/ray-cluster.yaml")
 
 
+def _ray_start_env(command: str) -> dict[str, str]:
+    """The ``VAR=value`` words a launcher command puts before ``ray start``."""
+    words = shlex.split(command)
+    at = words.index("ray")
+    assert words[at + 1] == "start", command
+    assert all("=" in w for w in words[:at]), command
+    return dict(w.split("=", 1) for w in words[:at])
+
+
 def test_cluster_launcher_turns_token_authentication_on_on_every_node():
     cfg = _launcher()
     # Every process in the containers (ray start, autoscaler, `ray exec` drivers) sees the mode ...
@@ -386,7 +444,7 @@ def test_cluster_launcher_turns_token_authentication_on_on_every_node():
     # ... and so does `ray start` itself, with or without docker.
     commands = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     starts = [c for c in commands if "ray start" in c]
-    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start ") for c in starts)
+    assert len(starts) == 2 and all(_ray_start_env(c).get("RAY_AUTH_MODE") == "token" for c in starts)
     # The token reaches every node where Ray looks for it by default (file_mounts go to all nodes).
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "ray get-auth-token --generate" in (ROOT / "cluster/ray-cluster.yaml").read_text()
@@ -526,3 +584,320 @@ def test_dockerignore_keeps_environments_data_results_and_secrets_out_of_the_bui
                 for f in files:
                     rel = f.relative_to(ROOT).as_posix()
                     assert not _dockerignored(rel, patterns), f".dockerignore drops {rel} (image needs it)"
+
+
+# --- hardened: restricted pods, network policies, availability, launcher network and IAM ----------
+
+
+def _pod_templates(doc: dict) -> dict[str, dict]:
+    """Every pod template of a KubeRay object by role: head, worker groups, a RayJob's submitter."""
+    spec = _cluster_spec(doc)
+    templates = {"head": spec["headGroupSpec"]["template"]}
+    templates.update({f"worker {g['groupName']}": g["template"] for g in spec.get("workerGroupSpecs", [])})
+    if "submitterPodTemplate" in doc["spec"]:
+        templates["submitter"] = doc["spec"]["submitterPodTemplate"]
+    return templates
+
+
+def _check_restricted_container(context: dict, where) -> None:
+    assert context.get("allowPrivilegeEscalation") is False, where
+    assert context.get("capabilities") == {"drop": ["ALL"]}, where  # none added back
+    assert context.get("runAsNonRoot") is True, where
+    assert not context.get("privileged", False), where
+    assert context.get("runAsUser", RAY_UID) == RAY_UID, where
+    # Ray writes /tmp/ray (and /dev/shm): the root filesystem stays writable.
+    assert not context.get("readOnlyRootFilesystem", False), where
+
+
+@pytest.mark.parametrize("rel", sorted(KUBERAY_MANIFESTS))
+def test_every_pod_runs_restricted_as_the_images_ray_user(rel):
+    doc = load(rel)
+    for role, template in _pod_templates(doc).items():
+        pod = template["spec"]
+        context = pod.get("securityContext", {})
+        assert context.get("runAsNonRoot") is True, (rel, role)
+        assert (context.get("runAsUser"), context.get("runAsGroup"), context.get("fsGroup")) == (
+            RAY_UID, RAY_GID, RAY_GID), (rel, role)
+        assert context.get("seccompProfile") == {"type": "RuntimeDefault"}, (rel, role)
+        assert not any(pod.get(k, False) for k in ("hostNetwork", "hostPID", "hostIPC")), (rel, role)
+        containers = [*pod.get("initContainers", []), *pod["containers"]]
+        for container in containers:
+            _check_restricted_container(container.get("securityContext", {}), (rel, role, container["name"]))
+    spec = _cluster_spec(doc)
+    if spec.get("enableInTreeAutoscaling"):  # the autoscaler sidecar KubeRay adds to the head pod
+        _check_restricted_container(spec.get("autoscalerOptions", {}).get("securityContext", {}),
+                                    (rel, "autoscaler"))
+    assert "COPY --chown=ray:users " in (ROOT / "cluster/Dockerfile").read_text()  # uid/gid above
+
+
+# networking.k8s.io/v1 NetworkPolicy, the fields of the Kubernetes API reference (unknown ones refused).
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": _LABELS,
+    "matchExpressions": {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["key", "operator"], "properties": {
+            "key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+            "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_PEER = {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+    "podSelector": _SELECTOR, "namespaceSelector": _SELECTOR,
+    "ipBlock": {"type": "object", "additionalProperties": False, "required": ["cidr"], "properties": {
+        "cidr": {"type": "string"}, "except": {"type": "array", "items": {"type": "string"}}}}}}
+_PORT = {"type": "object", "additionalProperties": False, "properties": {
+    "protocol": {"enum": ["TCP", "UDP", "SCTP"]}, "port": {"type": ["integer", "string"]},
+    "endPort": {"type": "integer"}}}
+NETWORK_POLICY_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"enum": ["networking.k8s.io/v1"]}, "kind": {"enum": ["NetworkPolicy"]},
+        "metadata": {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+            "name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _LABELS,
+            "annotations": _LABELS}},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["podSelector"], "properties": {
+            "podSelector": _SELECTOR,
+            "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+            "ingress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+                "from": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _PORT}}}},
+            "egress": {"type": "array", "items": {"type": "object", "additionalProperties": False, "properties": {
+                "to": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _PORT}}}}}}}}
+
+
+def _network_policy(rel: str) -> dict:
+    (policy,) = [d for d in load_all(rel) if d.get("kind") == "NetworkPolicy"]
+    return policy
+
+
+def _network_policy_errors(policy: dict) -> list[str]:
+    import jsonschema
+
+    errors = jsonschema.Draft4Validator(NETWORK_POLICY_SCHEMA).iter_errors(policy)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors]
+
+
+@pytest.mark.parametrize("rel", sorted(KUBERAY_MANIFESTS))
+def test_network_policy_passes_the_networking_v1_fields(rel):
+    errors = _network_policy_errors(_network_policy(rel))
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda spec: spec.__setitem__("podSelecter", {}),                              # misspelt field
+    lambda spec: spec["ingress"][0].__setitem__("form", []),                       # typo in a rule
+    lambda spec: spec.__setitem__("policyTypes", ["ingress"]),                     # outside the enum
+    lambda spec: spec["ingress"][0]["from"][0]["podSelector"].__setitem__("matchLabel", {}),
+], ids=["unknown-field", "rule-typo", "enum", "selector-typo"])
+def test_network_policy_validation_catches_broken_policies(mutate):
+    policy = _network_policy("cluster/kuberay-raycluster.yaml")
+    mutate(policy["spec"])
+    assert _network_policy_errors(policy)
+
+
+def _pod_labels(doc: dict, template: dict) -> dict:
+    """The labels a pod of ``template`` carries: the template's own, and for a RayCluster the
+    ``ray.io/cluster`` label KubeRay adds (a RayJob's or RayService's cluster is named
+    ``<name>-<random>``, so theirs is not known in the file)."""
+    labels = dict(template.get("metadata", {}).get("labels", {}))
+    if doc["kind"] == "RayCluster":
+        labels["ray.io/cluster"] = doc["metadata"]["name"]
+    return labels
+
+
+@pytest.mark.parametrize("rel", sorted(KUBERAY_MANIFESTS))
+def test_network_policy_selects_every_pod_of_its_cluster_and_denies_other_ingress(rel):
+    doc, policy = load(rel), _network_policy(rel)
+    selector = policy["spec"]["podSelector"]
+    assert set(selector) == {"matchLabels"}, rel
+    # a label naming this cluster, not every pod of the namespace
+    assert set(selector["matchLabels"].items()) & {("ray.io/cluster", doc["metadata"]["name"]),
+                                                   ("raykd.io/cluster", doc["metadata"]["name"])}, rel
+    for role, template in _pod_templates(doc).items():
+        assert selector["matchLabels"].items() <= _pod_labels(doc, template).items(), (rel, role)
+    # with Ingress in policyTypes, what no rule admits is denied
+    assert "Ingress" in policy["spec"]["policyTypes"], rel
+
+
+def _peer_kind(peer: dict, cluster_selector: dict) -> str:
+    """``cluster`` (the policy's own pods), ``operator`` (the KubeRay operator's pods in one
+    namespace) or ``ingress`` (the ingress controller's namespace); anything else fails."""
+    if peer == {"podSelector": cluster_selector}:
+        return "cluster"
+    namespace = peer.get("namespaceSelector", {})
+    assert set(namespace) == {"matchLabels"} and set(namespace["matchLabels"]) == {NAMESPACE_LABEL}, peer
+    if peer.get("podSelector") == {"matchLabels": OPERATOR_POD_LABELS} and set(peer) == {
+            "namespaceSelector", "podSelector"}:
+        return "operator"
+    assert peer == {"namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: INGRESS_NAMESPACE}}}, peer
+    return "ingress"
+
+
+def _admitted_ports(policy: dict) -> dict[str, set | None]:
+    """The ports each kind of peer may reach (None: every port)."""
+    admitted: dict[str, set | None] = {}
+    for rule in policy["spec"].get("ingress", []):
+        assert rule.get("from"), f"a rule without `from` admits every source: {rule}"
+        for port in rule.get("ports", []):
+            assert port.get("protocol", "TCP") == "TCP" and "endPort" not in port, port
+        ports = {p["port"] for p in rule["ports"]} if "ports" in rule else None
+        for peer in rule["from"]:
+            kind = _peer_kind(peer, policy["spec"]["podSelector"])
+            before = admitted.get(kind, set())
+            admitted[kind] = None if before is None or ports is None else before | ports
+    return admitted
+
+
+@pytest.mark.parametrize("rel", sorted(KUBERAY_MANIFESTS))
+def test_network_policy_admits_ray_ports_from_the_cluster_and_serve_from_the_ingress_only(rel):
+    doc, policy = load(rel), _network_policy(rel)
+    admitted = _admitted_ports(policy)
+    assert admitted.get("cluster", set()) is None, rel  # every port between the cluster's own pods
+    # the operator reaches what it calls (else RayJob/RayService hang), nothing more
+    assert admitted.get("operator", set()) == OPERATOR_PORTS[doc["kind"]], rel
+    serving = doc["kind"] == "RayService"
+    assert admitted.get("ingress", set()) == ({SERVE_PORT} if serving else set()), rel
+    text = (ROOT / rel).read_text()
+    assert "your ingress namespace" in text if serving else True
+    if OPERATOR_PORTS[doc["kind"]]:
+        assert "the operator's namespace" in text, rel
+
+
+def _quantity(value) -> float:
+    """A Kubernetes CPU/GPU quantity ("4", "500m", 2) as a number."""
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _replicas_per_pod(group: dict, need_cpus: float, need_gpus: float) -> int:
+    """How many replicas needing (CPUs, GPUs) fit on one pod of ``group``, by the Ray resources
+    KubeRay gives it (num-cpus/num-gpus in rayStartParams, else the container limits)."""
+    params = group.get("rayStartParams", {})
+    limits = group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    have = {"cpu": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
+            "gpu": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
+    fits = [math.floor(have[k] / need) for k, need in (("cpu", need_cpus), ("gpu", need_gpus)) if need]
+    return min(fits) if fits else 0
+
+
+def test_rayservice_runs_two_replicas_that_fit_on_the_pods_it_keeps():
+    doc = load("deploy/kuberay-rayservice.yaml")
+    (app,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    cluster = doc["spec"]["rayClusterConfig"]
+    for deployment in app["deployments"]:
+        autoscaling = deployment.get("autoscaling_config")
+        replicas = autoscaling["min_replicas"] if autoscaling else deployment["num_replicas"]
+        assert replicas >= 2, deployment["name"]  # one replica lost, one still serves
+        options = deployment.get("ray_actor_options", {})
+        need = (options.get("num_cpus", 1), options.get("num_gpus", 0))  # Serve's defaults
+        head = _replicas_per_pod(cluster["headGroupSpec"], *need)
+        # worker pods always up: minReplicas (no autoscaler runs below it), and `replicas` as set
+        workers = sum(_replicas_per_pod(g, *need) * min(g["replicas"], g.get("minReplicas", 0))
+                      for g in cluster["workerGroupSpecs"])
+        assert head + workers >= replicas, (deployment["name"], head, workers)
+
+
+def test_rayservice_head_is_fault_tolerant_with_an_external_redis():
+    doc = load("deploy/kuberay-rayservice.yaml")
+    cluster = doc["spec"]["rayClusterConfig"]
+    ft = cluster["gcsFaultToleranceOptions"]
+    host, _, port = ft["redisAddress"].removeprefix("redis://").rpartition(":")
+    assert host and port.isdigit(), ft["redisAddress"]
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]  # from a Secret, never a literal value
+    assert set(ft["redisPassword"]) == {"valueFrom"}
+    text = (ROOT / "deploy/kuberay-rayservice.yaml").read_text()
+    assert f"kubectl create secret generic {ref['name']} --from-literal={ref['key']}=" in text
+    # KubeRay refuses the older ways next to gcsFaultToleranceOptions
+    assert "ray.io/ft-enabled" not in doc["metadata"].get("annotations", {})
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert not {e["name"] for e in head.get("env", [])} & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD"}
+    assert "redis-password" not in cluster["headGroupSpec"]["rayStartParams"]
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_cluster_launcher_lets_ssh_in_from_a_stated_cidr_only():
+    cfg = _launcher()
+    # Ray adds provider.security_group's rules to its own group's 0.0.0.0/0 SSH rule: not used.
+    assert "IpPermissions" not in cfg["provider"].get("security_group", {})
+    # Every node type names the cluster's group, so Ray creates none of its own.
+    groups = [t["node_config"].get("SecurityGroupIds") for t in cfg["available_node_types"].values()]
+    assert groups[0] and all(g == groups[0] for g in groups), groups
+    rules = [shlex.split(c, comments=True) for c in _header_commands("cluster/ray-cluster.yaml")
+             if c.startswith("aws ec2 authorize-security-group-ingress ")]
+    ssh = [r for r in rules if "--port" in r]
+    assert len(rules) == 2 and len(ssh) == 1, rules
+    (ssh,) = ssh
+    assert (_flag(ssh, "--protocol"), _flag(ssh, "--port")) == ("tcp", "22")
+    cidr = ipaddress.ip_network(_flag(ssh, "--cidr"))
+    assert cidr.prefixlen >= 8, cidr  # a network you name, never 0.0.0.0/0
+    (nodes,) = [r for r in rules if r is not ssh]
+    assert _flag(nodes, "--source-group") == _flag(nodes, "--group-id")  # node to node only
+    assert "your office/VPN CIDR" in (ROOT / "cluster/ray-cluster.yaml").read_text()
+
+
+def _iam(rel: str) -> dict:
+    return json.loads((ROOT / rel).read_text())
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _actions(policy: dict) -> set[str]:
+    return {a for s in policy["Statement"] for a in _as_list(s["Action"])}
+
+
+@pytest.mark.parametrize("rel", IAM_POLICIES)
+def test_iam_policy_is_json_without_wildcard_actions_or_s3_resources(rel):
+    policy = _iam(rel)
+    assert policy["Version"] == "2012-10-17"
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and not {"NotAction", "NotResource"} & set(statement)
+        actions = _as_list(statement["Action"])
+        assert not [a for a in actions if "*" in a], (rel, statement)
+        resources = _as_list(statement.get("Resource", []))
+        if any(a.startswith("s3:") for a in actions):
+            assert resources and set(resources) <= {f"arn:aws:s3:::{RUN_BUCKET}",
+                                                    f"arn:aws:s3:::{RUN_BUCKET}/*"}, (rel, statement)
+        if "*" in resources:  # only for the calls that take no resource ARN
+            assert all(a.startswith("ec2:Describe") for a in actions), (rel, statement)
+
+
+def test_cluster_launcher_runs_head_and_workers_under_their_own_instance_profiles():
+    cfg = _launcher()
+    types = cfg["available_node_types"]
+    profile = {name: t["node_config"]["IamInstanceProfile"]["Name"] for name, t in types.items()}
+    head_profile = profile.pop(cfg["head_node_type"])
+    assert (head_profile, set(profile.values())) == ("raykd-head", {"raykd-worker"})
+    head, worker = _iam("cluster/iam/raykd-head-policy.json"), _iam("cluster/iam/raykd-worker-policy.json")
+    # the calls of Ray's AWS node provider, run by the head's autoscaler
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances",
+            "ec2:DescribeInstanceTypes"} <= _actions(head)
+    (passrole,) = [s for s in head["Statement"] if "iam:PassRole" in _as_list(s["Action"])]
+    assert _as_list(passrole["Resource"]) == ["arn:aws:iam::*:role/raykd-worker"]  # the worker role only
+    for statement in head["Statement"]:
+        if {"ec2:TerminateInstances", "ec2:RunInstances"} & set(_as_list(statement["Action"])):
+            resources = _as_list(statement["Resource"])
+            if any(":instance/" in r for r in resources):  # this cluster's instances only
+                assert "raykd" in json.dumps(statement.get("Condition", {})), statement
+    # the AMI's SSM parameter, which EC2 resolves for the head's launches
+    ssm = {r for s in head["Statement"] if "ssm:GetParameters" in _as_list(s["Action"])
+           for r in _as_list(s["Resource"])}
+    for t in types.values():
+        parameter = t["node_config"]["ImageId"].removeprefix("resolve:ssm:")
+        assert t["node_config"]["ImageId"] == parameter or any(r.endswith(f":parameter{parameter}") for r in ssm)
+    assert {a.split(":")[0] for a in _actions(worker)} == {"s3"}  # workers: the bucket, nothing else
+    trust = _iam("cluster/iam/ec2-trust-policy.json")
+    assert [s["Principal"] for s in trust["Statement"]] == [{"Service": "ec2.amazonaws.com"}]
+
+
+def test_cluster_launcher_gives_every_node_the_serve_api_key_from_a_local_file():
+    cfg = _launcher()
+    text = (ROOT / "cluster/ray-cluster.yaml").read_text()
+    # like the token: copied from your machine to every node, never in the file
+    assert cfg["file_mounts"]["~/.raykd/api_key"] == "~/.raykd/api_key"
+    assert "openssl rand -hex 32 >~/.raykd/api_key" in text
+    commands = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    starts = [c for c in commands if "ray start" in c]
+    assert len(starts) == 2
+    for command in starts:  # every Ray worker process inherits `ray start`'s environment
+        assert _ray_start_env(command)["RAYKD_API_KEY"] == "$(cat ~/.raykd/api_key)", command
