@@ -396,10 +396,14 @@ class ModelServer:
             entry = self._entry(name)
             if fmt not in CARD_FILES:
                 raise RequestError(400, f"format={fmt!r}: use 'json' (model_card.json) or 'md' (model_card.md)")
-            path = _entry_folder(entry) / CARD_FILES[fmt]
+            folder = _entry_folder(entry)
+            path = folder / CARD_FILES[fmt]
             if not path.is_file():
                 raise RequestError(404, f"model {name!r} has no model card ({CARD_FILES[fmt]} is not next to "
                                         "its weights); `python -m raykd.export` writes one")
+            if not path.resolve().is_relative_to(folder.resolve()):  # a link out of the folder serves nothing
+                log.error("model card %s of %s links outside its folder %s: not served", path, name, folder)
+                raise RequestError(404, f"model {name!r} has no model card inside its folder")
         except RequestError as exc:
             return error_response(exc.status, exc.message)
         text = await asyncio.to_thread(path.read_text, encoding="utf-8")

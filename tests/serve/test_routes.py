@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -61,7 +62,7 @@ def family(tmp_path_factory):
         FamilyEntry("edge", "cnn-1", None, str(edge_onnx), size_bytes=20_000, val_bma=0.65, latency_ms=5.0),
     ]
     path = write_family(root / "family.json", entries, winner="vit")
-    return {"file": path, "vit": vit, "vit_onnx": vit_onnx, "cnn": cnn, "cnn_onnx": cnn_onnx}
+    return {"file": path, "vit": vit, "vit_onnx": vit_onnx, "cnn": cnn, "cnn_onnx": cnn_onnx, "edge_dir": root / "edge"}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,19 @@ def test_model_cards_are_served_from_the_model_folder_or_a_404_says_why(url):
     unknown = get(url, "/models/resnet/card")
     assert unknown.status_code == 404 and "unknown model 'resnet'" in unknown.json()["error"]
     assert get(url, "/models/cnn/card?format=pdf").status_code == 400
+
+
+def test_a_model_card_that_links_outside_its_folder_is_not_served(url, family, tmp_path):
+    secret = tmp_path / "secret.md"
+    secret.write_text("private notes")
+    link = Path(family["edge_dir"]) / "model_card.md"
+    link.symlink_to(secret)
+    try:
+        resp = get(url, "/models/edge/card?format=md")
+    finally:
+        link.unlink()
+    assert resp.status_code == 404 and "private" not in resp.text
+    assert resp.json()["error"] == "model 'edge' has no model card inside its folder"
 
 
 def test_explain_answers_a_heatmap_png_with_the_prediction_in_headers(url):
