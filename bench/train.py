@@ -4,7 +4,8 @@ by side in one run.
 
 Both sides train the same model on the same synthetic shards with one torch thread, through the
 same epoch function (``raykd.train.loop.train_epoch``) and the same decode + augment function; the
-bare loop decodes in-process, the Ray worker gets its batches from Ray Data. Images/s is taken
+bare loop decodes in-process, the Ray worker gets its batches from Ray Data. Images/s and the
+data wait (the share of the epoch's training time spent waiting for the next batch) are taken
 over the epochs after the first (warm-up) one.
 
 The teacher is saved as an artifact first (random weights: throughput does not depend on them);
@@ -28,7 +29,7 @@ import numpy as np
 import pyarrow.dataset as pads
 
 
-def bare_loop(data: Path, model_name: str, size: int, epochs: int, batch: int) -> float:
+def bare_loop(data: Path, model_name: str, size: int, epochs: int, batch: int) -> tuple[float, float]:
     """Images/s of train_epoch over in-process decoded batches (epochs after the first)."""
     import torch
 
@@ -60,16 +61,18 @@ def bare_loop(data: Path, model_name: str, size: int, epochs: int, batch: int) -
     cfg = OptimConfig(lr=1e-3, schedule="constant")
     opt = build_optimizer(method.trainable_parameters(), cfg)
     sched = Schedule(opt, cfg, epochs=epochs, steps_per_epoch=1)
-    rates = []
+    rates, waits = [], []
     for e in range(epochs):
         cpu = torch.device("cpu")  # normalised as in the Ray worker
         stats = train_epoch(method, device_batches(batches(), spec.preprocess, cpu), opt, sched, epoch=e,
                             method_name="baseline", device=cpu)
         rates.append(stats["train/images_per_s"])
-    return float(np.mean(rates[1:]))
+        waits.append(stats["train/data_wait_share"])
+    return float(np.mean(rates[1:])), float(np.mean(waits[1:]))
 
 
-def ray_run(root: Path, name: str, model: str, size: int, epochs: int, batch: int, *extra: str) -> float:
+def ray_run(root: Path, name: str, model: str, size: int, epochs: int, batch: int, *extra: str) -> tuple[float, float]:
+    """Images/s and data-wait share of a 1-worker run, over its epochs after the first."""
     from raykd.config import RunConfig, load_config
     from raykd.train.driver import run_train
 
@@ -80,7 +83,8 @@ def ray_run(root: Path, name: str, model: str, size: int, epochs: int, batch: in
     ])
     result = run_train(cfg)
     history = json.loads((result.run_dir / "metrics.json").read_text())
-    return float(np.mean([r["train/images_per_s"] for r in history[1:]]))
+    return (float(np.mean([r["train/images_per_s"] for r in history[1:]])),
+            float(np.mean([r["train/data_wait_share"] for r in history[1:]])))
 
 
 def save_teacher(root: Path, name: str, data: Path, size: int) -> Path:
@@ -146,14 +150,15 @@ def main() -> None:
         ray.shutdown()
     print(f"{args.model} at {args.size}px, batch {args.batch}, {args.epochs} epochs (first one not counted), "
           f"1 torch thread, {time.perf_counter() - t0:.0f} s in all")
-    print("| loop | images/s | ratio |")
-    print("|---|---|---|")
-    print(f"| bare torch loop (decode in-process) | {bare:.1f} | 1.00 |")
-    print(f"| training worker, baseline | {worker:.1f} | {worker / bare:.2f} |")
-    print(f"| training worker, kd from {args.teacher}, online teacher | {kd:.1f} | {kd / bare:.2f} |")
-    print(f"| training worker, kd from {args.teacher}, teacher outputs | {kd_saved:.1f} | {kd_saved / bare:.2f} |")
-    print(f"KD epoch time / baseline epoch time: online teacher {worker / kd:.2f}x, "
-          f"teacher outputs {worker / kd_saved:.2f}x")
+    print("| loop | images/s | ratio | data wait |")
+    print("|---|---|---|---|")
+    rows = [("bare torch loop (decode in-process)", bare), ("training worker, baseline", worker),
+            (f"training worker, kd from {args.teacher}, online teacher", kd),
+            (f"training worker, kd from {args.teacher}, teacher outputs", kd_saved)]
+    for label, (rate, wait) in rows:
+        print(f"| {label} | {rate:.1f} | {rate / bare[0]:.2f} | {100 * wait:.1f} % |")
+    print(f"KD epoch time / baseline epoch time: online teacher {worker[0] / kd[0]:.2f}x, "
+          f"teacher outputs {worker[0] / kd_saved[0]:.2f}x")
     per_k = 1000 / record["images"]
     print(f"teacher outputs: {record['views']} views x {record['images']} images = {record['teacher_forward_passes']} "
           f"teacher forward passes; built in {record['build_s']:.1f} s ({record['build_s'] * per_k:.1f} s and "

@@ -1,6 +1,8 @@
 """Outputs in a bucket (raykd.storage): a mirror folder that pushes what changed and pulls
-what is missing or newer; a run and a search whose data and outputs live in a real S3 bucket (on moto's
-S3 server on loopback, spoken to by pyarrow's S3 client as a cluster's bucket would be)."""
+what is missing or newer, never copies a file being written, propagates deletions and never leaves
+a partial download; a run and a search whose data and outputs live in a real S3 bucket (on moto's
+S3 server on loopback, spoken to by pyarrow's S3 client as a cluster's bucket would be). Atomic,
+verified publishing of a family: tests/test_publish_atomic.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raykd.storage import Mirror, default_mirror_dir, mirrored, resolve_output
+from raykd.storage import ChecksumError, Mirror, default_mirror_dir, mirrored, resolve_output
 from tests.conftest import s3_listing, s3_mtime
 
 
@@ -167,6 +169,116 @@ def test_the_uri_of_a_mirrored_path_keeps_the_buckets_options(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # A real S3 protocol: moto's server on loopback (fixtures s3 and s3_dataset in conftest.py)
 # --------------------------------------------------------------------------------------------------
+
+
+def test_files_being_written_are_never_uploaded_nor_downloaded(s3, tmp_path):
+    uri, a = s3("temporary"), tmp_path / "a"
+    real = ["exp/run1/best/model.safetensors", "exp/run1/best/meta.json", "exp/teacher_outputs/k1/outputs/0.parquet"]
+    being_written = [
+        "exp/run1/metrics.json.tmp",  # rundir's tmp + os.replace
+        "exp/run1/best/.meta.json.tmp-123",  # write_meta's
+        "exp/run1/.best.tmp-abc12/model.safetensors",  # save_artifact's folder before its swap
+        "exp/run1/.best.old-77/meta.json",  # ... and the old one it sets aside
+        "exp/teacher_outputs/k2.tmp/outputs/0.parquet",  # teacher outputs' folder before its rename
+        "exp/run1/best/model.onnx.raw",  # the ONNX exporter's raw trace
+        "exp/run1/checkpoint/state.pt.tmp",
+        "exp/run1/best/model.onnx.12-34.raykd-part",  # the mirror's own download in progress
+        "exp/optuna.db-journal",
+        "data/ds.tmp-9/shards/0.parquet", "data/ds.old-9/manifest.json",  # an ingest's staging and old folders
+    ]
+    for name in real + being_written:
+        write(a / name, name)
+    assert Mirror(uri, a).push() == len(real)
+    assert s3_listing(uri) == sorted(real)
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    for name in being_written[:3]:  # in the bucket too (another writer's): a pull leaves them there
+        with fs.open_output_stream(f"{root}/{name}") as out:
+            out.write(b"half")
+    b = tmp_path / "b"
+    assert Mirror(uri, b).pull() == len(real)
+    assert sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file()) == sorted(real)
+
+
+def test_deletions_propagate_only_for_what_this_mirror_copied_under_the_pushed_folder(s3, tmp_path):
+    uri, a, b = s3("deletions"), tmp_path / "a", tmp_path / "b"
+    for name in ("run1/best/model.safetensors", "run1/best/meta.json", "run1/best/model_int8.onnx",
+                 "run1/summary.json", "run2/metrics.json"):
+        write(a / "exp" / name, name)
+    m = Mirror(uri, a)
+    m.push()
+    write(tmp_path / "c/exp/run3/metrics.json", "another node's run")
+    Mirror(uri, tmp_path / "c").push()
+    write(tmp_path / "s/exp/run1/best/model_int8.onnx", "a sibling prefix")
+    Mirror(s3("deletions-sibling"), tmp_path / "s").push()
+    nb = Mirror(uri, b)
+    nb.pull(b / "exp/run1")  # a node that read run1 before it was retrained
+
+    shutil.rmtree(a / "exp/run1/best")  # retrained: best/ replaced without the int8 variant
+    write(a / "exp/run1/best/model.safetensors", "new weights")
+    write(a / "exp/run1/best/meta.json", "new meta")
+    shutil.rmtree(a / "exp/run2")  # a folder gone as a whole: the mirror is a cache, not a deletion
+    assert m.push() == 2
+    stored = s3_listing(uri)
+    assert "exp/run1/best/model_int8.onnx" not in stored
+    assert {"exp/run2/metrics.json", "exp/run3/metrics.json"} <= set(stored)
+    assert s3_listing(s3("deletions-sibling")) == ["exp/run1/best/model_int8.onnx"]  # outside the prefix
+    assert nb.push() == 0 and "exp/run1/best/model_int8.onnx" not in s3_listing(uri)  # an old copy: not back
+    assert Mirror(uri, tmp_path / "fresh").pull() == len(s3_listing(uri))  # so a pull cannot bring it back
+    assert not (tmp_path / "fresh/exp/run1/best/model_int8.onnx").exists()
+
+    (a / "exp/run1/summary.json").unlink()
+    m.push(a / "exp/run1/best")  # a push of a folder deletes nothing outside it
+    assert "exp/run1/summary.json" in s3_listing(uri)
+    m.push(a / "exp/run1")
+    assert "exp/run1/summary.json" not in s3_listing(uri)
+
+
+def test_a_failed_download_leaves_no_part_file_and_the_old_copy_in_place(s3, tmp_path):
+    uri, a, b = s3("downloads"), tmp_path / "a", tmp_path / "b"
+    (a / "exp").mkdir(parents=True)
+    (a / "exp/weights.bin").write_bytes(os.urandom(100_000))
+    Mirror(uri, a).push()
+    write(b / "exp/weights.bin", "old copy")
+    os.utime(b / "exp/weights.bin", (0, 0))  # older than the bucket's
+    nb = Mirror(uri, b)
+    real = nb.fs
+
+    class Drops:  # the connection drops after the first kilobyte
+        def __init__(self, stream) -> None:
+            self.stream, self.reads = stream, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.stream.close()
+
+        def read(self, n=-1):
+            self.reads += 1
+            if self.reads > 1:
+                raise OSError("connection reset by peer")
+            return self.stream.read(1024)
+
+    class DroppingFS:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def open_input_stream(self, path, *args, **kwargs):
+            return Drops(real.open_input_stream(path, *args, **kwargs))
+
+    nb.fs = DroppingFS()
+    with pytest.raises(OSError, match="connection reset"):
+        nb.pull()
+    assert not list(b.rglob("*.raykd-part"))
+    assert (b / "exp/weights.bin").read_text() == "old copy"
+    nb.fs = real
+    with pytest.raises(ChecksumError, match="weights.bin does not match its record"):
+        nb.fetch("exp/weights.bin", sha256="0" * 64)  # a verified fetch refuses other content
+    assert not list(b.rglob("*.raykd-part")) and (b / "exp/weights.bin").read_text() == "old copy"
+    assert nb.pull() == 1 and (b / "exp/weights.bin").read_bytes() == (a / "exp/weights.bin").read_bytes()
+    assert not list(b.rglob("*.raykd-part"))
 
 
 def test_a_run_reads_its_data_from_s3_and_its_outputs_land_there_from_the_node_that_trained(

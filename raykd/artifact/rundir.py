@@ -27,12 +27,14 @@ from typing import Any, ClassVar
 
 from raykd.console import LOG_FILE
 
-__all__ = ["BEST_DIR", "META_NAME", "WEIGHTS_NAME", "RunDir", "TrialDir"]
+__all__ = ["BEST_DIR", "FAMILY_FILE", "META_NAME", "WEIGHTS_NAME", "RunDir", "TrialDir"]
 
 #: A saved model's files (:mod:`raykd.artifact.format`) and a run's folder of its best epoch.
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "meta.json"
 BEST_DIR = "best"
+#: The family file a search publishes (its experiment folder's and ``output_dir``'s) and Serve reads.
+FAMILY_FILE = "family.json"
 
 
 def _read_json(path: Path) -> Any:

@@ -6,12 +6,18 @@ BMA, so a client can trade accuracy for speed, SkinDistilViT table 3); ``python 
 directly. File format (JSON)::
 
     {"winner": "trial_0003",
-     "models": [{"name": "trial_0003", "version": "0003", "artifact": "trial_0003/best",
-                 "onnx": "trial_0003/best/model.onnx", "params": 5500000, "size_bytes": 22000000,
-                 "val_bma": 0.81, "latency_ms": 4.2}]}
+     "models": [{"name": "trial_0003", "version": "0003", "artifact": "published/3f2a9c41d07be815",
+                 "onnx": "published/3f2a9c41d07be815/model.onnx", "params": 5500000,
+                 "size_bytes": 22000000, "val_bma": 0.81, "latency_ms": 4.2,
+                 "files": {"published/3f2a9c41d07be815/model.onnx": {"sha256": "9b1e...", "size": 21990123},
+                           "published/3f2a9c41d07be815/meta.json": {"sha256": "04c7...", "size": 1834}}}]}
 
 Relative paths are resolved against the folder of the family file, so an experiment folder can be
-moved or mounted elsewhere (a KubeRay pod) without rewriting it.
+moved or mounted elsewhere (a KubeRay pod) without rewriting it. ``files`` records the sha256 and
+size of every file Serve may read for a model (:func:`write_family` fills it in): a family in a
+bucket is fetched file by file and each one is checked (:func:`fetch_family`). A family file
+without ``files`` (written before they were recorded) still loads; fetched from a bucket, its
+files are not checked and a warning says so.
 
 :meth:`Family.within_budget` picks the member a client can afford: the best validation BMA among
 the models within a latency and/or size budget (``/predict?max_latency_ms=...&max_size_mb=...``).
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,17 +36,26 @@ from pathlib import Path
 
 from raykd.data.manifest import is_uri
 from raykd.registry import did_you_mean
-from raykd.storage import Mirror, default_mirror_dir, split_uri
+from raykd.storage import ChecksumError, Mirror, default_mirror_dir, file_sha256, is_temporary, split_uri
 
-__all__ = ["BYTES_PER_MB", "BudgetError", "Family", "FamilyEntry", "family_from_paths", "fetch_family", "load_family",
-           "write_family"]
+__all__ = ["BYTES_PER_MB", "FETCH_ATTEMPTS", "BudgetError", "Family", "FamilyEntry", "FamilyIntegrityError",
+           "family_from_paths", "fetch_family", "load_family", "served_files", "write_family"]
+
+log = logging.getLogger(__name__)
 
 #: Size budgets are in decimal megabytes (10^6 bytes), as download sizes are quoted.
 BYTES_PER_MB = 1_000_000
+#: How many times a fetch from a bucket starts over when the family file was replaced while it ran.
+FETCH_ATTEMPTS = 3
 
 
 class BudgetError(ValueError):
     """No member of the family fits a latency/size budget (the Serve app answers 422)."""
+
+
+class FamilyIntegrityError(ValueError):
+    """A file of a family in a bucket is not the one the family file records (changed or damaged
+    after publishing): nothing of that family is served."""
 
 
 @dataclass
@@ -55,6 +71,9 @@ class FamilyEntry:
         size_bytes: Size of the served weights on disk (0 when unknown).
         val_bma: Validation balanced multi-class accuracy, or None.
         latency_ms: Measured single-image latency, or None.
+        files: Every file Serve may read for this model (path as ``artifact`` and ``onnx`` are
+            given) -> ``{"sha256": hex, "size": bytes}``; None in family files written before
+            they were recorded, and in families built from paths.
     """
 
     name: str
@@ -65,12 +84,14 @@ class FamilyEntry:
     size_bytes: int = 0
     val_bma: float | None = None
     latency_ms: float | None = None
+    files: dict[str, dict] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("family entry: 'name' must be a non-empty string")
         if not self.artifact and not self.onnx:
             raise ValueError(f"family entry {self.name!r}: give 'artifact' or 'onnx' (both are null)")
+        _check_files(self.name, self.files)
 
     @classmethod
     def from_dict(cls, data: dict, *, source: str = "family") -> FamilyEntry:
@@ -197,6 +218,19 @@ class Family:
         return cls(winner=winner, models=models)
 
 
+def _check_files(name: str, files) -> None:
+    if files is None:
+        return
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"family entry {name!r}: 'files' must map each served file to its sha256 and size")
+    for path, record in files.items():
+        digest = record.get("sha256") if isinstance(record, dict) else None
+        size = record.get("size") if isinstance(record, dict) else None
+        if not (isinstance(digest, str) and len(digest) == 64 and isinstance(size, int) and size >= 0):
+            raise ValueError(f"family entry {name!r}: file {path!r} needs {{'sha256': 64 hex digits, 'size': "
+                             f"bytes}}, got {record!r}")
+
+
 def _within(value: float | None, limit: float | None) -> bool:
     """No limit, or a known value at most the limit (an unknown figure cannot be promised)."""
     return limit is None or (value is not None and value <= limit)
@@ -212,16 +246,49 @@ def _relative_to(path: str | None, folder: Path) -> str | None:
         return str(p)
 
 
+def served_files(entry: FamilyEntry) -> list[Path]:
+    """Every file Serve may read for ``entry`` (absolute): the files of its artifact folder
+    (weights, ``meta.json``, ONNX variants, model card; files being written left out) and its ONNX
+    file.
+
+    Raises:
+        FileNotFoundError: the artifact or ONNX path does not exist.
+    """
+    found: list[Path] = []
+    for key in ("artifact", "onnx"):
+        value = getattr(entry, key)
+        if value is None:
+            continue
+        path = Path(value).resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"family entry {entry.name!r} names {key} {value!r}, which does not exist")
+        if path.is_dir():
+            found += sorted(f for f in path.rglob("*")
+                            if f.is_file() and not is_temporary(f.relative_to(path).as_posix()))
+        elif path not in found:
+            found.append(path)
+    return found
+
+
+def _file_records(entry: FamilyEntry, folder: Path) -> dict[str, dict]:
+    return {_relative_to(str(f), folder): {"sha256": file_sha256(f), "size": f.stat().st_size}
+            for f in served_files(entry)}
+
+
 def write_family(path: str | os.PathLike, entries: Iterable[FamilyEntry | dict], winner: str) -> Path:
-    """Write a family file atomically; paths inside its folder are stored relative to it.
+    """Write a family file atomically; paths inside its folder are stored relative to it, and every
+    served file's sha256 and size are recorded (``files``, :func:`served_files`).
 
     Args:
         path: Target JSON file.
-        entries: Family entries (dataclasses or dicts with the same keys).
+        entries: Family entries (dataclasses or dicts with the same keys); ``files`` is recomputed.
         winner: Name of the default model.
 
     Returns:
         The written path.
+
+    Raises:
+        FileNotFoundError: an entry names a file that does not exist.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +296,8 @@ def write_family(path: str | os.PathLike, entries: Iterable[FamilyEntry | dict],
     models = [e if isinstance(e, FamilyEntry) else FamilyEntry.from_dict(e, source=str(path))
               for e in entries]
     stored = [
-        dataclasses.replace(m, artifact=_relative_to(m.artifact, folder), onnx=_relative_to(m.onnx, folder))
+        dataclasses.replace(m, artifact=_relative_to(m.artifact, folder), onnx=_relative_to(m.onnx, folder),
+                            files=_file_records(m, folder))
         for m in models
     ]
     family = Family(winner=winner, models=stored)  # validates names and winner
@@ -241,29 +309,102 @@ def write_family(path: str | os.PathLike, entries: Iterable[FamilyEntry | dict],
 
 def fetch_family(uri: str) -> Path:
     """A family file in a bucket (``s3://bucket/runs/family.json``) and the models it names,
-    copied into this node's mirror of its folder (only what changed; :mod:`raykd.storage`);
-    returns the local family file. Its paths must be relative to its folder, as the tune job
-    writes them."""
+    copied into this node's mirror of its folder; returns the local family file.
+
+    Each file the family records (``files``) is taken from the local copy when it has that sha256,
+    else downloaded and checked before it replaces anything; the local family file is written last,
+    once every file checked out. A reader fetching during a publish therefore gets the old family
+    or the new one, never a mix: the tune job uploads the family file after the models it names
+    (:func:`raykd.storage.push_order`), and they live in content-addressed folders that a later
+    publish never rewrites (:mod:`raykd.tune.publish`). Should a file be missing or differ all the
+    same (a family whose files were replaced in place), the fetch starts over if the family file
+    was replaced meanwhile (at most :data:`FETCH_ATTEMPTS` times); else it fails.
+
+    Raises:
+        FileNotFoundError: no family file at ``uri``, or a file it names is not in the bucket.
+        FamilyIntegrityError: a file's content is not the one recorded; the message names it.
+        ValueError: the family file is not valid, or names paths outside its folder.
+    """
     folder, name = split_uri(uri)
     mirror = Mirror.get(folder, default_mirror_dir(folder))
-    local = mirror.local / name
-    mirror.pull(local)
-    if not local.is_file():
-        raise FileNotFoundError(f"family file {uri} not found; the tune job writes it (or use --model PATH)")
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        raw, mtime = _read_family_file(mirror, name, uri)
+        family = _parse_family(raw, uri)
+        try:
+            _fetch_members(mirror, family, uri)
+        except (FamilyIntegrityError, FileNotFoundError):
+            if attempt < FETCH_ATTEMPTS and _replaced(mirror, name, raw):
+                log.info("%s was replaced while it was fetched: fetching the new family", uri)
+                continue
+            raise
+        return mirror.place(name, raw, mtime)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _read_family_file(mirror: Mirror, name: str, uri: str) -> tuple[bytes, float]:
     try:
-        family = Family.from_dict(json.loads(local.read_text()), source=uri)
+        return mirror.read_remote(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"family file {uri} not found; the tune job writes it (or use --model PATH)") from None
+
+
+def _replaced(mirror: Mirror, name: str, raw: bytes) -> bool:
+    """Whether the bucket's family file is no longer ``raw`` (a publish replaced it)."""
+    try:
+        return mirror.read_remote(name)[0] != raw
+    except FileNotFoundError:
+        return True
+
+
+def _parse_family(raw: bytes, uri: str) -> Family:
+    try:
+        family = Family.from_dict(json.loads(raw), source=uri)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{uri} is not valid JSON: {exc}") from exc
     for m in family.models:
-        for key in ("artifact", "onnx"):
-            value = getattr(m, key)
-            if value is None:
-                continue
-            if Path(value).is_absolute():
-                raise ValueError(f"{uri}: model {m.name!r} names {key} {value!r}, an absolute path that "
-                                 "is not in the bucket; a family in a bucket names paths relative to its folder")
-            mirror.pull(mirror.local / value)
-    return local
+        named = [(key, getattr(m, key)) for key in ("artifact", "onnx") if getattr(m, key) is not None]
+        for key, value in [*named, *(("file", f) for f in m.files or ())]:
+            if Path(value).is_absolute() or ".." in Path(value).parts:
+                raise ValueError(f"{uri}: model {m.name!r} names {key} {value!r}, a path that is not in the "
+                                 "bucket; a family in a bucket names paths relative to its folder")
+        for key, value in named:
+            if m.files is not None and not _covered(value, m.files):
+                raise ValueError(f"{uri}: model {m.name!r} records no sha256 for its {key} {value!r}")
+    return family
+
+
+def _covered(value: str, files: dict) -> bool:
+    base = value.rstrip("/")
+    return any(f == base or f.startswith(base + "/") for f in files)
+
+
+def _fetch_members(mirror: Mirror, family: Family, uri: str) -> None:
+    """Bring every model's files into the mirror, checking those with a recorded sha256."""
+    unverified = []
+    for m in family.models:
+        if m.files is None:  # an older family file: its folders as they are in the bucket
+            unverified.append(m.name)
+            for value in (m.artifact, m.onnx):
+                if value is not None:
+                    mirror.pull(mirror.local / value)
+            continue
+        for rel, record in m.files.items():
+            try:
+                mirror.fetch(rel, sha256=record["sha256"], size=record["size"])
+            except ChecksumError as exc:
+                raise FamilyIntegrityError(
+                    f"{uri}: model {m.name!r}: {rel} in the bucket is not the file the family records (its "
+                    f"sha256 is {exc.found_sha256}, the family records {exc.sha256}); it was changed or damaged "
+                    "after publishing, so nothing of this family is served. Publish the family again (or "
+                    "restore the file)") from None
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{uri}: model {m.name!r} names {rel}, which is not in the bucket; nothing of this family "
+                    "is served. Publish the family again (or restore the file)") from None
+    if unverified:
+        log.warning("%s records no file hashes for %s (a family file written before they were recorded): "
+                    "their files are fetched unchecked, and a fetch during a publish could mix two families; "
+                    "publish it again to record them", uri, ", ".join(unverified))
 
 
 def load_family(path: str | os.PathLike) -> Family:

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,9 @@ def train_epoch(
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" and not torch.cuda.is_bf16_supported() else None
     sums: dict[str, float] = {}
     seen, steps = 0, 0
+    waited = [0.0]  # seconds spent waiting for the next batch
     t0 = time.perf_counter()
-    for step, batch in enumerate(batches):
+    for step, batch in enumerate(_timed(batches, waited)):
         images = batch["image"].to(device, non_blocking=True)
         targets = batch["label"].to(device, non_blocking=True)
         saved = batch.get("teacher")  # the saved teacher outputs on these images: no teacher pass
@@ -105,8 +106,23 @@ def train_epoch(
     stats = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
     stats.update({"train/images": float(seen), "train/steps": float(steps),
                   "train/images_per_s": seen / elapsed if elapsed > 0 else math.nan, "train/seconds": elapsed,
+                  "train/data_wait_s": waited[0], "train/data_wait_share": waited[0] / elapsed if elapsed > 0 else 0.0,
                   "lr": optimizer.param_groups[0]["lr"]})
     return stats
+
+
+def _timed(batches: Iterable[Any], waited: list[float]) -> Iterator[Any]:
+    """``batches``, adding the seconds each one took to arrive to ``waited[0]``."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            waited[0] += time.perf_counter() - t
+            return
+        waited[0] += time.perf_counter() - t
+        yield batch
 
 
 def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler, *,
@@ -251,7 +267,7 @@ class _Loop:
         self.select = cfg.train.select_metric
         self.schedule = Schedule(self.optimizer, cfg.optim, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch,
                                  metric_mode=metric_mode(self.select))
-        self.timing = {"build_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "report_s": 0.0, "test_s": 0.0,
+        self.timing = {"build_s": 0.0, "train_s": 0.0, "train_wait_s": 0.0, "eval_s": 0.0, "report_s": 0.0, "test_s": 0.0,
                        **(timing or {})}
         self.best, self.best_epoch, self.history, self.stale = None, None, [], 0
 
@@ -313,6 +329,7 @@ class _Loop:
             grad_clip=cfg.optim.grad_clip, on_step=self._crash_hook(epoch),
         )
         self.timing["train_s"] += stats["train/seconds"]
+        self.timing["train_wait_s"] += stats["train/data_wait_s"]
         self.method.eval()
         t_val = time.perf_counter()
         val, cm = _score(self.method, self.stream("val", epoch, False), self.manifest, self.device, self.amp)
@@ -351,9 +368,10 @@ class _Loop:
             _save_best(self.run_dir.path, self.parts, self.manifest, self.cfg, val)
             write_report(self.run_dir.path, cm, self.manifest.label_names, val, prefix="val",
                          title=f"{self.cfg.name} val, epoch {epoch + 1}")
-        log.info("epoch %d/%d  loss %.4f  val %s %.4f  (best %.4f @ %d)  train %.0f img/s, %.1f s  val %.1f s",
-                 epoch + 1, self.cfg.train.epochs, row.get("train/loss", math.nan), self.select, value, self.best,
-                 self.best_epoch, row["train/images_per_s"], row["train/seconds"], row["val/seconds"])
+        log.info("epoch %d/%d  loss %.4f  val %s %.4f  (best %.4f @ %d)  train %.0f img/s, %.1f s (data wait "
+                 "%.0f %%)  val %.1f s", epoch + 1, self.cfg.train.epochs, row.get("train/loss", math.nan), self.select,
+                 value, self.best, self.best_epoch, row["train/images_per_s"], row["train/seconds"],
+                 100 * row["train/data_wait_share"], row["val/seconds"])
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {

@@ -42,6 +42,8 @@ class Findings:
     trials_per_arm: dict[str, int] = field(default_factory=dict)  # "label/student" -> tuned trials
     trial_wall_s: float = 0.0
     trial_steps_s: float = 0.0
+    trial_train_s: float = 0.0  # training steps alone, the waits for their batches included
+    trial_wait_s: float = 0.0  # of which waiting for the next training batch
     trials_timed: int = 0
     runs_timed: int = 0  # confirmation runs among the timed ones
     stage_s: dict[str, float] = field(default_factory=dict)
@@ -57,6 +59,11 @@ class Findings:
     @property
     def compute_share(self) -> float | None:
         return self.trial_steps_s / self.trial_wall_s if self.trial_wall_s > 0 else None
+
+    @property
+    def data_wait_share(self) -> float | None:
+        """The share of the training steps' time spent waiting for the next batch."""
+        return self.trial_wait_s / self.trial_train_s if self.trial_train_s > 0 else None
 
     def lines(self) -> list[str]:
         m = self.metric
@@ -82,6 +89,9 @@ class Findings:
             runs = f", {self.runs_timed} confirmation runs" if self.runs_timed else ""
             out.append(f"compute share: {100 * share:.0f} % of {self.trial_wall_s:.0f} s of run wall time in "
                        f"training and evaluation steps ({self.trials_timed - self.runs_timed} trials{runs})")
+        if self.data_wait_share is not None:
+            out.append(f"data wait: {100 * self.data_wait_share:.1f} % of the {self.trial_train_s:.0f} s of training "
+                       "steps spent waiting for the next batch")
         if self.slot_share is not None:
             wall = self.stage_s.get(STAGE_2, 0.0) + self.stage_s.get(STAGE_2B, 0.0)
             out.append(f"stages 2 and 2b: {100 * self.slot_share:.0f} % of {self.slots} trial slots x "
@@ -93,6 +103,7 @@ class Findings:
     def write(self, directory: Path) -> Path:
         path = Path(directory) / FINDINGS_FILE
         path.write_text(json.dumps({**asdict(self), "compute_share": self.compute_share,
+                                    "data_wait_share": self.data_wait_share,
                                     "slot_share": self.slot_share, "lines": self.lines()}, indent=2, default=float))
         return path
 
@@ -163,6 +174,8 @@ def collect_findings(plan, board, stage_s: dict[str, float] | None = None, slots
     for t in filter(None, timings + runs):
         f.trial_wall_s += t.get("wall_s", 0.0)
         f.trial_steps_s += t.get("train_s", 0.0) + t.get("eval_s", 0.0)
+        f.trial_train_s += t.get("train_s", 0.0)
+        f.trial_wait_s += t.get("train_wait_s", 0.0)
         f.trials_timed += 1
     f.runs_timed = sum(1 for t in runs if t)
     return f

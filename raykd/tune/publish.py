@@ -6,6 +6,19 @@ The test split was scored once, at the end of each run, with the run's best epoc
 takes part in choosing them. The family file is written into the experiment folder and, as the
 "latest" family, to ``<output_dir>/family.json`` (the path ``deploy/serve_config.yaml`` serves).
 
+The family names copies, not the runs' ``best/`` folders: each member's served files (its
+artifact folder with the ONNX variants and model card) are copied into
+``<experiment>/published/<digest>/``, a folder named after their content (the sha256 of their
+names and hashes), and the family file records each file's sha256 (:func:`publish_family`). A
+run's ``best/`` is rewritten in place (a resumed trial, another export); a published folder never
+is, so the files an earlier family file names stay valid while a new one is published, and a
+reader of a bucket sees the old family or the new one, never a mix (the family file is uploaded
+after what it names: :func:`raykd.storage.push_order`). Content addressing rather than one folder
+per publish: publishing unchanged models again writes nothing new (a resumed search uploads
+nothing), and two publishes of one model share its copy. Published folders are kept (every family
+file ever written stays servable); delete those no family file names when they are no longer
+served.
+
 Each export calibrates its model on the validation split and writes its model card
 (:mod:`raykd.export.card`); the card's headline numbers are the row's own (``summary.json``), passed
 to the export, so card and leaderboard show the same test BMA. The published rows get the
@@ -16,28 +29,38 @@ BMA against latency of every row with the family highlighted (``pareto.png``).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raykd.artifact.format import read_meta
-from raykd.artifact.rundir import RunDir
+from raykd.artifact.rundir import FAMILY_FILE, RunDir
 from raykd.export.onnx import ExportError
 from raykd.export.options import ExportConfig
 from raykd.export.run import ParityError, run_export
 from raykd.metrics.plots import plot_pareto, plot_roc_curves
-from raykd.serve.family import FamilyEntry, write_family
+from raykd.serve.family import FamilyEntry, served_files, write_family
+from raykd.storage import file_sha256
 from raykd.tune.leaderboard import CALIBRATION_COLUMNS, Leaderboard, Row, pareto_front
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FAMILY_FILE", "PARETO_PLOT", "ROC_PLOT", "Published", "calibration_columns", "export_row", "publish"]
+__all__ = ["FAMILY_FILE", "PARETO_PLOT", "PUBLISHED_DIR", "ROC_PLOT", "Published", "calibration_columns",
+           "export_row", "publish", "publish_family", "snapshot_model"]
 
-FAMILY_FILE = "family.json"
 ROC_PLOT = "roc_curves.png"
 PARETO_PLOT = "pareto.png"
+#: The experiment folder's content-addressed copies of the published models.
+PUBLISHED_DIR = "published"
+#: Hex digits of the content digest that name a published folder (the family records full hashes).
+DIGEST_CHARS = 16
 
 
 @dataclass
@@ -111,8 +134,7 @@ def publish(plan, board: Leaderboard) -> Published | None:
     experiment_dir = plan.experiment_dir
     out.plots = _plots(board, family, reports.get(winner.run), experiment_dir)
     board.write(experiment_dir)  # again, now with the published rows' test and calibration columns
-    for path in (experiment_dir / FAMILY_FILE, Path(space.output_dir) / FAMILY_FILE):
-        out.family_files.append(write_family(path, entries, winner=winner.run))
+    out.family_files = publish_family(experiment_dir, space.output_dir, entries, winner=winner.run)
     (experiment_dir / "winner.json").write_text(json.dumps({
         "winner": winner.run, "trial_id": winner.trial_id, "method": winner.method, "student": winner.student,
         "hparams": winner.hparams, "val": winner.val, "test": winner.test, "onnx": out.onnx.get(winner.run),
@@ -126,6 +148,71 @@ def publish(plan, board: Leaderboard) -> Published | None:
              winner.student, board.metric, winner.val.get(board.metric, float("nan")), board.metric,
              winner.test.get(board.metric, float("nan")), out.onnx.get(winner.run, "not exported"))
     return out
+
+
+def snapshot_model(entry: FamilyEntry, store: str | os.PathLike) -> FamilyEntry:
+    """``entry`` pointing at a copy of its served files (:func:`raykd.serve.family.served_files`) in
+    ``store/<digest>/``, named after their content; an existing copy with that content is reused.
+
+    The copy is made in a temporary sibling folder and renamed into place, so a push never sees half
+    of it. An ONNX file outside the artifact folder is copied in beside the artifact's files.
+    """
+    base = Path(entry.artifact).resolve() if entry.artifact else None
+    base = base if base is not None and base.is_dir() else None
+    names: dict[str, Path] = {}
+    for f in served_files(entry):
+        rel = f.relative_to(base).as_posix() if base is not None and f.is_relative_to(base) else f.name
+        if rel in names:
+            raise ValueError(f"cannot publish {entry.name!r}: {f} and {names[rel]} would both be {rel}")
+        names[rel] = f
+    hashes = {rel: file_sha256(f) for rel, f in names.items()}
+    listing = "".join(f"{rel}\t{hashes[rel]}\t{names[rel].stat().st_size}\n" for rel in sorted(names))
+    folder = Path(store) / hashlib.sha256(listing.encode()).hexdigest()[:DIGEST_CHARS]
+    if not _holds(folder, hashes):
+        _copy_into(folder, names)
+
+    def moved(value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).resolve()
+        return str(folder if path == base else folder / next(r for r, f in names.items() if f == path))
+
+    return dataclasses.replace(entry, artifact=moved(entry.artifact), onnx=moved(entry.onnx), files=None)
+
+
+def _holds(folder: Path, hashes: dict[str, str]) -> bool:
+    """Whether ``folder`` holds exactly the files ``hashes`` names, with those hashes."""
+    if not folder.is_dir():
+        return False
+    here = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file()}
+    return here == set(hashes) and all(file_sha256(folder / rel) == h for rel, h in hashes.items())
+
+
+def _copy_into(folder: Path, names: dict[str, Path]) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        for rel, src in names.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / rel)
+        if folder.exists():  # a damaged copy: its content is no longer what its name says
+            log.warning("replacing %s: its files no longer match the content it is named after", folder)
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish_family(experiment_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                   entries: list[FamilyEntry], winner: str) -> list[Path]:
+    """Copy each entry's served files into ``<experiment_dir>/published/`` (:func:`snapshot_model`)
+    and write the family file naming the copies, with their hashes, into the experiment folder and
+    then into ``output_dir`` (the latest family). Returns both family files."""
+    store = Path(experiment_dir) / PUBLISHED_DIR
+    published = [snapshot_model(e, store) for e in entries]
+    return [write_family(path, published, winner=winner)
+            for path in (Path(experiment_dir) / FAMILY_FILE, Path(output_dir) / FAMILY_FILE)]
 
 
 def _plots(board: Leaderboard, family: list[Row], winner_report, directory: Path) -> dict[str, Path]:

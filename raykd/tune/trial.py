@@ -35,7 +35,7 @@ from raykd.tune.plan import is_paper_setting, pipeline_knobs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrialReporter", "trial_main", "objective_key"]
+__all__ = ["TrialReporter", "objective_key", "trial_main"]
 
 
 def objective_key(metric: str) -> str:
@@ -121,7 +121,7 @@ def _train(cfg, extra: dict[str, Any], metric: str, reps: int, report=None) -> N
         _replay(run_dir.path, extra, metric, report)
 
 
-PHASES = ("build_s", "data_s", "train_s", "eval_s", "report_s", "test_s")
+PHASES = ("build_s", "data_s", "train_s", "train_wait_s", "eval_s", "report_s", "test_s")
 
 
 def _record_timing(trial_dir: TrialDir, run_dirs: list[RunDir], wall_s: float, executor: str) -> None:
@@ -135,6 +135,7 @@ def _record_timing(trial_dir: TrialDir, run_dirs: list[RunDir], wall_s: float, e
             stopped += 1
             history = run_dir.read_metrics()
             t = {"train_s": sum(r.get("train/seconds", 0.0) for r in history),
+                 "train_wait_s": sum(r.get("train/data_wait_s", 0.0) for r in history),
                  "eval_s": sum(r.get("val/seconds", 0.0) for r in history)}
         for k in PHASES:
             record[k] += t.get(k, 0.0)

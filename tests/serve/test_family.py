@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -38,6 +40,30 @@ def test_family_file_round_trips_with_paths_relative_to_its_folder(experiment, t
     assert family.get(None).name == "b"
     assert family.get("b").onnx == str((moved / "trial_b" / "best" / "model.onnx").resolve())
     assert family.get("a").params == 1308 and family.get("a").latency_ms == 1.0
+
+
+def test_the_family_file_records_the_sha256_and_size_of_every_served_file(experiment):
+    root, a, b, onnx = experiment
+    path = write_family(root / "family.json", [FamilyEntry("a", artifact=str(a)),
+                                               FamilyEntry("b", artifact=str(b), onnx=str(onnx))], winner="b")
+    files = json.loads(path.read_text())["models"][1]["files"]
+    assert set(files) == {f"trial_b/best/{name}" for name in os.listdir(b)}  # weights, meta.json, model.onnx
+    for rel, record in files.items():
+        data = (root / rel).read_bytes()
+        assert record == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert load_family(path).get("b").files == files
+    with pytest.raises(FileNotFoundError, match="names onnx .*gone.onnx'"):
+        write_family(root / "f.json", [FamilyEntry("c", onnx=str(root / "gone.onnx"))], winner="c")
+    with pytest.raises(ValueError, match="file 'x' needs"):
+        FamilyEntry("c", artifact="x", files={"x": {"sha256": "abc", "size": 1}})
+
+
+def test_a_family_file_written_before_hashes_were_recorded_still_loads(experiment):
+    root, _, _, _ = experiment
+    (root / "old.json").write_text(json.dumps({"winner": "b", "models": [
+        {"name": "b", "version": "b", "artifact": "trial_b/best", "onnx": "trial_b/best/model.onnx"}]}))
+    family = load_family(root / "old.json")
+    assert family.get("b").files is None and family.get("b").onnx == str(root / "trial_b/best/model.onnx")
 
 
 def test_family_errors_name_the_problem(experiment):

@@ -119,3 +119,29 @@ def test_a_restarted_group_shrinks_to_what_leaves_ray_data_a_task():
     assert group_size(_cfg(2, 1.0), {"a": 1.0}, restart=True) == 2  # nothing fits with room: wait, then fail
     assert group_size(_cfg(2, 0.5), {}, restart=True) == 2
     assert group_size(_cfg(3, 0.0), {"a": 1.0}, restart=True) == 3  # workers that hold no CPU
+
+
+def test_an_epoch_reports_the_share_of_its_time_spent_waiting_for_batches():
+    import types
+
+    import torch
+
+    from raykd.train.loop import train_epoch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, images, targets):
+            time.sleep(0.02)  # the step's own work
+            loss = torch.nn.functional.cross_entropy(self.fc(images), targets)
+            return types.SimpleNamespace(loss=loss, parts={})
+
+    model = Tiny()
+    batches = _slow([{"image": torch.randn(8, 4), "label": torch.zeros(8, dtype=torch.long)}] * 5, 0.06)
+    stats = train_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1),
+                        types.SimpleNamespace(after_step=lambda: None), epoch=0, method_name="baseline",
+                        device=torch.device("cpu"))
+    assert stats["train/data_wait_s"] == pytest.approx(0.3, abs=0.1)
+    assert 0.6 < stats["train/data_wait_share"] < 0.9  # 60 ms waiting for each 20 ms step

@@ -102,7 +102,9 @@ def test_a_smoke_search_of_two_methods_by_two_trials_ends_in_a_leaderboard_and_a
     assert report["variants"][0]["max_abs_diff"] <= 1e-4  # parity with torch on validation images
     for family_file in (outcome.experiment_dir / "family.json", Path(space.output_dir) / "family.json"):
         family = load_family(family_file)  # what the Serve app reads
-        assert family.winner == winner.run and family.get(None).onnx == str(onnx)
+        served = Path(family.get(None).onnx)  # a content-addressed copy of the winner's ONNX file
+        assert family.winner == winner.run and served.read_bytes() == onnx.read_bytes()
+        assert served.parent.parent == outcome.experiment_dir / "published"
 
 
 def test_conditional_parameters_appear_only_in_their_methods_trials(smoke):
@@ -315,6 +317,9 @@ def test_each_arms_best_trial_is_retrained_on_the_same_seeds_and_compared_seed_b
     assert any(line.startswith("student raykd_test_tiny_cnn: alone (baseline) test bma") for line in lines)
     assert any(line.startswith("  kd (kd): test bma") and "wins" in line for line in lines)
     assert any("stage 2b (confirmation)" in line for line in lines)
+    saved = json.loads((outcome.experiment_dir / "findings.json").read_text())
+    assert 0.0 <= saved["data_wait_share"] < 1.0 and saved["trial_wait_s"] > 0  # every epoch timed its waits
+    assert any(line.startswith("data wait: ") and "waiting for the next batch" in line for line in lines)
 
 
 def _plan(outcome, space):
