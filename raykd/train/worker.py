@@ -113,6 +113,7 @@ class LocalSession(Session):
         use_gpu = cfg.scaling.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.run_dir, self.on_report = Path(run_dir), on_report
+        self.stall_s = cfg.train.stall_timeout_s
         s = cfg.data.sampling
         keep_ids, rates = sampling_plan(cfg.data.path, s.strategy, target=s.target_count, seed=s.seed)
         self.splits = {
@@ -135,7 +136,10 @@ class LocalSession(Session):
             self.on_report(metrics)
 
     def batches(self, split, *, epoch, batch_size, train):
-        return self.splits[split].batches(batch_size, epoch=epoch, drop_last=train)
+        # decoded and augmented on a thread while the step runs (each epoch's augmentations are
+        # seeded by (seed, epoch), so the batches are the same as decoded inline)
+        return Feed(self.splits[split].batches(batch_size, epoch=epoch, drop_last=train), stall_s=self.stall_s,
+                    what=f"{split} batch in epoch {epoch + 1}")
 
 
 def _teacher_mode(cfg: RunConfig, method) -> str:
